@@ -1,0 +1,428 @@
+//! The registry of channels and the fan-out of one message to a channel's members.
+//!
+//! A channel is a list of [`Peer`]s, each with its own unbounded crossbeam queue
+//! that only its writer thread reads. Publishing encodes the message once into a
+//! [`Frame`] and pushes a reference to it onto every other member's queue; it
+//! never blocks, so a slow receiver costs the others nothing. The queue bound
+//! (`queue_length`) is enforced here, not by crossbeam: a bounded crossbeam
+//! channel allocates all its slots up front, which idle connections should not pay.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Condvar, Mutex};
+
+use crate::config::{Limits, SlowClient};
+use crate::stats::{self, Stats};
+
+/// One encoded server frame, header and payload, shared by all its receivers.
+/// Server frames are not masked, so the same bytes fit every connection.
+#[derive(Clone, Debug)]
+pub struct Frame(Bytes);
+
+/// The kind of a data message; staps never changes it on the way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A text message (valid UTF-8).
+    Text,
+    /// A binary message.
+    Binary,
+}
+
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+impl Frame {
+    fn encode(opcode: u8, parts: &[&[u8]]) -> Frame {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut buf = Vec::with_capacity(10 + len);
+        buf.push(0x80 | opcode); // FIN: staps sends every message in one frame
+        match len {
+            0..=125 => buf.push(len as u8),
+            126..=0xffff => {
+                buf.push(126);
+                buf.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                buf.push(127);
+                buf.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        for part in parts {
+            buf.extend_from_slice(part);
+        }
+        Frame(buf.into())
+    }
+
+    /// A complete data message.
+    pub fn message(kind: Kind, payload: &[u8]) -> Frame {
+        let opcode = match kind {
+            Kind::Text => OP_TEXT,
+            Kind::Binary => OP_BINARY,
+        };
+        Frame::encode(opcode, &[payload])
+    }
+
+    /// A close frame; `code` 0 means a close frame without a status code.
+    pub fn close(code: u16, reason: &str) -> Frame {
+        if code == 0 {
+            return Frame::encode(OP_CLOSE, &[]);
+        }
+        Frame::encode(OP_CLOSE, &[&code.to_be_bytes(), reason.as_bytes()])
+    }
+
+    /// A ping with an empty payload (static: pinging allocates nothing).
+    pub fn ping() -> Frame {
+        Frame(Bytes::from_static(&[0x80 | OP_PING, 0]))
+    }
+
+    /// The answer to a ping.
+    pub fn pong(payload: &[u8]) -> Frame {
+        Frame::encode(OP_PONG, &[payload])
+    }
+
+    /// The bytes to put on the wire.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// What a writer thread finds in its queue.
+#[derive(Debug)]
+pub enum Out {
+    /// Bytes to send.
+    Frame(Frame),
+    /// Look at the peer's state: it is closing.
+    Wake,
+}
+
+/// How a connection ends, as the writer will tell the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Close {
+    /// Status code of the close frame; 0 sends a close frame without one.
+    pub code: u16,
+    /// Reason text of the close frame.
+    pub reason: &'static str,
+    /// Whether to send a close frame at all (not when the connection already failed).
+    pub send: bool,
+}
+
+impl Close {
+    /// A close frame with `code` and `reason`.
+    pub const fn with(code: u16, reason: &'static str) -> Close {
+        Close {
+            code,
+            reason,
+            send: true,
+        }
+    }
+
+    /// The connection is gone or broken: send nothing, just close the socket.
+    pub const ABORT: Close = Close {
+        code: 0,
+        reason: "",
+        send: false,
+    };
+}
+
+/// A channel member as the other members see it: a queue and a way to close it.
+#[derive(Debug)]
+pub struct Peer {
+    /// Unique for the life of the process.
+    pub id: u64,
+    tx: Sender<Out>,
+    closing: AtomicBool,
+    close: Mutex<Option<Close>>,
+}
+
+impl Peer {
+    /// A new peer and the receiving end of its queue, for its writer thread.
+    pub fn new(id: u64) -> (Arc<Peer>, Receiver<Out>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let peer = Peer {
+            id,
+            tx,
+            closing: AtomicBool::new(false),
+            close: Mutex::new(None),
+        };
+        (Arc::new(peer), rx)
+    }
+
+    /// Start closing with `close`; the first call wins. Returns whether this call did.
+    pub fn close(&self, close: Close) -> bool {
+        let mut slot = self.close.lock();
+        if slot.is_some() {
+            return false;
+        }
+        *slot = Some(close);
+        self.closing.store(true, Ordering::Release);
+        drop(slot);
+        // The writer may be waiting for work; the queue is never disconnected
+        // while the peer exists, so this cannot fail.
+        let _ = self.tx.send(Out::Wake);
+        true
+    }
+
+    /// Whether the connection is closing; it then takes no more messages.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// How the connection is closing, once it is.
+    pub fn close_reason(&self) -> Option<Close> {
+        *self.close.lock()
+    }
+
+    /// Queue a control frame (a pong). Skipped when the queue is full: a client
+    /// that floods pings and never reads must not grow the server's memory.
+    pub fn send_control(&self, frame: Frame, limits: &Limits) {
+        if !self.is_closing() && self.tx.len() < limits.queue_length {
+            let _ = self.tx.send(Out::Frame(frame));
+        }
+    }
+}
+
+/// What happened to one delivery.
+enum Delivery {
+    Queued,
+    Dropped,
+    Disconnected,
+    Skipped,
+}
+
+impl Peer {
+    fn deliver(&self, frame: &Frame, limits: &Limits) -> Delivery {
+        if self.is_closing() {
+            return Delivery::Skipped;
+        }
+        if self.tx.len() >= limits.queue_length {
+            return match limits.slow_client {
+                SlowClient::Drop => Delivery::Dropped,
+                SlowClient::Disconnect => {
+                    if self.close(Close::with(1008, "slow consumer")) {
+                        Delivery::Disconnected
+                    } else {
+                        Delivery::Skipped
+                    }
+                }
+            };
+        }
+        let _ = self.tx.send(Out::Frame(frame.clone()));
+        Delivery::Queued
+    }
+}
+
+/// The members of one channel path.
+#[derive(Debug)]
+pub struct Channel {
+    /// Copy-on-write: publishing clones the `Arc` and sends without holding the lock;
+    /// joins and leaves (rare next to messages) build a new list.
+    members: Mutex<Arc<[Arc<Peer>]>>,
+}
+
+impl Channel {
+    /// Send `frame` to every member but `from`. Never blocks.
+    pub fn publish(&self, from: u64, frame: &Frame, limits: &Limits, stats: &Stats) {
+        let members = Arc::clone(&self.members.lock());
+        let (mut queued, mut dropped, mut kicked) = (0, 0, 0);
+        for peer in members.iter().filter(|p| p.id != from) {
+            match peer.deliver(frame, limits) {
+                Delivery::Queued => queued += 1,
+                Delivery::Dropped => dropped += 1,
+                Delivery::Disconnected => kicked += 1,
+                Delivery::Skipped => {}
+            }
+        }
+        stats::add(&stats.messages_out, queued);
+        if dropped > 0 {
+            stats::add(&stats.dropped, dropped);
+        }
+        if kicked > 0 {
+            stats::add(&stats.slow_disconnects, kicked);
+            log::debug!("closed {kicked} slow consumer(s)");
+        }
+    }
+}
+
+/// Why a client could not join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinError {
+    /// `max_connections` reached.
+    ServerFull,
+    /// `max_clients_per_channel` reached.
+    ChannelFull,
+    /// The server is shutting down.
+    ShuttingDown,
+}
+
+#[derive(Default)]
+struct Inner {
+    channels: HashMap<String, Arc<Channel>>,
+    clients: usize,
+    stopping: bool,
+}
+
+/// All channels of this instance.
+#[derive(Default)]
+pub struct Registry {
+    inner: Mutex<Inner>,
+    /// Signalled when the last client leaves, for a graceful shutdown.
+    empty: Condvar,
+}
+
+impl Registry {
+    /// Add `peer` to channel `path`, creating the channel if it is new.
+    pub fn join(
+        &self,
+        path: &str,
+        peer: &Arc<Peer>,
+        limits: &Limits,
+    ) -> Result<Arc<Channel>, JoinError> {
+        let mut inner = self.inner.lock();
+        if inner.stopping {
+            return Err(JoinError::ShuttingDown);
+        }
+        if limits.max_connections > 0 && inner.clients >= limits.max_connections {
+            return Err(JoinError::ServerFull);
+        }
+        let channel = match inner.channels.get(path) {
+            Some(channel) => Arc::clone(channel),
+            None => {
+                let channel = Arc::new(Channel {
+                    members: Mutex::new(Arc::new([])),
+                });
+                inner.channels.insert(path.to_owned(), Arc::clone(&channel));
+                channel
+            }
+        };
+        let mut members = channel.members.lock();
+        if limits.max_clients_per_channel > 0 && members.len() >= limits.max_clients_per_channel {
+            return Err(JoinError::ChannelFull);
+        }
+        *members = members.iter().cloned().chain([Arc::clone(peer)]).collect();
+        drop(members);
+        inner.clients += 1;
+        Ok(channel)
+    }
+
+    /// Remove `peer` from channel `path`; the channel goes with its last member.
+    pub fn leave(&self, path: &str, channel: &Arc<Channel>, peer: &Peer) {
+        let mut inner = self.inner.lock();
+        let mut members = channel.members.lock();
+        let before = members.len();
+        *members = members.iter().filter(|p| p.id != peer.id).cloned().collect();
+        if members.len() == before {
+            return;
+        }
+        if members.is_empty() {
+            inner.channels.remove(path);
+        }
+        drop(members);
+        inner.clients -= 1;
+        if inner.clients == 0 {
+            self.empty.notify_all();
+        }
+    }
+
+    /// Clients and channels now.
+    pub fn counts(&self) -> (usize, usize) {
+        let inner = self.inner.lock();
+        (inner.clients, inner.channels.len())
+    }
+
+    /// Refuse new clients and start closing every member with `close`.
+    pub fn close_all(&self, close: Close) {
+        let mut inner = self.inner.lock();
+        inner.stopping = true;
+        for channel in inner.channels.values() {
+            for peer in channel.members.lock().iter() {
+                peer.close(close);
+            }
+        }
+    }
+
+    /// Wait until every client has left, or `deadline`; true when all left.
+    pub fn wait_empty(&self, deadline: Instant) -> bool {
+        let mut inner = self.inner.lock();
+        while inner.clients > 0 {
+            if self.empty.wait_until(&mut inner, deadline).timed_out() {
+                return inner.clients == 0;
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_headers_use_the_shortest_length() {
+        assert_eq!(Frame::message(Kind::Text, b"hi").as_bytes(), b"\x81\x02hi");
+        let f = Frame::message(Kind::Binary, &[0; 126]);
+        assert_eq!(&f.as_bytes()[..4], &[0x82, 126, 0, 126]);
+        let f = Frame::message(Kind::Binary, &[0; 70000]);
+        assert_eq!(&f.as_bytes()[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+        assert_eq!(Frame::close(1001, "bye").as_bytes(), b"\x88\x05\x03\xe9bye");
+        assert_eq!(Frame::close(0, "").as_bytes(), b"\x88\x00");
+    }
+
+    #[test]
+    fn channels_vanish_with_their_last_member_and_limits_hold() {
+        let reg = Registry::default();
+        let limits = Limits {
+            max_clients_per_channel: 2,
+            max_connections: 3,
+            ..Limits::default()
+        };
+        let peers: Vec<_> = (0..4).map(|i| Peer::new(i).0).collect();
+        let a = reg.join("/a", &peers[0], &limits).unwrap();
+        reg.join("/a", &peers[1], &limits).unwrap();
+        assert_eq!(reg.join("/a", &peers[2], &limits).unwrap_err(), JoinError::ChannelFull);
+        let b = reg.join("/b", &peers[2], &limits).unwrap();
+        assert_eq!(reg.join("/c", &peers[3], &limits).unwrap_err(), JoinError::ServerFull);
+        assert_eq!(reg.counts(), (3, 2));
+        reg.leave("/b", &b, &peers[2]);
+        reg.leave("/a", &a, &peers[0]);
+        reg.leave("/a", &a, &peers[0]);
+        assert_eq!(reg.counts(), (1, 1));
+        reg.leave("/a", &a, &peers[1]);
+        assert_eq!(reg.counts(), (0, 0));
+    }
+
+    #[test]
+    fn slow_receivers_are_closed_or_skipped_never_blocking() {
+        let stats = Stats::default();
+        let reg = Registry::default();
+        for policy in [SlowClient::Disconnect, SlowClient::Drop] {
+            let limits = Limits {
+                queue_length: 2,
+                slow_client: policy,
+                ..Limits::default()
+            };
+            let (sender, _) = Peer::new(10);
+            let (slow, rx) = Peer::new(11);
+            let ch = reg.join("/s", &sender, &limits).unwrap();
+            reg.join("/s", &slow, &limits).unwrap();
+            let frame = Frame::message(Kind::Text, b"x");
+            for _ in 0..5 {
+                ch.publish(sender.id, &frame, &limits, &stats);
+            }
+            let queued = rx.try_iter().filter(|o| matches!(o, Out::Frame(_))).count();
+            assert_eq!(queued, 2);
+            assert_eq!(slow.is_closing(), policy == SlowClient::Disconnect);
+            reg.leave("/s", &ch, &sender);
+            reg.leave("/s", &ch, &slow);
+        }
+        assert_eq!(stats.slow_disconnects.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 3);
+    }
+}

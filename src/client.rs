@@ -1,0 +1,328 @@
+//! One connection: the handshake, then a reader thread and a writer thread.
+//!
+//! The way of a message: the sender's **reader** ([`read_loop`]) gets it whole
+//! from tungstenite, encodes it once into a [`Frame`] and hands it to
+//! [`Channel::publish`], which queues it for every other member. Each member's
+//! **writer** ([`write_loop`]) drains its queue and writes the batch with one
+//! vectored write. The writer owns every write to the socket: pongs and close
+//! frames that the reader decides on go through the same queue, so frames can
+//! never interleave.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::{Error as WsError, Message, WebSocket};
+
+use crate::channels::{Channel, Close, Frame, JoinError, Kind, Out, Peer};
+use crate::http::{self, HeadError, Route};
+use crate::listener::{Stream, is_timeout};
+use crate::logging::fingerprint;
+use crate::server::{CLOSE_TIMEOUT, Server, Slot};
+use crate::stats;
+
+/// Stack of a writer thread: it only moves bytes from its queue to the socket.
+const WRITER_STACK: usize = 64 * 1024;
+
+/// Frames gathered into one vectored write (IOV_MAX is 1024).
+const BATCH: usize = 64;
+
+/// What tungstenite reads from the socket at a time; it grows the buffer only
+/// for a frame that needs it, so idle connections keep this much.
+const READ_BUFFER: usize = 4096;
+
+/// Serve one accepted connection from its handshake to its end.
+pub fn serve(mut stream: Stream, server: Arc<Server>, slot: Slot) {
+    let limits = &server.settings.limits;
+    let deadline = Instant::now() + limits.handshake_timeout;
+    // A client that does not read its answer must not hold the thread forever.
+    let _ = stream.set_write_timeout(Some(limits.handshake_timeout));
+    let (request, rest) = match http::read_head(&mut stream, deadline) {
+        Ok(head) => head,
+        Err(e) => {
+            let response = match e {
+                HeadError::TooLarge => http::Response::error(431, "request head too large"),
+                HeadError::Malformed(why) => {
+                    http::Response::error(400, &format!("malformed request: {why}"))
+                }
+                HeadError::Closed | HeadError::TimedOut => {
+                    log::debug!("connection closed before a complete request: {e:?}");
+                    return;
+                }
+            };
+            server.refuse();
+            respond(stream, &response);
+            return;
+        }
+    };
+    match http::route(&request, &server.settings) {
+        Route::Respond(response) => {
+            if response.status >= 400 {
+                server.refuse();
+            }
+            respond(stream, &response);
+        }
+        Route::Upgrade { path, accept } => websocket(stream, &server, slot, path, accept, rest),
+    }
+}
+
+/// Send `response` and close. Failures mean the client is gone: nothing to do.
+fn respond(mut stream: Stream, response: &http::Response) {
+    let _ = stream.write_all(&response.to_bytes());
+    let _ = stream.shutdown(Shutdown::Write);
+    // Read what the client still sends until it closes, so that closing does not
+    // reset the connection and destroy the response before the client reads it.
+    stream.drain(Instant::now() + Duration::from_secs(1));
+}
+
+fn websocket(
+    stream: Stream,
+    server: &Arc<Server>,
+    slot: Slot,
+    path: String,
+    accept: String,
+    rest: Vec<u8>,
+) {
+    let limits = &server.settings.limits;
+    let id = server.next_id();
+    let (peer, queue) = Peer::new(id);
+    let channel = match server.registry.join(&path, &peer, limits) {
+        Ok(channel) => channel,
+        Err(e) => {
+            server.refuse();
+            let response = match e {
+                JoinError::ChannelFull => http::Response::error(503, "channel is full")
+                    .with("Retry-After", "5"),
+                JoinError::ServerFull => http::Response::error(503, "server is full"),
+                JoinError::ShuttingDown => http::Response::error(503, "server is shutting down"),
+            };
+            log::debug!("client {id} refused on {path}: {e:?}");
+            respond(stream, &response);
+            return;
+        }
+    };
+    let fp = fingerprint(&path);
+    log::debug!("client {id} joined channel {fp} ({path})");
+    stats::add(&server.stats.connections_total, 1);
+
+    let started = stream.try_clone().and_then(|out| {
+        let server = Arc::clone(server);
+        let peer = Arc::clone(&peer);
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+        thread::Builder::new()
+            .stack_size(WRITER_STACK)
+            .spawn(move || {
+                let _slot = slot;
+                let handshake = http::switching_protocols(&accept);
+                write_loop(out, &queue, &peer, &handshake, &server, &done_rx)
+            })
+            .map(|writer| (writer, done_tx))
+    });
+    let (writer, done) = match started {
+        Ok(started) => started,
+        Err(e) => {
+            log::warn!("cannot start a writer thread: {e}");
+            server.registry.leave(&path, &channel, &peer);
+            server.refuse();
+            respond(stream, &http::Response::error(503, "server is busy"));
+            return;
+        }
+    };
+
+    let (close, mut stream) = read_loop(stream, rest, server, &peer, &channel);
+    peer.close(close);
+    server.registry.leave(&path, &channel, &peer);
+    log::debug!("client {id} left channel {fp}: {close:?}");
+    // Read what is left until the client closes (it has our close frame, or the
+    // connection failed) or the writer cuts the connection after CLOSE_TIMEOUT.
+    stream.drain(Instant::now() + CLOSE_TIMEOUT + Duration::from_secs(1));
+    // Dropping `done` tells the writer the reader is finished.
+    drop(done);
+    let _ = writer.join();
+}
+
+/// The reader's half of the socket. tungstenite wants to write pongs itself;
+/// staps queues them for the writer instead, so writes here go nowhere.
+struct ReadHalf {
+    stream: Stream,
+    last_rx: Instant,
+}
+
+impl Read for ReadHalf {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.stream.read(buf)?;
+        if n > 0 {
+            self.last_rx = Instant::now();
+        }
+        Ok(n)
+    }
+}
+
+impl Write for ReadHalf {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Read messages and publish them until the connection ends; returns how it
+/// ends, and the socket for the last reads.
+fn read_loop(
+    stream: Stream,
+    rest: Vec<u8>,
+    server: &Server,
+    peer: &Arc<Peer>,
+    channel: &Channel,
+) -> (Close, Stream) {
+    let limits = &server.settings.limits;
+    let ping = limits.ping_interval;
+    let _ = stream.set_read_timeout((!ping.is_zero()).then_some(ping));
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(Some(limits.max_message_size))
+        .max_frame_size(Some(limits.max_message_size));
+    let half = ReadHalf {
+        stream,
+        last_rx: Instant::now(),
+    };
+    let mut ws = WebSocket::from_partially_read(half, rest, Role::Server, Some(config));
+    let close = loop {
+        let message = ws.read();
+        if peer.is_closing() {
+            // Closed by someone else (shutdown, slow consumer): the writer has sent
+            // the close frame; whatever arrived now is not published.
+            break Close::ABORT;
+        }
+        let (kind, payload) = match message {
+            Ok(Message::Text(text)) => (Kind::Text, text.into()),
+            Ok(Message::Binary(data)) => (Kind::Binary, data),
+            Ok(Message::Ping(data)) => {
+                peer.send_control(Frame::pong(&data), limits);
+                continue;
+            }
+            Ok(Message::Pong(_) | Message::Frame(_)) => continue,
+            Ok(Message::Close(frame)) => {
+                // Echo the client's status code, as RFC 6455 suggests.
+                break Close::with(frame.map_or(0, |f| f.code.into()), "");
+            }
+            Err(WsError::Io(e)) if is_timeout(&e) => {
+                if ws.get_ref().last_rx.elapsed() >= 2 * ping {
+                    break Close::with(1001, "ping timeout");
+                }
+                continue;
+            }
+            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => break close_for(&e, peer.id),
+        };
+        stats::add(&server.stats.messages_in, 1);
+        channel.publish(peer.id, &Frame::message(kind, &payload), limits, &server.stats);
+    };
+    (close, ws.into_inner().stream)
+}
+
+/// The close code for a failed read: RFC 6455 section 7.4.1.
+fn close_for(e: &WsError, id: u64) -> Close {
+    use tungstenite::error::ProtocolError as P;
+    let close = match e {
+        WsError::Capacity(_) => Close::with(1009, "message too big"),
+        WsError::Utf8(_) => Close::with(1007, "invalid UTF-8"),
+        WsError::Protocol(P::ResetWithoutClosingHandshake)
+        | WsError::ConnectionClosed
+        | WsError::AlreadyClosed
+        | WsError::Io(_) => Close::ABORT,
+        WsError::Protocol(_) => Close::with(1002, "protocol error"),
+        _ => Close::with(1011, "internal error"),
+    };
+    if close.send {
+        log::debug!("client {id}: {e}");
+    }
+    close
+}
+
+/// Write the handshake answer, then everything queued, in batches, until the
+/// connection closes; then the close frame, and cut the connection when the
+/// reader is done or after [`CLOSE_TIMEOUT`].
+fn write_loop(
+    mut out: Stream,
+    queue: &Receiver<Out>,
+    peer: &Peer,
+    handshake: &[u8],
+    server: &Server,
+    reader_done: &Receiver<()>,
+) {
+    let ping = server.settings.limits.ping_interval;
+    // A client that takes nothing for as long as the ping timeout is gone.
+    let stall = if ping.is_zero() { Duration::from_secs(60) } else { 2 * ping };
+    let _ = out.set_write_timeout(Some(stall));
+    let result = out
+        .write_all(handshake)
+        .and_then(|()| write_batches(&mut out, queue, peer, ping));
+    let close = match result {
+        Ok(()) => peer.close_reason().unwrap_or(Close::ABORT),
+        Err(e) => {
+            log::debug!("client {}: write failed: {e}", peer.id);
+            peer.close(Close::ABORT);
+            Close::ABORT
+        }
+    };
+    if close.send {
+        let _ = out.set_write_timeout(Some(CLOSE_TIMEOUT));
+        if out.write_all(Frame::close(close.code, close.reason).as_bytes()).is_ok() {
+            let _ = out.shutdown(Shutdown::Write);
+            let _ = reader_done.recv_timeout(CLOSE_TIMEOUT);
+        }
+    }
+    let _ = out.shutdown(Shutdown::Both);
+}
+
+/// Drain the queue into the socket until the peer is closing.
+fn write_batches(
+    out: &mut Stream,
+    queue: &Receiver<Out>,
+    peer: &Peer,
+    ping: Duration,
+) -> io::Result<()> {
+    let mut next_ping = (!ping.is_zero()).then(|| Instant::now() + ping);
+    let mut batch: Vec<Frame> = Vec::with_capacity(BATCH);
+    loop {
+        let first = match next_ping {
+            Some(at) => queue.recv_deadline(at),
+            None => queue.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match first {
+            Ok(Out::Frame(frame)) => batch.push(frame),
+            Ok(Out::Wake) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+        while batch.len() < BATCH {
+            match queue.try_recv() {
+                Ok(Out::Frame(frame)) => batch.push(frame),
+                Ok(Out::Wake) => {}
+                Err(_) => break,
+            }
+        }
+        if let Some(at) = next_ping {
+            let now = Instant::now();
+            if now >= at {
+                batch.push(Frame::ping());
+                next_ping = Some(now + ping);
+            }
+        }
+        if peer.is_closing() {
+            return Ok(());
+        }
+        let mut slices = [IoSlice::new(&[]); BATCH + 1];
+        for (slice, frame) in slices.iter_mut().zip(&batch) {
+            *slice = IoSlice::new(frame.as_bytes());
+        }
+        out.write_all_vectored(&mut slices[..batch.len()])?;
+        batch.clear();
+    }
+}

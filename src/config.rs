@@ -1,0 +1,763 @@
+//! Settings: built-in defaults, then INI files, then the command line.
+//!
+//! The files are read in order (`/etc/staps/staps.conf`, then `~/.staps.conf`, or
+//! only the file named with `-c`); a key set in a later file wins. Every value is
+//! checked here, before anything is bound or started, so a typo stops staps with
+//! exit code 78 and a message that names the file, line, key and accepted form.
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ini::{Ini, ParseOption};
+use log::LevelFilter;
+
+use crate::cli::Cli;
+
+/// Exit code for a configuration error (`EX_CONFIG` of sysexits.h, as `nginx -t`).
+pub const EX_CONFIG: i32 = 78;
+
+/// The files read when `-c` is not given, in order; later files win.
+pub fn default_files() -> Vec<PathBuf> {
+    let mut files = vec![PathBuf::from("/etc/staps/staps.conf")];
+    if let Some(home) = std::env::var_os("HOME") {
+        files.push(Path::new(&home).join(".staps.conf"));
+    }
+    files
+}
+
+/// What to do with a receiver whose queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowClient {
+    /// Close it with 1008 "slow consumer": it never silently misses a message.
+    Disconnect,
+    /// Drop the message for that receiver only, and count it.
+    Drop,
+}
+
+/// A TCP listener as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TcpSpec {
+    /// `port`/`--port`: every interface, IPv6 and IPv4, as 0.1.x did.
+    AllInterfaces(u16),
+    /// `listen`/`--listen`: one address.
+    Addr(SocketAddr),
+}
+
+impl fmt::Display for TcpSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TcpSpec::AllInterfaces(port) => write!(f, "*:{port}"),
+            TcpSpec::Addr(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
+/// The `[limits]` section.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest message a client may send, in bytes; larger ones close it with 1009.
+    pub max_message_size: usize,
+    /// Members of one channel (0 = no limit); one more is answered 503.
+    pub max_clients_per_channel: usize,
+    /// Websocket clients of the whole instance (0 = no limit); one more is answered 503.
+    pub max_connections: usize,
+    /// Messages waiting for one receiver before `slow_client` applies.
+    pub queue_length: usize,
+    /// What happens to a receiver whose queue is full.
+    pub slow_client: SlowClient,
+    /// How often every client is pinged; silence for two intervals closes it. Zero: never.
+    pub ping_interval: Duration,
+    /// Time a new connection has to send its complete request head.
+    pub handshake_timeout: Duration,
+    /// Longest decoded channel path in bytes; longer ones are answered 414.
+    pub max_path_length: usize,
+    /// Accept only UUID4 channel paths.
+    pub uuid_only: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 1 << 20,
+            max_clients_per_channel: 1024,
+            max_connections: 10_000,
+            queue_length: 1024,
+            slow_client: SlowClient::Disconnect,
+            ping_interval: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            max_path_length: 255,
+            uuid_only: false,
+        }
+    }
+}
+
+/// Everything staps runs with, after files and command line are merged.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Unix domain sockets to listen on.
+    pub sockets: Vec<PathBuf>,
+    /// Permissions of the socket files.
+    pub mode: u32,
+    /// Group that owns the socket files, when it is not `group`.
+    pub socket_group: Option<String>,
+    /// TCP listeners.
+    pub tcp: Vec<TcpSpec>,
+    /// Broker URL; `None` runs standalone.
+    pub amqp: Option<String>,
+    /// AMQP exchange that links instances.
+    pub exchange: String,
+    /// Scheme, host and prefix of the channel URLs the usage page shows.
+    pub public_url: Option<String>,
+    /// Log level from the files (`-v`/`-q` and `RUST_LOG` come first).
+    pub log_level: Option<LevelFilter>,
+    /// Detach classic-style.
+    pub daemon: bool,
+    /// User to run as after binding, when started as root.
+    pub user: Option<String>,
+    /// Group to run as after binding, when started as root.
+    pub group: Option<String>,
+    /// Working directory of the daemon.
+    pub dir: PathBuf,
+    /// Pid file of the daemon.
+    pub pid_file: Option<PathBuf>,
+    /// File mode creation mask of the daemon.
+    pub umask: u32,
+    /// Where stdout and stderr go; reopened on SIGHUP.
+    pub log_file: Option<PathBuf>,
+    /// The `[limits]` section.
+    pub limits: Limits,
+    /// The files that were read, in order.
+    pub files: Vec<PathBuf>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            sockets: Vec::new(),
+            mode: 0o660,
+            socket_group: None,
+            tcp: Vec::new(),
+            amqp: None,
+            exchange: "staps".into(),
+            public_url: None,
+            log_level: None,
+            daemon: false,
+            user: None,
+            group: None,
+            dir: PathBuf::from("/"),
+            pid_file: None,
+            umask: 0o022,
+            log_file: None,
+            limits: Limits::default(),
+            files: Vec::new(),
+        }
+    }
+}
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone)]
+pub enum Origin {
+    /// A line of a configuration file (1-based; 0 when it could not be found).
+    File(PathBuf, usize),
+    /// A command-line option.
+    CommandLine,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(path, 0) => write!(f, "{}", path.display()),
+            Origin::File(path, line) => write!(f, "{}:{line}", path.display()),
+            Origin::CommandLine => f.write_str("command line"),
+        }
+    }
+}
+
+/// A value that staps cannot use; startup stops with [`EX_CONFIG`].
+#[derive(Debug)]
+pub struct ConfigError {
+    /// Where the value is.
+    pub origin: Origin,
+    /// The key (`[section] key`) or option (`--flag`).
+    pub key: String,
+    /// What is wrong and what is accepted.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.origin, self.key, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The result of loading: the settings and what deserves a warning
+/// (unknown keys, the 0.1.x section name). `--check-config` treats warnings as errors.
+pub struct Loaded {
+    /// The effective settings.
+    pub settings: Settings,
+    /// One line each, already naming file and line.
+    pub warnings: Vec<String>,
+}
+
+/// Sections and keys staps knows; anything else is reported.
+const KNOWN: &[(&str, &[&str])] = &[
+    (
+        "staps",
+        &[
+            "socket",
+            "mode",
+            "amqp",
+            "port",
+            "listen",
+            "socket_group",
+            "exchange",
+            "public_url",
+            "log_level",
+        ],
+    ),
+    (
+        "daemon",
+        &["user", "group", "dir", "pid_file", "umask", "log_file"],
+    ),
+    (
+        "limits",
+        &[
+            "max_message_size",
+            "max_clients_per_channel",
+            "max_connections",
+            "queue_length",
+            "slow_client",
+            "ping_interval",
+            "handshake_timeout",
+            "max_path_length",
+            "uuid_only",
+        ],
+    ),
+];
+
+/// The section name 0.1.6 actually read (cement's), accepted as `[staps]`.
+const LEGACY_SECTION: &str = "controller.base";
+
+/// Load the files (or only `cli.config`), then apply the command line.
+pub fn load(cli: &Cli) -> Result<Loaded, ConfigError> {
+    let mut settings = Settings::default();
+    let mut warnings = Vec::new();
+    let files = match &cli.config {
+        Some(path) => vec![(path.clone(), true)],
+        None => default_files().into_iter().map(|p| (p, false)).collect(),
+    };
+    for (path, required) in files {
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(ConfigError {
+                    origin: Origin::File(path, 0),
+                    key: "file".into(),
+                    message: format!("cannot read: {e}"),
+                });
+            }
+        };
+        apply_file(&mut settings, &mut warnings, &path, &text)?;
+        settings.files.push(path);
+    }
+    apply_cli(&mut settings, cli)?;
+    validate(&settings)?;
+    Ok(Loaded { settings, warnings })
+}
+
+/// Parse one file's text into `settings`.
+pub fn apply_file(
+    settings: &mut Settings,
+    warnings: &mut Vec<String>,
+    path: &Path,
+    text: &str,
+) -> Result<(), ConfigError> {
+    let options = ParseOption {
+        enabled_quote: false,
+        enabled_escape: false,
+        // Values stay on one line: rust-ini 0.21 mixes up inline comments and
+        // continuation lines (a comment swallows the next key).
+        enabled_indented_mutiline_value: false,
+        ..ParseOption::default()
+    };
+    let ini = Ini::load_from_str_opt(text, options).map_err(|e| ConfigError {
+        origin: Origin::File(path.to_owned(), e.line + 1),
+        key: "syntax".into(),
+        message: e.msg.into_owned(),
+    })?;
+    for (section, props) in ini.iter() {
+        let Some(raw_section) = section else {
+            for (key, _) in props.iter() {
+                let line = line_of(text, None, key);
+                warnings.push(format!(
+                    "{}: key '{key}' outside any section is ignored",
+                    Origin::File(path.to_owned(), line)
+                ));
+            }
+            continue;
+        };
+        let lower = raw_section.to_ascii_lowercase();
+        let name = if lower == LEGACY_SECTION {
+            warnings.push(format!(
+                "{}: section [{raw_section}] is the 0.1.x name; it still works, but call it [staps]",
+                Origin::File(path.to_owned(), line_of(text, Some(raw_section), ""))
+            ));
+            "staps"
+        } else {
+            lower.as_str()
+        };
+        let Some((_, keys)) = KNOWN.iter().find(|(s, _)| *s == name) else {
+            warnings.push(format!(
+                "{}: unknown section [{raw_section}] is ignored",
+                Origin::File(path.to_owned(), line_of(text, Some(raw_section), ""))
+            ));
+            continue;
+        };
+        for (key, value) in props.iter() {
+            let key_lower = key.to_ascii_lowercase();
+            let origin = Origin::File(path.to_owned(), line_of(text, Some(raw_section), key));
+            if !keys.contains(&key_lower.as_str()) {
+                warnings.push(format!(
+                    "{origin}: unknown key '{key}' in [{raw_section}] is ignored"
+                ));
+                continue;
+            }
+            set(settings, name, &key_lower, value.trim(), origin)?;
+        }
+    }
+    Ok(())
+}
+
+/// 1-based line of `key` in `section` (of the section header when `key` is empty);
+/// 0 when not found. rust-ini keeps no positions, so look the key up in the text.
+fn line_of(text: &str, section: Option<&str>, key: &str) -> usize {
+    let mut current: Option<String> = None;
+    for (n, line) in text.lines().enumerate() {
+        let trimmed = line.trim();
+        if let Some(rest) = trimmed.strip_prefix('[') {
+            let name = rest.split(']').next().unwrap_or("").trim();
+            current = Some(name.to_ascii_lowercase());
+            if key.is_empty() && section.is_some_and(|s| s.eq_ignore_ascii_case(name)) {
+                return n + 1;
+            }
+            continue;
+        }
+        let in_section = match (section, &current) {
+            (None, None) => true,
+            (Some(s), Some(c)) => s.eq_ignore_ascii_case(c),
+            _ => false,
+        };
+        if in_section && !key.is_empty() && !line.starts_with([' ', '\t']) {
+            let name = trimmed.split(['=', ':']).next().unwrap_or("").trim();
+            if name.eq_ignore_ascii_case(key) {
+                return n + 1;
+            }
+        }
+    }
+    0
+}
+
+/// Apply one key's value; `section` is already the canonical name.
+fn set(
+    s: &mut Settings,
+    section: &str,
+    key: &str,
+    value: &str,
+    origin: Origin,
+) -> Result<(), ConfigError> {
+    let err = |message: String| ConfigError {
+        origin: origin.clone(),
+        key: format!("[{section}] {key}"),
+        message,
+    };
+    let optional = |v: &str| (!v.is_empty()).then(|| v.to_owned());
+    match (section, key) {
+        ("staps", "socket") => s.sockets = split_list(value).map(PathBuf::from).collect(),
+        ("staps", "mode") => s.mode = parse_octal(value, 0o7777).map_err(err)?,
+        ("staps", "amqp") => s.amqp = optional(value),
+        ("staps", "port") => {
+            s.tcp.retain(|t| !matches!(t, TcpSpec::AllInterfaces(_)));
+            for port in split_list(value) {
+                s.tcp.push(TcpSpec::AllInterfaces(parse_port(port).map_err(err)?));
+            }
+        }
+        ("staps", "listen") => {
+            s.tcp.retain(|t| !matches!(t, TcpSpec::Addr(_)));
+            for addr in split_list(value) {
+                s.tcp.push(TcpSpec::Addr(parse_listen(addr).map_err(err)?));
+            }
+        }
+        ("staps", "socket_group") => s.socket_group = optional(value),
+        ("staps", "exchange") => s.exchange = value.to_owned(),
+        ("staps", "public_url") => {
+            s.public_url = match value {
+                "" => None,
+                v => Some(parse_public_url(v).map_err(err)?),
+            }
+        }
+        ("staps", "log_level") => {
+            s.log_level = Some(value.parse().map_err(|_| {
+                err(format!(
+                    "'{value}' is not a log level (off, error, warn, info, debug, trace)"
+                ))
+            })?)
+        }
+        ("daemon", "user") => s.user = optional(value),
+        ("daemon", "group") => s.group = optional(value),
+        ("daemon", "dir") => s.dir = PathBuf::from(value),
+        ("daemon", "pid_file") => s.pid_file = optional(value).map(PathBuf::from),
+        ("daemon", "umask") => s.umask = parse_octal(value, 0o777).map_err(err)?,
+        ("daemon", "log_file") => s.log_file = optional(value).map(PathBuf::from),
+        ("limits", key) => set_limit(&mut s.limits, key, value).map_err(err)?,
+        _ => unreachable!("key {section}.{key} is in KNOWN but not handled"),
+    }
+    Ok(())
+}
+
+fn set_limit(l: &mut Limits, key: &str, value: &str) -> Result<(), String> {
+    match key {
+        "max_message_size" => l.max_message_size = parse_count(value, 1)?,
+        "max_clients_per_channel" => l.max_clients_per_channel = parse_count(value, 0)?,
+        "max_connections" => l.max_connections = parse_count(value, 0)?,
+        "queue_length" => l.queue_length = parse_count(value, 1)?,
+        "slow_client" => {
+            l.slow_client = match value.to_ascii_lowercase().as_str() {
+                "disconnect" => SlowClient::Disconnect,
+                "drop" => SlowClient::Drop,
+                _ => return Err(format!("'{value}' is not one of: disconnect, drop")),
+            }
+        }
+        "ping_interval" => l.ping_interval = parse_seconds(value, true)?,
+        "handshake_timeout" => l.handshake_timeout = parse_seconds(value, false)?,
+        "max_path_length" => l.max_path_length = parse_count(value, 1)?,
+        "uuid_only" => l.uuid_only = parse_bool(value)?,
+        _ => unreachable!("limit {key} is in KNOWN but not handled"),
+    }
+    Ok(())
+}
+
+/// Apply the command line over the files. Listeners given on the command line
+/// replace every listener of the files, so `staps --listen 127.0.0.1:8080` on a
+/// machine with an installed config does not also try to take its socket.
+fn apply_cli(s: &mut Settings, cli: &Cli) -> Result<(), ConfigError> {
+    let err = |key: &str, message: String| ConfigError {
+        origin: Origin::CommandLine,
+        key: key.to_owned(),
+        message,
+    };
+    if !cli.socket.is_empty() || !cli.port.is_empty() || !cli.listen.is_empty() {
+        s.sockets = cli.socket.iter().flat_map(|v| split_list(v)).map(PathBuf::from).collect();
+        s.tcp.clear();
+        for port in cli.port.iter().flat_map(|v| split_list(v)) {
+            let port = parse_port(port).map_err(|m| err("--port", m))?;
+            s.tcp.push(TcpSpec::AllInterfaces(port));
+        }
+        for addr in cli.listen.iter().flat_map(|v| split_list(v)) {
+            let addr = parse_listen(addr).map_err(|m| err("--listen", m))?;
+            s.tcp.push(TcpSpec::Addr(addr));
+        }
+    }
+    if let Some(mode) = &cli.mode {
+        s.mode = parse_octal(mode, 0o7777).map_err(|m| err("--mode", m))?;
+    }
+    if let Some(amqp) = &cli.amqp {
+        s.amqp = (!amqp.is_empty()).then(|| amqp.clone());
+    }
+    s.daemon |= cli.daemon;
+    Ok(())
+}
+
+/// Checks that need the whole picture.
+fn validate(s: &Settings) -> Result<(), ConfigError> {
+    let err = |key: &str, message: String| ConfigError {
+        origin: s
+            .files
+            .last()
+            .map_or(Origin::CommandLine, |f| Origin::File(f.clone(), 0)),
+        key: key.to_owned(),
+        message,
+    };
+    if s.sockets.is_empty() && s.tcp.is_empty() {
+        return Err(err(
+            "listeners",
+            "no listener configured: set [staps] socket, port or listen, or give --socket, --port or --listen".into(),
+        ));
+    }
+    if let Some(url) = &s.amqp {
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(err(
+                "[staps] amqp",
+                format!(
+                    "'{}' is not an AMQP URL (amqp://user:pass@host:port/vhost)",
+                    redact_url(url)
+                ),
+            ));
+        }
+    }
+    if s.exchange.is_empty() || s.exchange.len() > 255 {
+        return Err(err(
+            "[staps] exchange",
+            "an exchange name has 1 to 255 bytes".into(),
+        ));
+    }
+    if let Some(user) = &s.user {
+        crate::daemon::lookup_user(user).map_err(|m| err("[daemon] user", m))?;
+    }
+    for (key, group) in [("[daemon] group", &s.group), ("[staps] socket_group", &s.socket_group)] {
+        if let Some(group) = group {
+            crate::daemon::lookup_group(group).map_err(|m| err(key, m))?;
+        }
+    }
+    Ok(())
+}
+
+/// Values that may list several items: separated by white space or commas.
+fn split_list(value: &str) -> impl Iterator<Item = &str> {
+    value
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|v| !v.is_empty())
+}
+
+fn parse_octal(value: &str, max: u32) -> Result<u32, String> {
+    let digits = value.strip_prefix("0o").unwrap_or(value);
+    match u32::from_str_radix(digits, 8) {
+        Ok(v) if v <= max && !digits.is_empty() => Ok(v),
+        _ => Err(format!(
+            "'{value}' is not an octal mode (e.g. 0660, at most {max:o})"
+        )),
+    }
+}
+
+fn parse_port(value: &str) -> Result<u16, String> {
+    value
+        .parse()
+        .map_err(|_| format!("'{value}' is not a port number (0 to 65535)"))
+}
+
+fn parse_listen(value: &str) -> Result<SocketAddr, String> {
+    let hint = "expected ADDRESS:PORT, e.g. 127.0.0.1:8080 or [::1]:8080";
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    // Host names are resolved once, at startup, to their first address.
+    match value.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("'{value}' resolves to no address; {hint}")),
+        Err(e) => Err(format!("'{value}': {e}; {hint}")),
+    }
+}
+
+fn parse_count(value: &str, min: usize) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(v) if v >= min => Ok(v),
+        _ => Err(format!("'{value}' is not a whole number of at least {min}")),
+    }
+}
+
+fn parse_seconds(value: &str, zero_ok: bool) -> Result<Duration, String> {
+    match value.parse::<f64>() {
+        Ok(v) if v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0)) && v < 1e9 => {
+            Ok(Duration::from_secs_f64(v))
+        }
+        _ => Err(format!(
+            "'{value}' is not a number of seconds{}",
+            if zero_ok { " (0 turns it off)" } else { " above 0" }
+        )),
+    }
+}
+
+fn parse_bool(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "1" | "yes" | "true" | "on" => Ok(true),
+        "0" | "no" | "false" | "off" => Ok(false),
+        _ => Err(format!("'{value}' is not a boolean (true/false, yes/no, on/off, 1/0)")),
+    }
+}
+
+/// `public_url` is `ws://` or `wss://`, a host, and optionally a path prefix;
+/// stored with a trailing slash so a UUID can be appended.
+fn parse_public_url(value: &str) -> Result<String, String> {
+    let hint = "expected ws://HOST/ or wss://HOST/PREFIX/";
+    let rest = value
+        .strip_prefix("ws://")
+        .or_else(|| value.strip_prefix("wss://"))
+        .ok_or_else(|| format!("'{value}' does not start with ws:// or wss://; {hint}"))?;
+    let host = rest.split('/').next().unwrap_or("");
+    let valid = |c: char| c.is_ascii_alphanumeric() || "-._~:[]%".contains(c);
+    if host.is_empty() || !host.chars().all(valid) {
+        return Err(format!("'{value}' has no valid host; {hint}"));
+    }
+    let path_ok = rest
+        .chars()
+        .all(|c| c.is_ascii_graphic() && !"\"<>\\^`{|}?#".contains(c));
+    if !path_ok {
+        return Err(format!("'{value}' has characters a URL cannot hold; {hint}"));
+    }
+    let mut url = value.to_owned();
+    if !url.ends_with('/') {
+        url.push('/');
+    }
+    Ok(url)
+}
+
+/// An AMQP URL with its password replaced, for logs and `--check-config`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+impl Settings {
+    /// The effective settings as an INI file, for `--check-config`.
+    pub fn render(&self) -> String {
+        let list = |items: Vec<String>| items.join(" ");
+        let opt = |v: &Option<String>| v.clone().unwrap_or_default();
+        let path = |v: &Option<PathBuf>| v.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        let l = &self.limits;
+        let ports = self.tcp.iter().filter_map(|t| match t {
+            TcpSpec::AllInterfaces(p) => Some(p.to_string()),
+            TcpSpec::Addr(_) => None,
+        });
+        let addrs = self.tcp.iter().filter_map(|t| match t {
+            TcpSpec::Addr(a) => Some(a.to_string()),
+            TcpSpec::AllInterfaces(_) => None,
+        });
+        let files = list(self.files.iter().map(|f| f.display().to_string()).collect());
+        format!(
+            "; files read: {files}\n\
+             [staps]\n\
+             socket = {}\nmode = {:04o}\nsocket_group = {}\nport = {}\nlisten = {}\n\
+             amqp = {}\nexchange = {}\npublic_url = {}\nlog_level = {}\n\n\
+             [daemon]\n\
+             user = {}\ngroup = {}\ndir = {}\npid_file = {}\numask = {:04o}\nlog_file = {}\n\n\
+             [limits]\n\
+             max_message_size = {}\nmax_clients_per_channel = {}\nmax_connections = {}\n\
+             queue_length = {}\nslow_client = {}\nping_interval = {}\nhandshake_timeout = {}\n\
+             max_path_length = {}\nuuid_only = {}\n",
+            list(self.sockets.iter().map(|s| s.display().to_string()).collect()),
+            self.mode,
+            opt(&self.socket_group),
+            list(ports.collect()),
+            list(addrs.collect()),
+            self.amqp.as_deref().map(redact_url).unwrap_or_default(),
+            self.exchange,
+            opt(&self.public_url),
+            self.log_level.map(|l| l.to_string().to_lowercase()).unwrap_or_default(),
+            opt(&self.user),
+            opt(&self.group),
+            self.dir.display(),
+            path(&self.pid_file),
+            self.umask,
+            path(&self.log_file),
+            l.max_message_size,
+            l.max_clients_per_channel,
+            l.max_connections,
+            l.queue_length,
+            match l.slow_client {
+                SlowClient::Disconnect => "disconnect",
+                SlowClient::Drop => "drop",
+            },
+            l.ping_interval.as_secs_f64(),
+            l.handshake_timeout.as_secs_f64(),
+            l.max_path_length,
+            l.uuid_only,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<(Settings, Vec<String>), ConfigError> {
+        let mut s = Settings::default();
+        let mut w = Vec::new();
+        apply_file(&mut s, &mut w, Path::new("t.conf"), text)?;
+        Ok((s, w))
+    }
+
+    #[test]
+    fn legacy_keys_and_inline_comments() {
+        let (s, w) = parse(
+            "[staps]\nsocket = /a.sock, /b.sock /c.sock\nmode = 0600\namqp = amqp://staps:@localhost/  ; comment\n\
+             [daemon]\nuser =\numask = 0\n",
+        )
+        .unwrap();
+        assert_eq!(s.sockets.len(), 3);
+        assert_eq!(s.mode, 0o600);
+        assert_eq!(s.amqp.as_deref(), Some("amqp://staps:@localhost/"));
+        assert_eq!(s.user, None);
+        assert_eq!(s.umask, 0);
+        assert!(w.is_empty(), "{w:?}");
+    }
+
+    #[test]
+    fn legacy_section_is_an_alias_with_a_warning() {
+        let (s, w) = parse("# c\n[controller.base]\nmode = 640\n").unwrap();
+        assert_eq!(s.mode, 0o640);
+        assert_eq!(w.len(), 1);
+        assert!(w[0].starts_with("t.conf:2:") && w[0].contains("[staps]"), "{w:?}");
+    }
+
+    #[test]
+    fn unknown_keys_are_warnings_with_lines() {
+        let (_, w) = parse("[staps]\nmode = 0660\nmood = 1\n[nope]\nx = 1\n").unwrap();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with("t.conf:3:") && w[0].contains("mood"), "{w:?}");
+        assert!(w[1].starts_with("t.conf:4:") && w[1].contains("[nope]"), "{w:?}");
+    }
+
+    #[test]
+    fn bad_values_name_line_key_and_form() {
+        let e = parse("[staps]\n\nmode = 0999\n").err().unwrap().to_string();
+        assert!(e.starts_with("t.conf:3: [staps] mode: '0999' is not an octal mode"), "{e}");
+        let e = parse("[limits]\nslow_client = maybe\n").err().unwrap().to_string();
+        assert!(e.contains("t.conf:2") && e.contains("disconnect, drop"), "{e}");
+        let e = parse("[staps]\nlisten = nonsense\n").err().unwrap().to_string();
+        assert!(e.contains("ADDRESS:PORT"), "{e}");
+        assert!(parse("[limits]\nqueue_length = 0\n").is_err());
+        assert!(parse("[limits]\nping_interval = -1\n").is_err());
+    }
+
+    #[test]
+    fn listen_accepts_ipv6_and_port_all_interfaces() {
+        let (s, _) = parse("[staps]\nlisten = [::1]:8080 127.0.0.1:81\nport = 90\n").unwrap();
+        assert_eq!(
+            s.tcp,
+            vec![
+                TcpSpec::Addr("[::1]:8080".parse().unwrap()),
+                TcpSpec::Addr("127.0.0.1:81".parse().unwrap()),
+                TcpSpec::AllInterfaces(90),
+            ]
+        );
+    }
+
+    #[test]
+    fn public_url_gets_a_trailing_slash() {
+        let (s, _) = parse("[staps]\npublic_url = wss://example.org/ws\n").unwrap();
+        assert_eq!(s.public_url.as_deref(), Some("wss://example.org/ws/"));
+        assert!(parse("[staps]\npublic_url = http://x/\n").is_err());
+        assert!(parse("[staps]\npublic_url = ws://<script>/\n").is_err());
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact_url("amqp://u:secret@h:5672/v"), "amqp://u:***@h:5672/v");
+        assert_eq!(redact_url("amqp://h/"), "amqp://h/");
+    }
+}

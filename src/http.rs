@@ -1,0 +1,439 @@
+//! The HTTP side of a connection: reading the request head, deciding what it
+//! gets (usage page, error, or websocket upgrade), and the responses themselves.
+//!
+//! tungstenite's server handshake never shows us a request that is not an
+//! upgrade, so the head is read and parsed here (httparse); only a valid upgrade
+//! goes on to tungstenite, with whatever bytes followed the head.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use crate::config::Settings;
+use crate::listener::Stream;
+
+/// Largest request head staps reads; a larger one is answered 431.
+pub const MAX_HEAD: usize = 8192;
+
+/// Most header lines in a request head.
+const MAX_HEADERS: usize = 64;
+
+/// A parsed request head.
+#[derive(Debug)]
+pub struct Request {
+    /// `GET`, `HEAD`, ...
+    pub method: String,
+    /// The request target as sent (path and query).
+    pub target: String,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    headers: Vec<(String, String)>,
+}
+
+impl Request {
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether a comma-separated header lists `token` (case-insensitive).
+    fn has_token(&self, name: &str, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .flat_map(|(_, v)| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+}
+
+/// Why no request head could be read.
+#[derive(Debug)]
+pub enum HeadError {
+    /// The client closed or the connection failed before a complete head.
+    Closed,
+    /// No complete head within the handshake timeout.
+    TimedOut,
+    /// The head is larger than [`MAX_HEAD`] or has too many header lines.
+    TooLarge,
+    /// Not HTTP.
+    Malformed(String),
+}
+
+/// Read one request head, by `deadline`. Returns it and the bytes that came after it.
+pub fn read_head(stream: &mut Stream, deadline: Instant) -> Result<(Request, Vec<u8>), HeadError> {
+    let mut buf = vec![0u8; MAX_HEAD];
+    let mut filled = 0;
+    loop {
+        let n = match stream.read_until(&mut buf[filled..], deadline) {
+            Ok(0) => return Err(HeadError::Closed),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(HeadError::TimedOut),
+            Err(_) => return Err(HeadError::Closed),
+        };
+        filled += n;
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..filled]) {
+            Ok(httparse::Status::Complete(len)) => {
+                let request = Request {
+                    method: req.method.unwrap_or_default().to_owned(),
+                    target: req.path.unwrap_or_default().to_owned(),
+                    version: req.version.unwrap_or(1),
+                    headers: req
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+                        .collect(),
+                };
+                return Ok((request, buf[len..filled].to_vec()));
+            }
+            Ok(httparse::Status::Partial) if filled == buf.len() => return Err(HeadError::TooLarge),
+            Ok(httparse::Status::Partial) => {}
+            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+            Err(e) => return Err(HeadError::Malformed(e.to_string())),
+        }
+    }
+}
+
+/// An HTTP response to write before closing the connection.
+#[derive(Debug)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    headers: Vec<(&'static str, String)>,
+    body: String,
+    head_only: bool,
+}
+
+impl Response {
+    /// A response with a body of `content_type`.
+    pub fn new(status: u16, content_type: &str, body: String) -> Response {
+        Response {
+            status,
+            headers: vec![("Content-Type", content_type.to_owned())],
+            body,
+            head_only: false,
+        }
+    }
+
+    /// An error: `reason` as one line of plain text.
+    pub fn error(status: u16, reason: &str) -> Response {
+        Response::new(status, "text/plain; charset=utf-8", format!("{reason}\n"))
+    }
+
+    /// Add a header.
+    pub fn with(mut self, name: &'static str, value: impl Into<String>) -> Response {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    /// The bytes to send: status line, headers, and the body unless it answers HEAD.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, reason_phrase(self.status));
+        for (name, value) in &self.headers {
+            let _ = write!(head, "{name}: {value}\r\n");
+        }
+        let _ = write!(
+            head,
+            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+            self.body.len()
+        );
+        let mut bytes = head.into_bytes();
+        if !self.head_only {
+            bytes.extend_from_slice(self.body.as_bytes());
+        }
+        bytes
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        101 => "Switching Protocols",
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        414 => "URI Too Long",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+/// The `101 Switching Protocols` answer to a valid upgrade.
+pub fn switching_protocols(accept: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// What a request head gets.
+#[derive(Debug)]
+pub enum Route {
+    /// A valid websocket upgrade for channel `path`.
+    Upgrade {
+        /// The channel: the decoded path.
+        path: String,
+        /// The `Sec-WebSocket-Accept` value.
+        accept: String,
+    },
+    /// Anything else: answer and close.
+    Respond(Response),
+}
+
+/// Decide what `req` gets.
+pub fn route(req: &Request, settings: &Settings) -> Route {
+    let get = req.method == "GET";
+    if !get && req.method != "HEAD" {
+        return Route::Respond(
+            Response::error(405, "only GET and HEAD are allowed").with("Allow", "GET, HEAD"),
+        );
+    }
+    if !req.has_token("Upgrade", "websocket") {
+        let mut page = usage(req, settings);
+        page.head_only = !get;
+        return Route::Respond(page);
+    }
+    match check_upgrade(req, settings) {
+        Ok(route) => route,
+        Err(response) => Route::Respond(response),
+    }
+}
+
+fn check_upgrade(req: &Request, settings: &Settings) -> Result<Route, Response> {
+    let bad = |reason: &str| Response::error(400, reason);
+    if req.method != "GET" {
+        return Err(bad("a websocket handshake must use GET"));
+    }
+    if req.version < 1 {
+        return Err(bad("a websocket handshake needs HTTP/1.1"));
+    }
+    if !req.has_token("Connection", "upgrade") {
+        return Err(bad("missing 'Connection: Upgrade'"));
+    }
+    if req.header("Sec-WebSocket-Version").map(str::trim) != Some("13") {
+        return Err(bad("unsupported websocket version: only 13 is spoken")
+            .with("Sec-WebSocket-Version", "13"));
+    }
+    let key = req
+        .header("Sec-WebSocket-Key")
+        .map(str::trim)
+        .ok_or_else(|| bad("missing Sec-WebSocket-Key"))?;
+    if !is_valid_key(key) {
+        return Err(bad("Sec-WebSocket-Key is not 16 bytes in base64"));
+    }
+    if !req.target.starts_with('/') {
+        return Err(bad("the request target must be a path"));
+    }
+    let path = decode_path(&req.target)
+        .ok_or_else(|| bad("the channel path is not valid UTF-8 once decoded"))?;
+    let limits = &settings.limits;
+    if path == "/" {
+        return Err(Response::error(404, "/ is not a channel: connect to /SOME-RANDOM-UUID"));
+    }
+    if limits.uuid_only && !is_uuid4_path(&path) {
+        return Err(Response::error(404, "channels here are UUID4 paths only"));
+    }
+    if path.len() > limits.max_path_length {
+        return Err(Response::error(
+            414,
+            &format!("channel path longer than {} bytes", limits.max_path_length),
+        ));
+    }
+    Ok(Route::Upgrade {
+        path,
+        accept: tungstenite::handshake::derive_accept_key(key.as_bytes()),
+    })
+}
+
+/// A key is the base64 of 16 bytes: 22 characters and `==`.
+fn is_valid_key(key: &str) -> bool {
+    let b = key.as_bytes();
+    b.len() == 24
+        && b[22..] == *b"=="
+        && b[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+}
+
+/// The channel of a request target: the path without the query string,
+/// percent-decoded as 0.1.x (tornado) did. An invalid escape stays as it is;
+/// bytes that are not UTF-8 once decoded are refused (`None`), as 0.1.x did.
+pub fn decode_path(target: &str) -> Option<String> {
+    let raw = target.split('?').next().unwrap_or("").as_bytes();
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if raw[i] == b'%' && i + 2 < raw.len() {
+            if let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(raw[i]);
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `/` and a UUID4: 8-4-4-4-12 hex digits, version 4, variant 8, 9, a or b.
+pub fn is_uuid4_path(path: &str) -> bool {
+    let Some(id) = path.strip_prefix('/') else {
+        return false;
+    };
+    let b = id.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            14 => *c == b'4',
+            19 => b"89abAB".contains(c),
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// The usage page, with a freshly generated channel URL.
+fn usage(req: &Request, settings: &Settings) -> Response {
+    let url = channel_url(req, settings);
+    let response = if wants_html(req) {
+        Response::new(200, "text/html; charset=utf-8", usage_html(&url))
+    } else {
+        Response::new(200, "text/plain; charset=utf-8", format!("{url}\n"))
+    };
+    response
+        .with("Cache-Control", "no-store")
+        .with("Vary", "Accept, Host, X-Forwarded-Proto")
+}
+
+/// `public_url` + a new UUID, or `ws[s]://HOST/` + a new UUID.
+fn channel_url(req: &Request, settings: &Settings) -> String {
+    let id = uuid::Uuid::new_v4();
+    if let Some(base) = &settings.public_url {
+        return format!("{base}{id}");
+    }
+    let https = req
+        .header("X-Forwarded-Proto")
+        .is_some_and(|p| p.trim().eq_ignore_ascii_case("https") || p.trim().eq_ignore_ascii_case("wss"));
+    let scheme = if https { "wss" } else { "ws" };
+    // The Host header is the client's word: use it only if it is a plain host[:port].
+    let host = req
+        .header("Host")
+        .map(str::trim)
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 255
+                && h.chars().all(|c| c.is_ascii_alphanumeric() || "-.:[]_".contains(c))
+        })
+        .unwrap_or("localhost");
+    format!("{scheme}://{host}/{id}")
+}
+
+/// HTML only for clients that ask for it by name (browsers); `*/*` (curl) gets text.
+fn wants_html(req: &Request) -> bool {
+    req.header("Accept").is_some_and(|accept| {
+        accept.split(',').any(|range| {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            !refused
+                && (media.eq_ignore_ascii_case("text/html")
+                    || media.eq_ignore_ascii_case("application/xhtml+xml"))
+        })
+    })
+}
+
+fn escape_html(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn usage_html(url: &str) -> String {
+    let url = escape_html(url);
+    format!(
+        r#"<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>staps: throw-away publish/subscribe</title>
+<style>
+body {{ font-family: sans-serif; max-width: 44em; margin: 2em auto; padding: 0 1em; line-height: 1.5; color: #222; }}
+code, pre {{ background: #f2f2f2; padding: 0.1em 0.3em; border-radius: 3px; }}
+pre {{ padding: 0.7em; overflow-x: auto; }}
+#url {{ font-size: 1.15em; word-break: break-all; }}
+</style>
+</head>
+<body>
+<h1>staps</h1>
+<p><strong>Simple Throw-Away Publish/Subscribe.</strong> Websocket clients that connect to the
+same URL form a channel: every message one of them sends goes to all the others, never back
+to the sender. A channel exists while someone is connected to it and leaves nothing behind.
+There are no accounts: the URL is the secret, so pick a random one and share it only with
+whom it concerns.</p>
+<p>A fresh channel, made up for you just now:</p>
+<p id="url"><code>{url}</code></p>
+<p>Reload for another. Try it from two terminals with
+<a href="https://github.com/vi/websocat">websocat</a>:</p>
+<pre>websocat {url}</pre>
+<p>or from a browser's JavaScript console:</p>
+<pre>const ws = new WebSocket("{url}");
+ws.onmessage = (e) =&gt; console.log(e.data);
+ws.onopen = () =&gt; ws.send("hello");</pre>
+<p>Text stays text and binary stays binary. <code>curl</code> on this page prints just a channel URL.</p>
+</body>
+</html>
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_decode_as_0_1_x() {
+        assert_eq!(decode_path("/a%20b").as_deref(), Some("/a b"));
+        assert_eq!(decode_path("/a b?x=%20").as_deref(), Some("/a b"));
+        assert_eq!(decode_path("/%zz%4").as_deref(), Some("/%zz%4"));
+        assert_eq!(decode_path("/%"), Some("/%".into()));
+        assert_eq!(decode_path("/a+b").as_deref(), Some("/a+b"));
+        assert_eq!(decode_path("/%C3%A9").as_deref(), Some("/é"));
+        assert_eq!(decode_path("/%ff"), None);
+    }
+
+    #[test]
+    fn uuid4_paths() {
+        assert!(is_uuid4_path("/0b7e4a4f-3b0e-4c1e-9f55-7f3c1f2b9d10"));
+        assert!(is_uuid4_path("/0B7E4A4F-3B0E-4C1E-BF55-7F3C1F2B9D10"));
+        assert!(!is_uuid4_path("/0b7e4a4f-3b0e-3c1e-9f55-7f3c1f2b9d10"));
+        assert!(!is_uuid4_path("/0b7e4a4f-3b0e-4c1e-cf55-7f3c1f2b9d10"));
+        assert!(!is_uuid4_path("/0b7e4a4f-3b0e-4c1e-9f55-7f3c1f2b9d1"));
+        assert!(!is_uuid4_path("/0b7e4a4f-3b0e-4c1e-9f55-7f3c1f2b9d10/"));
+    }
+
+    #[test]
+    fn keys() {
+        assert!(is_valid_key("dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!is_valid_key("dGhlIHNhbXBsZSBub25jZQ="));
+        assert!(!is_valid_key("dGhlIHNhbXBsZSBub25j!Q=="));
+    }
+
+    #[test]
+    fn html_is_escaped() {
+        assert!(!usage_html("ws://<x>/").contains("<x>"));
+    }
+}

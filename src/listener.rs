@@ -1,0 +1,361 @@
+//! Listening sockets (unix and TCP) and the accept loop that gives every
+//! connection its own thread.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Socket, Type};
+
+use crate::config::{Settings, TcpSpec};
+use crate::daemon;
+use crate::server::Server;
+
+/// Pending connections the kernel keeps for us while every thread is busy;
+/// a burst of reconnecting clients should not see refusals.
+const BACKLOG: i32 = 1024;
+
+/// Stack of the thread that reads a connection (handshake, frames, fan-out).
+/// Its deepest path is the handshake plus logging; the rest is on the heap.
+pub const READER_STACK: usize = 128 * 1024;
+
+/// One accepted connection, unix or TCP.
+#[derive(Debug)]
+pub enum Stream {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// A unix domain socket connection.
+    Unix(UnixStream),
+}
+
+macro_rules! both {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self {
+            Stream::Tcp($s) => $e,
+            Stream::Unix($s) => $e,
+        }
+    };
+}
+
+impl Stream {
+    /// A second handle on the same socket, for the writer thread.
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Shut down one or both directions; wakes a thread blocked on the socket.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        both!(self, s => s.shutdown(how))
+    }
+
+    /// Timeout of blocking reads (`None`: wait forever).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        both!(self, s => s.set_read_timeout(t))
+    }
+
+    /// Timeout of blocking writes (`None`: wait forever).
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        both!(self, s => s.set_write_timeout(t))
+    }
+
+    /// Write every slice, however many calls it takes (`write_all` for iovecs).
+    pub fn write_all_vectored(&mut self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            match self.write_vectored(bufs) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Read and discard until the peer closes, the connection fails, or `deadline`.
+    pub fn drain(&mut self, deadline: Instant) {
+        let mut sink = [0u8; 512];
+        while matches!(self.read_until(&mut sink, deadline), Ok(n) if n > 0) {}
+    }
+
+    /// Read until `deadline`, then fail with `TimedOut`.
+    pub fn read_until(&mut self, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.set_read_timeout(Some(left))?;
+            match self.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => return Err(io::ErrorKind::TimedOut.into()),
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Whether an I/O error is a socket timeout (SO_RCVTIMEO/SO_SNDTIMEO give EAGAIN).
+pub fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        both!(self, s => s.read(buf))
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        both!(self, s => s.write(buf))
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        both!(self, s => s.write_vectored(bufs))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A bound listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP, with the address it is bound to.
+    Tcp(TcpListener, SocketAddr),
+    /// A unix socket and its file, removed on exit if it is still ours.
+    Unix {
+        /// The listening socket.
+        listener: UnixListener,
+        /// Path of the socket file.
+        path: PathBuf,
+        /// Device and inode of the file we created.
+        id: (u64, u64),
+    },
+}
+
+impl std::fmt::Display for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listener::Tcp(_, addr) => write!(f, "{addr}"),
+            Listener::Unix { path, .. } => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl Listener {
+    fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Tcp(l, _) => {
+                let (s, _) = l.accept()?;
+                // Writers batch frames themselves; Nagle would only add latency.
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+            Listener::Unix { listener, .. } => Ok(Stream::Unix(listener.accept()?.0)),
+        }
+    }
+
+    /// Wake the accept loop so that it sees the server is stopping: on Linux,
+    /// shutdown(2) on a listening socket makes a blocked accept(2) return EINVAL.
+    pub fn stop(&self) {
+        let fd = match self {
+            Listener::Tcp(l, _) => l.as_raw_fd(),
+            Listener::Unix { listener, .. } => listener.as_raw_fd(),
+        };
+        // SAFETY: fd is a socket we own for as long as self lives.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+
+    /// Remove the socket file, if it is still the one we created.
+    pub fn remove_file(&self) {
+        if let Listener::Unix { path, id, .. } = self {
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                if (meta.dev(), meta.ino()) == *id {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+    }
+}
+
+/// Bind every configured listener. Errors say which one and why.
+pub fn bind_all(settings: &Settings) -> Result<Vec<Listener>, String> {
+    let mut listeners = Vec::new();
+    for path in &settings.sockets {
+        match bind_unix(path, settings) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                listeners.iter().for_each(Listener::remove_file);
+                return Err(format!("cannot listen on unix:{}: {e}", path.display()));
+            }
+        }
+    }
+    for spec in &settings.tcp {
+        match bind_tcp(spec) {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                listeners.iter().for_each(Listener::remove_file);
+                return Err(format!("cannot listen on {spec}: {e}"));
+            }
+        }
+    }
+    Ok(listeners)
+}
+
+fn bind_unix(path: &Path, settings: &Settings) -> Result<Listener, String> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err("the path exists and is not a socket; remove it or choose another".into());
+        }
+        match UnixStream::connect(path) {
+            Ok(_) => {
+                return Err("another process is listening on it; refusing to take it over".into());
+            }
+            // Nobody answers: a stale file left by a crash.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(|e| format!("cannot remove stale socket: {e}"))?;
+                log::info!("replaced stale socket file {}", path.display());
+            }
+            Err(e) => return Err(format!("cannot check the existing socket file: {e}")),
+        }
+    }
+    let listener = {
+        let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(|e| e.to_string())?;
+        let addr = socket2::SockAddr::unix(path).map_err(|e| e.to_string())?;
+        socket.bind(&addr).map_err(|e| e.to_string())?;
+        socket.listen(BACKLOG).map_err(|e| e.to_string())?;
+        UnixListener::from(std::os::fd::OwnedFd::from(socket))
+    };
+    let meta = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    let bound = Listener::Unix {
+        listener,
+        path: path.to_owned(),
+        id: (meta.dev(), meta.ino()),
+    };
+    let finish = || -> Result<(), String> {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(settings.mode))
+            .map_err(|e| format!("cannot set mode {:04o}: {e}", settings.mode))?;
+        if daemon::is_root() {
+            let user = settings.user.as_deref().map(daemon::lookup_user).transpose()?;
+            let group = settings
+                .socket_group
+                .as_deref()
+                .or(settings.group.as_deref())
+                .map(daemon::lookup_group)
+                .transpose()?
+                .or(user.map(|u| u.gid));
+            if user.is_some() || group.is_some() {
+                std::os::unix::fs::chown(path, user.map(|u| u.uid), group)
+                    .map_err(|e| format!("cannot change owner: {e}"))?;
+            }
+        } else if let Some(group) = &settings.socket_group {
+            // An unprivileged user may still hand the socket to a group it belongs to.
+            let gid = daemon::lookup_group(group)?;
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .map_err(|e| format!("cannot give the socket to group {group}: {e}"))?;
+        }
+        Ok(())
+    };
+    match finish() {
+        Ok(()) => Ok(bound),
+        Err(e) => {
+            bound.remove_file();
+            Err(e)
+        }
+    }
+}
+
+fn bind_tcp(spec: &TcpSpec) -> Result<Listener, String> {
+    let bind = |addr: SocketAddr, dual_stack: bool| -> io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        if dual_stack {
+            socket.set_only_v6(false)?;
+        }
+        socket.bind(&addr.into())?;
+        socket.listen(BACKLOG)?;
+        Ok(socket.into())
+    };
+    let listener = match spec {
+        TcpSpec::Addr(addr) => bind(*addr, false),
+        TcpSpec::AllInterfaces(port) => {
+            // One dual-stack socket takes IPv6 and IPv4; a host without IPv6 gets IPv4.
+            match bind((std::net::Ipv6Addr::UNSPECIFIED, *port).into(), true) {
+                Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                    bind((std::net::Ipv4Addr::UNSPECIFIED, *port).into(), false)
+                }
+                other => other,
+            }
+        }
+    }
+    .map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    Ok(Listener::Tcp(listener, addr))
+}
+
+/// Accept connections on `listener` until the server stops, one thread each.
+pub fn spawn_accept_loop(listener: Arc<Listener>, server: Arc<Server>) -> io::Result<()> {
+    thread::Builder::new()
+        .name("staps-accept".into())
+        .spawn(move || accept_loop(&listener, &server))
+        .map(drop)
+}
+
+fn accept_loop(listener: &Listener, server: &Arc<Server>) {
+    let mut last_complaint: Option<Instant> = None;
+    let mut complain = |what: &str, e: &dyn std::fmt::Display| {
+        // Once a minute at most: under fd or thread exhaustion this repeats.
+        if last_complaint.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+            log::warn!("{listener}: {what}: {e}");
+            last_complaint = Some(Instant::now());
+        }
+    };
+    loop {
+        let accepted = listener.accept();
+        if server.is_stopping() {
+            return;
+        }
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(e) => {
+                match e.raw_os_error() {
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                        complain("cannot accept, refusing connections until resources free up", &e);
+                        // The pending connection stays in the backlog; try again soon
+                        // instead of spinning on the same error.
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                    _ => log::debug!("{listener}: accept: {e}"),
+                }
+                continue;
+            }
+        };
+        let Some(slot) = server.admit() else {
+            server.refuse();
+            continue;
+        };
+        let server2 = Arc::clone(server);
+        let spawned = thread::Builder::new()
+            .stack_size(READER_STACK)
+            .spawn(move || crate::client::serve(stream, server2, slot));
+        if let Err(e) = spawned {
+            server.refuse();
+            complain("cannot start a thread for a new connection", &e);
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! Logging to stderr (or `log_file`), with journald priorities under systemd, and
+//! the fingerprints that stand for channel paths in logs.
+//!
+//! Channel paths are secrets: at `info` and above a channel appears only as
+//! [`fingerprint`]; the path itself is logged at `debug` at most.
+
+use std::collections::hash_map::RandomState;
+use std::fs::OpenOptions;
+use std::hash::BuildHasher;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use log::{Level, LevelFilter};
+
+/// Where the level comes from, strongest first: `-v`/`-q`, then `RUST_LOG`
+/// (which may also name modules), then `log_level` in the files, then `info`.
+pub fn init(verbosity: i8, file_level: Option<LevelFilter>) {
+    let mut builder = env_logger::Builder::new();
+    let rust_log = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    match (verbosity, rust_log) {
+        (0, Some(filters)) => {
+            builder.parse_filters(&filters);
+        }
+        _ => {
+            let level = match verbosity {
+                0 => file_level.unwrap_or(LevelFilter::Info),
+                1 => LevelFilter::Debug,
+                2.. => LevelFilter::Trace,
+                -1 => LevelFilter::Warn,
+                _ => LevelFilter::Error,
+            };
+            // Libraries are quiet unless something is wrong; RUST_LOG opens them up.
+            builder
+                .filter_level(level.min(LevelFilter::Warn))
+                .filter_module("staps", level);
+        }
+    }
+    let journald = under_journald();
+    builder.format(move |buf, record| {
+        if journald {
+            writeln!(buf, "<{}>{}", priority(record.level()), record.args())
+        } else {
+            let ts = buf.timestamp_seconds();
+            writeln!(buf, "{ts} {:<5} {}", record.level(), record.args())
+        }
+    });
+    builder.init();
+}
+
+/// syslog priority of a level, for journald's `<N>` prefixes.
+fn priority(level: Level) -> u8 {
+    match level {
+        Level::Error => 3,
+        Level::Warn => 4,
+        Level::Info => 6,
+        Level::Debug | Level::Trace => 7,
+    }
+}
+
+/// Whether stderr is the journal stream systemd gave us (`JOURNAL_STREAM` is
+/// `device:inode` of that stream; it is inherited, so compare, don't just test).
+fn under_journald() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let value = value.to_string_lossy();
+    let Some((dev, ino)) = value.split_once(':') else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    let stderr = io::stderr();
+    let fd = stderr.as_raw_fd();
+    // SAFETY: fstat on a valid fd into a zeroed stat struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return false;
+    }
+    st.st_dev == dev && st.st_ino == ino
+}
+
+/// Point stdout and stderr at `path` (appending), for `log_file` and SIGHUP.
+pub fn redirect_to(path: &Path) -> io::Result<()> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)?;
+    for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+        // SAFETY: both descriptors are valid; dup2 atomically replaces fd.
+        if unsafe { libc::dup2(file.as_raw_fd(), fd) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A short stand-in for a channel path in logs: 8 hex digits of a hash keyed
+/// at random for this process, so it cannot be looked up in a table of common
+/// paths. Stable for the life of the process.
+pub fn fingerprint(path: &str) -> String {
+    static KEY: OnceLock<RandomState> = OnceLock::new();
+    let hash = KEY.get_or_init(RandomState::new).hash_one(path);
+    format!("{:08x}", (hash >> 32) as u32)
+}

@@ -1,0 +1,97 @@
+//! staps: Simple Throw-Away Publish/Subscribe.
+//!
+//! Websocket clients that connect to the same URL path form a channel; each
+//! message one of them sends goes to all the others. This file only wires the
+//! modules together; a message's way through them is told in [`client`].
+
+mod channels;
+mod cli;
+mod client;
+mod config;
+mod daemon;
+mod http;
+mod listener;
+mod logging;
+mod server;
+mod signals;
+mod stats;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+
+/// Exit code for a command line that cannot be parsed (`EX_USAGE`).
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let loaded = match config::load(&cli) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("staps: {e}");
+            return ExitCode::from(config::EX_CONFIG as u8);
+        }
+    };
+    let settings = loaded.settings;
+    if cli.check_config {
+        print!("{}", settings.render());
+        for warning in &loaded.warnings {
+            eprintln!("staps: error: {warning}");
+        }
+        return if loaded.warnings.is_empty() {
+            eprintln!("staps: configuration is valid");
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(config::EX_CONFIG as u8)
+        };
+    }
+
+    if let Some(path) = &settings.log_file {
+        if let Err(e) = logging::redirect_to(path) {
+            eprintln!("staps: cannot open log file {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    logging::init(cli.verbose as i8 - cli.quiet as i8, settings.log_level);
+    for warning in &loaded.warnings {
+        log::warn!("{warning}");
+    }
+
+    let signals = match signals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            log::error!("cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listeners: Vec<_> = match listener::bind_all(&settings) {
+        Ok(listeners) => listeners.into_iter().map(Arc::new).collect(),
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let server = Arc::new(server::Server::new(settings));
+    for l in &listeners {
+        if let Err(e) = listener::spawn_accept_loop(Arc::clone(l), Arc::clone(&server)) {
+            log::error!("cannot start the accept thread for {l}: {e}");
+            listeners.iter().for_each(|l| l.remove_file());
+            return ExitCode::FAILURE;
+        }
+        log::info!("listening on {l}");
+    }
+    log::info!("staps {} ready", env!("CARGO_PKG_VERSION"));
+    signals::run(signals, server, listeners)
+}

@@ -1,0 +1,104 @@
+//! The state one running instance shares among its threads, and its shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::channels::{Close, Registry};
+use crate::config::Settings;
+use crate::listener::Listener;
+use crate::stats::{self, Stats};
+
+/// How long clients get to answer the close frame when the server stops, and
+/// how long one connection lingers after its close frame before it is cut.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything the connection threads share.
+pub struct Server {
+    /// The effective settings.
+    pub settings: Settings,
+    /// The channels.
+    pub registry: Registry,
+    /// The counters.
+    pub stats: Stats,
+    next_id: AtomicU64,
+    sockets: AtomicUsize,
+    max_sockets: usize,
+    stopping: AtomicBool,
+}
+
+/// A connection's place in the server's count of open sockets; freed on drop.
+pub struct Slot(Arc<Server>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Server {
+    /// A server for `settings`.
+    pub fn new(settings: Settings) -> Server {
+        let max = settings.limits.max_connections;
+        Server {
+            // Sockets still in their handshake need room beyond the websocket
+            // clients, or a full server could not even answer 503.
+            max_sockets: if max == 0 { usize::MAX } else { max + (max / 8).max(64) },
+            settings,
+            registry: Registry::default(),
+            stats: Stats::default(),
+            next_id: AtomicU64::new(1),
+            sockets: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// A new connection id.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Take a socket slot for a new connection; `None` when there are already
+    /// so many that the connection is closed without a word.
+    pub fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let n = self.sockets.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot(Arc::clone(self));
+        (n < self.max_sockets).then_some(slot)
+    }
+
+    /// Count a connection that was turned away.
+    pub fn refuse(&self) {
+        stats::add(&self.stats.refused, 1);
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// One line of counters.
+    pub fn stats_line(&self) -> String {
+        let (clients, channels) = self.registry.counts();
+        self.stats.line(clients, channels)
+    }
+
+    /// Stop accepting, close every client with 1001, give them [`CLOSE_TIMEOUT`]
+    /// to answer, and remove the socket files.
+    pub fn shutdown(&self, listeners: &[Arc<Listener>]) {
+        self.stopping.store(true, Ordering::Release);
+        for listener in listeners {
+            listener.stop();
+        }
+        self.registry.close_all(Close::with(1001, "going away"));
+        let all_closed = self.registry.wait_empty(Instant::now() + CLOSE_TIMEOUT);
+        if !all_closed {
+            log::info!(
+                "{} client(s) did not finish the close handshake in time",
+                self.registry.counts().0
+            );
+        }
+        for listener in listeners {
+            listener.remove_file();
+        }
+    }
+}

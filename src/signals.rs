@@ -1,0 +1,75 @@
+//! Signals: SIGTERM/SIGINT stop gracefully (a second one at once), SIGHUP reopens
+//! `log_file`, SIGUSR1 logs the counters.
+//!
+//! signal-hook's handlers only write to a pipe; the main thread reads it here, so
+//! nothing runs inside a signal handler.
+
+use std::io;
+use std::process;
+use std::sync::Arc;
+use std::thread;
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::iterator::Signals;
+
+use crate::listener::Listener;
+use crate::logging;
+use crate::server::Server;
+
+/// Take over the signals; done before binding, so that a signal during startup
+/// cannot leave socket files behind.
+pub fn install() -> io::Result<Signals> {
+    Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
+}
+
+/// Handle signals until the process exits.
+pub fn run(mut signals: Signals, server: Arc<Server>, listeners: Vec<Arc<Listener>>) -> ! {
+    let listeners = Arc::new(listeners);
+    let mut stopping = false;
+    for signal in signals.forever() {
+        match signal {
+            SIGTERM | SIGINT if !stopping => {
+                stopping = true;
+                log::info!("shutting down on {}", name(signal));
+                let (server, listeners) = (Arc::clone(&server), Arc::clone(&listeners));
+                // Shut down beside this loop, which must stay free for a second signal.
+                let stop = move || {
+                    server.shutdown(&listeners);
+                    log::info!("stopped: {}", server.stats_line());
+                    process::exit(0);
+                };
+                if let Err(e) = thread::Builder::new().name("staps-stop".into()).spawn(stop.clone()) {
+                    log::warn!("cannot start the shutdown thread ({e}); shutting down here");
+                    stop();
+                }
+            }
+            SIGTERM | SIGINT => {
+                log::warn!("second {}: exiting at once", name(signal));
+                listeners.iter().for_each(|l| l.remove_file());
+                process::exit(1);
+            }
+            SIGHUP => match &server.settings.log_file {
+                Some(path) => match logging::redirect_to(path) {
+                    Ok(()) => log::info!("reopened log file {}", path.display()),
+                    Err(e) => log::error!("cannot reopen log file {}: {e}", path.display()),
+                },
+                None => log::debug!("SIGHUP: no log_file to reopen"),
+            },
+            SIGUSR1 => log::info!("{}", server.stats_line()),
+            _ => {}
+        }
+    }
+    // forever() ends only if the signal pipe breaks; without signals we cannot
+    // stop cleanly, so stop now rather than run unstoppable.
+    log::error!("signal handling failed; stopping");
+    server.shutdown(&listeners);
+    process::exit(1);
+}
+
+fn name(signal: i32) -> &'static str {
+    match signal {
+        SIGTERM => "SIGTERM",
+        SIGINT => "SIGINT",
+        _ => "signal",
+    }
+}

@@ -1,0 +1,42 @@
+//! Counters of a running instance, logged on SIGUSR1 and at exit.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Monotonic counters. Gauges (connections now, channels) live in the registry.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Websocket clients accepted since start.
+    pub connections_total: AtomicU64,
+    /// Connections turned away before or during the handshake (limits, errors).
+    pub refused: AtomicU64,
+    /// Messages received from clients.
+    pub messages_in: AtomicU64,
+    /// Deliveries queued to receivers (one message to ten receivers counts ten).
+    pub messages_out: AtomicU64,
+    /// Deliveries dropped under `slow_client = drop`.
+    pub dropped: AtomicU64,
+    /// Receivers closed under `slow_client = disconnect`.
+    pub slow_disconnects: AtomicU64,
+}
+
+/// Add `n` to a counter.
+pub fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Relaxed);
+}
+
+impl Stats {
+    /// One line of `key=value` pairs; `clients` and `channels` are the gauges.
+    pub fn line(&self, clients: usize, channels: usize) -> String {
+        let get = |c: &AtomicU64| c.load(Relaxed);
+        format!(
+            "connections={clients} connections_total={} channels={channels} refused={} \
+             messages_in={} messages_out={} dropped={} slow_disconnects={}",
+            get(&self.connections_total),
+            get(&self.refused),
+            get(&self.messages_in),
+            get(&self.messages_out),
+            get(&self.dropped),
+            get(&self.slow_disconnects),
+        )
+    }
+}

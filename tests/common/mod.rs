@@ -1,0 +1,348 @@
+//! The real staps binary, started per test, and real websocket clients for it.
+//!
+//! Everything waits on events with generous deadlines (a loaded 2-core machine
+//! must not make a test fail), never on fixed sleeps.
+
+#![allow(dead_code)] // each test file uses a different part of this
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tungstenite::{Message, WebSocket};
+
+/// How long any single expected event may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Path to the binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_staps")
+}
+
+/// A running staps.
+pub struct Staps {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    pub dir: tempfile::TempDir,
+    pub tcp: Vec<SocketAddr>,
+    pub sockets: Vec<PathBuf>,
+}
+
+impl Staps {
+    /// Start staps with `config` (an INI text; `{dir}` stands for a temporary
+    /// directory) and extra arguments, and wait until it is ready.
+    pub fn start(config: &str, args: &[&str]) -> Staps {
+        Self::start_env(config, args, &[])
+    }
+
+    /// As [`Staps::start`], with extra environment variables.
+    pub fn start_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> Staps {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config.replace("{dir}", dir.path().to_str().unwrap());
+        let conf = dir.path().join("staps.conf");
+        std::fs::write(&conf, config).expect("write config");
+        let mut cmd = Command::new(binary());
+        cmd.arg("-c").arg(&conf).args(args);
+        cmd.env_remove("RUST_LOG").env_remove("JOURNAL_STREAM");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start staps");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log2 = Arc::clone(&log);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("STAPS_TEST_ECHO").is_some() {
+                    eprintln!("staps: {line}");
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let mut staps = Staps {
+            child,
+            log,
+            dir,
+            tcp: Vec::new(),
+            sockets: Vec::new(),
+        };
+        staps.wait_log("ready");
+        for line in staps.lines() {
+            if let Some(l) = line.split("listening on ").nth(1) {
+                match l.strip_prefix("unix:") {
+                    Some(path) => staps.sockets.push(PathBuf::from(path)),
+                    None => staps.tcp.push(l.parse().expect("listen address")),
+                }
+            }
+        }
+        staps
+    }
+
+    /// The first TCP address.
+    pub fn addr(&self) -> SocketAddr {
+        self.tcp[0]
+    }
+
+    /// All log lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Wait for a log line containing `needle`; returns it.
+    pub fn wait_log(&mut self, needle: &str) -> String {
+        self.wait_log_after(0, needle)
+    }
+
+    /// Wait for a log line containing `needle` among the lines after the first `skip`.
+    pub fn wait_log_after(&mut self, skip: usize, needle: &str) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(line) = self.lines().iter().skip(skip).find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Give the reader thread a moment to collect the last lines.
+                let until = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < until {
+                    if let Some(l) = self.lines().iter().skip(skip).find(|l| l.contains(needle)) {
+                        return l.clone();
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
+                panic!("staps exited ({status}) before logging {needle:?}:\n{}", self.lines().join("\n"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?} within {DEADLINE:?}:\n{}",
+                self.lines().join("\n")
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// The pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Ask for the counters with SIGUSR1 and return the new line.
+    pub fn stats(&mut self) -> String {
+        let skip = self.lines().len();
+        self.signal(libc::SIGUSR1);
+        self.wait_log_after(skip, "connections=")
+    }
+
+    /// Wait until the counters satisfy `check` (they change as threads finish).
+    pub fn wait_stats(&mut self, check: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let line = self.stats();
+            if check(&line) {
+                return line;
+            }
+            assert!(Instant::now() < deadline, "counters never matched: {line}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Wait for the process to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "staps did not exit");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Staps {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of `key=` in a counters line.
+pub fn counter(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        .parse()
+        .unwrap()
+}
+
+/// A websocket client over TCP.
+pub type Ws = WebSocket<TcpStream>;
+
+/// Connect a websocket client to `path` (may include a query).
+pub fn connect(addr: SocketAddr, path: &str) -> Ws {
+    try_connect(addr, path).unwrap_or_else(|e| panic!("connect {path}: {e}"))
+}
+
+/// Connect, returning the handshake error (e.g. an HTTP status) instead of panicking.
+pub fn try_connect(addr: SocketAddr, path: &str) -> Result<Ws, tungstenite::Error> {
+    let stream = TcpStream::connect(addr).expect("tcp connect");
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let url = format!("ws://{addr}{path}");
+    match tungstenite::client(url, stream) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("handshake interrupted"),
+    }
+}
+
+/// A websocket client over a unix socket.
+pub fn connect_unix(socket: &Path, path: &str) -> WebSocket<UnixStream> {
+    let stream = UnixStream::connect(socket).expect("unix connect");
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let url = format!("ws://localhost{path}");
+    match tungstenite::client(url, stream) {
+        Ok((ws, _)) => ws,
+        Err(e) => panic!("unix handshake: {e}"),
+    }
+}
+
+/// The HTTP status a failed handshake got.
+pub fn status_of(e: &tungstenite::Error) -> u16 {
+    match e {
+        tungstenite::Error::Http(response) => response.status().as_u16(),
+        other => panic!("expected an HTTP error, got {other}"),
+    }
+}
+
+/// Next data message (pings and pongs skipped).
+pub fn recv<S: Read + Write>(ws: &mut WebSocket<S>) -> Message {
+    loop {
+        match ws.read().expect("read") {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            m => return m,
+        }
+    }
+}
+
+/// Read until the server closes; returns its close code (0 when none was sent).
+pub fn close_code<S: Read + Write>(ws: &mut WebSocket<S>) -> u16 {
+    loop {
+        match ws.read() {
+            Ok(Message::Close(frame)) => return frame.map_or(0, |f| f.code.into()),
+            Ok(_) => continue,
+            Err(e) => panic!("expected a close frame, got {e}"),
+        }
+    }
+}
+
+/// Send raw bytes as an HTTP request and read the whole response.
+pub fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream.write_all(request).expect("write request");
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// A GET with the given extra header lines.
+pub fn get(addr: SocketAddr, path: &str, headers: &str) -> String {
+    raw_http(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}\r\n").as_bytes(),
+    )
+}
+
+/// A raw websocket connection: the handshake done by hand, frames written by the test.
+pub fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("response head");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    stream
+}
+
+/// A client frame: FIN set or not, opcode, masked with a fixed key.
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+    let len = payload.len();
+    if len < 126 {
+        f.push(0x80 | len as u8);
+    } else if len < 65536 {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        f.push(0x80 | 127);
+        f.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    let key = [0x12, 0x34, 0x56, 0x78];
+    f.extend_from_slice(&key);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    f
+}
+
+/// Read one server frame from a raw connection: (opcode, payload).
+pub fn server_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    stream.read_exact(&mut h).expect("frame header");
+    assert_eq!(h[1] & 0x80, 0, "server frames are not masked");
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            stream.read_exact(&mut b).unwrap();
+            u16::from_be_bytes(b) as usize
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            stream.read_exact(&mut b).unwrap();
+            u64::from_be_bytes(b) as usize
+        }
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).unwrap();
+    (h[0] & 0x0f, payload)
+}
+
+/// The close code of the next close frame on a raw connection (skipping pings).
+pub fn raw_close_code(stream: &mut TcpStream) -> u16 {
+    loop {
+        let (op, payload) = server_frame(stream);
+        if op == 0x8 {
+            return u16::from_be_bytes([payload[0], payload[1]]);
+        }
+    }
+}
+
+/// A config with one TCP listener on a free port and extra lines for [limits].
+pub fn tcp_config(limits: &str) -> String {
+    format!("[staps]\nlisten = 127.0.0.1:0\n[limits]\n{limits}\n")
+}
+
+/// A random UUID4 channel path.
+pub fn channel() -> String {
+    format!("/{}", uuid::Uuid::new_v4())
+}
