@@ -317,7 +317,11 @@ impl Registry {
         let mut inner = self.inner.lock();
         let mut members = channel.members.lock();
         let before = members.len();
-        *members = members.iter().filter(|p| p.id != peer.id).cloned().collect();
+        *members = members
+            .iter()
+            .filter(|p| p.id != peer.id)
+            .cloned()
+            .collect();
         if members.len() == before {
             return;
         }
@@ -370,7 +374,10 @@ mod tests {
         let f = Frame::message(Kind::Binary, &[0; 126]);
         assert_eq!(&f.as_bytes()[..4], &[0x82, 126, 0, 126]);
         let f = Frame::message(Kind::Binary, &[0; 70000]);
-        assert_eq!(&f.as_bytes()[..10], &[0x82, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+        assert_eq!(
+            &f.as_bytes()[..10],
+            &[0x82, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]
+        );
         assert_eq!(Frame::close(1001, "bye").as_bytes(), b"\x88\x05\x03\xe9bye");
         assert_eq!(Frame::close(0, "").as_bytes(), b"\x88\x00");
     }
@@ -386,9 +393,15 @@ mod tests {
         let peers: Vec<_> = (0..4).map(|i| Peer::new(i).0).collect();
         let a = reg.join("/a", &peers[0], &limits).unwrap();
         reg.join("/a", &peers[1], &limits).unwrap();
-        assert_eq!(reg.join("/a", &peers[2], &limits).unwrap_err(), JoinError::ChannelFull);
+        assert_eq!(
+            reg.join("/a", &peers[2], &limits).unwrap_err(),
+            JoinError::ChannelFull
+        );
         let b = reg.join("/b", &peers[2], &limits).unwrap();
-        assert_eq!(reg.join("/c", &peers[3], &limits).unwrap_err(), JoinError::ServerFull);
+        assert_eq!(
+            reg.join("/c", &peers[3], &limits).unwrap_err(),
+            JoinError::ServerFull
+        );
         assert_eq!(reg.counts(), (3, 2));
         reg.leave("/b", &b, &peers[2]);
         reg.leave("/a", &a, &peers[0]);

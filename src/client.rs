@@ -95,8 +95,9 @@ fn websocket(
         Err(e) => {
             server.refuse();
             let response = match e {
-                JoinError::ChannelFull => http::Response::error(503, "channel is full")
-                    .with("Retry-After", "5"),
+                JoinError::ChannelFull => {
+                    http::Response::error(503, "channel is full").with("Retry-After", "5")
+                }
                 JoinError::ServerFull => http::Response::error(503, "server is full"),
                 JoinError::ShuttingDown => http::Response::error(503, "server is shutting down"),
             };
@@ -222,7 +223,12 @@ fn read_loop(
             Err(e) => break close_for(&e, peer.id),
         };
         stats::add(&server.stats.messages_in, 1);
-        channel.publish(peer.id, &Frame::message(kind, &payload), limits, &server.stats);
+        channel.publish(
+            peer.id,
+            &Frame::message(kind, &payload),
+            limits,
+            &server.stats,
+        );
     };
     (close, ws.into_inner().stream)
 }
@@ -259,7 +265,11 @@ fn write_loop(
 ) {
     let ping = server.settings.limits.ping_interval;
     // A client that takes nothing for as long as the ping timeout is gone.
-    let stall = if ping.is_zero() { Duration::from_secs(60) } else { 2 * ping };
+    let stall = if ping.is_zero() {
+        Duration::from_secs(60)
+    } else {
+        2 * ping
+    };
     let _ = out.set_write_timeout(Some(stall));
     let result = out
         .write_all(handshake)
@@ -274,7 +284,10 @@ fn write_loop(
     };
     if close.send {
         let _ = out.set_write_timeout(Some(CLOSE_TIMEOUT));
-        if out.write_all(Frame::close(close.code, close.reason).as_bytes()).is_ok() {
+        if out
+            .write_all(Frame::close(close.code, close.reason).as_bytes())
+            .is_ok()
+        {
             let _ = out.shutdown(Shutdown::Write);
             let _ = reader_done.recv_timeout(CLOSE_TIMEOUT);
         }

@@ -383,7 +383,8 @@ fn set(
         ("staps", "port") => {
             s.tcp.retain(|t| !matches!(t, TcpSpec::AllInterfaces(_)));
             for port in split_list(value) {
-                s.tcp.push(TcpSpec::AllInterfaces(parse_port(port).map_err(err)?));
+                s.tcp
+                    .push(TcpSpec::AllInterfaces(parse_port(port).map_err(err)?));
             }
         }
         ("staps", "listen") => {
@@ -451,7 +452,12 @@ fn apply_cli(s: &mut Settings, cli: &Cli) -> Result<(), ConfigError> {
         message,
     };
     if !cli.socket.is_empty() || !cli.port.is_empty() || !cli.listen.is_empty() {
-        s.sockets = cli.socket.iter().flat_map(|v| split_list(v)).map(PathBuf::from).collect();
+        s.sockets = cli
+            .socket
+            .iter()
+            .flat_map(|v| split_list(v))
+            .map(PathBuf::from)
+            .collect();
         s.tcp.clear();
         for port in cli.port.iter().flat_map(|v| split_list(v)) {
             let port = parse_port(port).map_err(|m| err("--port", m))?;
@@ -508,7 +514,10 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
     if let Some(user) = &s.user {
         crate::daemon::lookup_user(user).map_err(|m| err("[daemon] user", m))?;
     }
-    for (key, group) in [("[daemon] group", &s.group), ("[staps] socket_group", &s.socket_group)] {
+    for (key, group) in [
+        ("[daemon] group", &s.group),
+        ("[staps] socket_group", &s.socket_group),
+    ] {
         if let Some(group) = group {
             crate::daemon::lookup_group(group).map_err(|m| err(key, m))?;
         }
@@ -567,7 +576,11 @@ fn parse_seconds(value: &str, zero_ok: bool) -> Result<Duration, String> {
         }
         _ => Err(format!(
             "'{value}' is not a number of seconds{}",
-            if zero_ok { " (0 turns it off)" } else { " above 0" }
+            if zero_ok {
+                " (0 turns it off)"
+            } else {
+                " above 0"
+            }
         )),
     }
 }
@@ -576,7 +589,9 @@ fn parse_bool(value: &str) -> Result<bool, String> {
     match value.to_ascii_lowercase().as_str() {
         "1" | "yes" | "true" | "on" => Ok(true),
         "0" | "no" | "false" | "off" => Ok(false),
-        _ => Err(format!("'{value}' is not a boolean (true/false, yes/no, on/off, 1/0)")),
+        _ => Err(format!(
+            "'{value}' is not a boolean (true/false, yes/no, on/off, 1/0)"
+        )),
     }
 }
 
@@ -597,7 +612,9 @@ fn parse_public_url(value: &str) -> Result<String, String> {
         .chars()
         .all(|c| c.is_ascii_graphic() && !"\"<>\\^`{|}?#".contains(c));
     if !path_ok {
-        return Err(format!("'{value}' has characters a URL cannot hold; {hint}"));
+        return Err(format!(
+            "'{value}' has characters a URL cannot hold; {hint}"
+        ));
     }
     let mut url = value.to_owned();
     if !url.ends_with('/') {
@@ -627,7 +644,11 @@ impl Settings {
     pub fn render(&self) -> String {
         let list = |items: Vec<String>| items.join(" ");
         let opt = |v: &Option<String>| v.clone().unwrap_or_default();
-        let path = |v: &Option<PathBuf>| v.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        let path = |v: &Option<PathBuf>| {
+            v.as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        };
         let l = &self.limits;
         let ports = self.tcp.iter().filter_map(|t| match t {
             TcpSpec::AllInterfaces(p) => Some(p.to_string()),
@@ -649,7 +670,12 @@ impl Settings {
              max_message_size = {}\nmax_clients_per_channel = {}\nmax_connections = {}\n\
              queue_length = {}\nslow_client = {}\nping_interval = {}\nhandshake_timeout = {}\n\
              max_path_length = {}\nuuid_only = {}\n",
-            list(self.sockets.iter().map(|s| s.display().to_string()).collect()),
+            list(
+                self.sockets
+                    .iter()
+                    .map(|s| s.display().to_string())
+                    .collect()
+            ),
             self.mode,
             opt(&self.socket_group),
             list(ports.collect()),
@@ -657,7 +683,9 @@ impl Settings {
             self.amqp.as_deref().map(redact_url).unwrap_or_default(),
             self.exchange,
             opt(&self.public_url),
-            self.log_level.map(|l| l.to_string().to_lowercase()).unwrap_or_default(),
+            self.log_level
+                .map(|l| l.to_string().to_lowercase())
+                .unwrap_or_default(),
             opt(&self.user),
             opt(&self.group),
             self.dir.display(),
@@ -711,24 +739,45 @@ mod tests {
         let (s, w) = parse("# c\n[controller.base]\nmode = 640\n").unwrap();
         assert_eq!(s.mode, 0o640);
         assert_eq!(w.len(), 1);
-        assert!(w[0].starts_with("t.conf:2:") && w[0].contains("[staps]"), "{w:?}");
+        assert!(
+            w[0].starts_with("t.conf:2:") && w[0].contains("[staps]"),
+            "{w:?}"
+        );
     }
 
     #[test]
     fn unknown_keys_are_warnings_with_lines() {
         let (_, w) = parse("[staps]\nmode = 0660\nmood = 1\n[nope]\nx = 1\n").unwrap();
         assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].starts_with("t.conf:3:") && w[0].contains("mood"), "{w:?}");
-        assert!(w[1].starts_with("t.conf:4:") && w[1].contains("[nope]"), "{w:?}");
+        assert!(
+            w[0].starts_with("t.conf:3:") && w[0].contains("mood"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("t.conf:4:") && w[1].contains("[nope]"),
+            "{w:?}"
+        );
     }
 
     #[test]
     fn bad_values_name_line_key_and_form() {
         let e = parse("[staps]\n\nmode = 0999\n").err().unwrap().to_string();
-        assert!(e.starts_with("t.conf:3: [staps] mode: '0999' is not an octal mode"), "{e}");
-        let e = parse("[limits]\nslow_client = maybe\n").err().unwrap().to_string();
-        assert!(e.contains("t.conf:2") && e.contains("disconnect, drop"), "{e}");
-        let e = parse("[staps]\nlisten = nonsense\n").err().unwrap().to_string();
+        assert!(
+            e.starts_with("t.conf:3: [staps] mode: '0999' is not an octal mode"),
+            "{e}"
+        );
+        let e = parse("[limits]\nslow_client = maybe\n")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("t.conf:2") && e.contains("disconnect, drop"),
+            "{e}"
+        );
+        let e = parse("[staps]\nlisten = nonsense\n")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("ADDRESS:PORT"), "{e}");
         assert!(parse("[limits]\nqueue_length = 0\n").is_err());
         assert!(parse("[limits]\nping_interval = -1\n").is_err());
@@ -757,7 +806,10 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact_url("amqp://u:secret@h:5672/v"), "amqp://u:***@h:5672/v");
+        assert_eq!(
+            redact_url("amqp://u:secret@h:5672/v"),
+            "amqp://u:***@h:5672/v"
+        );
         assert_eq!(redact_url("amqp://h/"), "amqp://h/");
     }
 }

@@ -20,7 +20,13 @@ pub fn lookup_user(name: &str) -> Result<User, String> {
     let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
     let mut result = std::ptr::null_mut();
     let rc = unsafe {
-        libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result)
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
     };
     if rc == 0 && !result.is_null() {
         return Ok(User {
@@ -31,7 +37,9 @@ pub fn lookup_user(name: &str) -> Result<User, String> {
     if let Ok(uid) = name.parse::<libc::uid_t>() {
         return Ok(User { uid, gid: uid });
     }
-    Err(format!("no such user '{name}' (a user name from /etc/passwd or a number)"))
+    Err(format!(
+        "no such user '{name}' (a user name from /etc/passwd or a number)"
+    ))
 }
 
 /// Look a group up by name, or by number when the name is numeric.
@@ -42,7 +50,13 @@ pub fn lookup_group(name: &str) -> Result<libc::gid_t, String> {
     let mut grp: libc::group = unsafe { std::mem::zeroed() };
     let mut result = std::ptr::null_mut();
     let rc = unsafe {
-        libc::getgrnam_r(cname.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut result)
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
     };
     if rc == 0 && !result.is_null() {
         return Ok(grp.gr_gid);
@@ -50,7 +64,9 @@ pub fn lookup_group(name: &str) -> Result<libc::gid_t, String> {
     if let Ok(gid) = name.parse::<libc::gid_t>() {
         return Ok(gid);
     }
-    Err(format!("no such group '{name}' (a group name from /etc/group or a number)"))
+    Err(format!(
+        "no such group '{name}' (a group name from /etc/group or a number)"
+    ))
 }
 
 /// Whether the process runs as root, and so can change owners and drop privileges.

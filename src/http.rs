@@ -84,12 +84,19 @@ pub fn read_head(stream: &mut Stream, deadline: Instant) -> Result<(Request, Vec
                     headers: req
                         .headers
                         .iter()
-                        .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+                        .map(|h| {
+                            (
+                                h.name.to_owned(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
                         .collect(),
                 };
                 return Ok((request, buf[len..filled].to_vec()));
             }
-            Ok(httparse::Status::Partial) if filled == buf.len() => return Err(HeadError::TooLarge),
+            Ok(httparse::Status::Partial) if filled == buf.len() => {
+                return Err(HeadError::TooLarge);
+            }
             Ok(httparse::Status::Partial) => {}
             Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
             Err(e) => return Err(HeadError::Malformed(e.to_string())),
@@ -131,7 +138,11 @@ impl Response {
 
     /// The bytes to send: status line, headers, and the body unless it answers HEAD.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, reason_phrase(self.status));
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\n",
+            self.status,
+            reason_phrase(self.status)
+        );
         for (name, value) in &self.headers {
             let _ = write!(head, "{name}: {value}\r\n");
         }
@@ -234,7 +245,10 @@ fn check_upgrade(req: &Request, settings: &Settings) -> Result<Route, Response> 
         .ok_or_else(|| bad("the channel path is not valid UTF-8 once decoded"))?;
     let limits = &settings.limits;
     if path == "/" {
-        return Err(Response::error(404, "/ is not a channel: connect to /SOME-RANDOM-UUID"));
+        return Err(Response::error(
+            404,
+            "/ is not a channel: connect to /SOME-RANDOM-UUID",
+        ));
     }
     if limits.uuid_only && !is_uuid4_path(&path) {
         return Err(Response::error(404, "channels here are UUID4 paths only"));
@@ -317,9 +331,9 @@ fn channel_url(req: &Request, settings: &Settings) -> String {
     if let Some(base) = &settings.public_url {
         return format!("{base}{id}");
     }
-    let https = req
-        .header("X-Forwarded-Proto")
-        .is_some_and(|p| p.trim().eq_ignore_ascii_case("https") || p.trim().eq_ignore_ascii_case("wss"));
+    let https = req.header("X-Forwarded-Proto").is_some_and(|p| {
+        p.trim().eq_ignore_ascii_case("https") || p.trim().eq_ignore_ascii_case("wss")
+    });
     let scheme = if https { "wss" } else { "ws" };
     // The Host header is the client's word: use it only if it is a plain host[:port].
     let host = req
@@ -328,7 +342,8 @@ fn channel_url(req: &Request, settings: &Settings) -> String {
         .filter(|h| {
             !h.is_empty()
                 && h.len() <= 255
-                && h.chars().all(|c| c.is_ascii_alphanumeric() || "-.:[]_".contains(c))
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-.:[]_".contains(c))
         })
         .unwrap_or("localhost");
     format!("{scheme}://{host}/{id}")

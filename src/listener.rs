@@ -228,7 +228,8 @@ fn bind_unix(path: &Path, settings: &Settings) -> Result<Listener, String> {
             }
             // Nobody answers: a stale file left by a crash.
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                std::fs::remove_file(path).map_err(|e| format!("cannot remove stale socket: {e}"))?;
+                std::fs::remove_file(path)
+                    .map_err(|e| format!("cannot remove stale socket: {e}"))?;
                 log::info!("replaced stale socket file {}", path.display());
             }
             Err(e) => return Err(format!("cannot check the existing socket file: {e}")),
@@ -251,7 +252,11 @@ fn bind_unix(path: &Path, settings: &Settings) -> Result<Listener, String> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(settings.mode))
             .map_err(|e| format!("cannot set mode {:04o}: {e}", settings.mode))?;
         if daemon::is_root() {
-            let user = settings.user.as_deref().map(daemon::lookup_user).transpose()?;
+            let user = settings
+                .user
+                .as_deref()
+                .map(daemon::lookup_user)
+                .transpose()?;
             let group = settings
                 .socket_group
                 .as_deref()
@@ -335,7 +340,10 @@ fn accept_loop(listener: &Listener, server: &Arc<Server>) {
             Err(e) => {
                 match e.raw_os_error() {
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
-                        complain("cannot accept, refusing connections until resources free up", &e);
+                        complain(
+                            "cannot accept, refusing connections until resources free up",
+                            &e,
+                        );
                         // The pending connection stays in the backlog; try again soon
                         // instead of spinning on the same error.
                         thread::sleep(Duration::from_millis(100));

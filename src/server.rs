@@ -43,7 +43,11 @@ impl Server {
         Server {
             // Sockets still in their handshake need room beyond the websocket
             // clients, or a full server could not even answer 503.
-            max_sockets: if max == 0 { usize::MAX } else { max + (max / 8).max(64) },
+            max_sockets: if max == 0 {
+                usize::MAX
+            } else {
+                max + (max / 8).max(64)
+            },
             settings,
             registry: Registry::default(),
             stats: Stats::default(),

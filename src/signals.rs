@@ -38,7 +38,10 @@ pub fn run(mut signals: Signals, server: Arc<Server>, listeners: Vec<Arc<Listene
                     log::info!("stopped: {}", server.stats_line());
                     process::exit(0);
                 };
-                if let Err(e) = thread::Builder::new().name("staps-stop".into()).spawn(stop.clone()) {
+                if let Err(e) = thread::Builder::new()
+                    .name("staps-stop".into())
+                    .spawn(stop.clone())
+                {
                     log::warn!("cannot start the shutdown thread ({e}); shutting down here");
                     stop();
                 }

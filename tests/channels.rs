@@ -71,7 +71,9 @@ fn order_per_sender_is_kept() {
     b.flush().unwrap();
     let (mut na, mut nb) = (0, 0);
     while na < 2000 || nb < 2000 {
-        let Message::Text(t) = recv(&mut r) else { panic!("not text") };
+        let Message::Text(t) = recv(&mut r) else {
+            panic!("not text")
+        };
         if let Some(i) = t.strip_prefix('a') {
             assert_eq!(i.parse::<i32>().unwrap(), na, "a out of order");
             na += 1;

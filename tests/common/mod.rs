@@ -28,6 +28,7 @@ pub fn binary() -> &'static str {
 pub struct Staps {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    log_file: Option<PathBuf>,
     pub dir: tempfile::TempDir,
     pub tcp: Vec<SocketAddr>,
     pub sockets: Vec<PathBuf>,
@@ -42,6 +43,18 @@ impl Staps {
 
     /// As [`Staps::start`], with extra environment variables.
     pub fn start_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> Staps {
+        Self::launch(config, args, env, None)
+    }
+
+    /// Start staps with its stderr going to `stderr`, reading its log lines from
+    /// the file at the path given with it (the same file, or staps' `log_file`),
+    /// and wait until it is ready.
+    pub fn launch(
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stderr: Option<(Stdio, PathBuf)>,
+    ) -> Staps {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = config.replace("{dir}", dir.path().to_str().unwrap());
         let conf = dir.path().join("staps.conf");
@@ -52,23 +65,35 @@ impl Staps {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start staps");
-        let stderr = child.stderr.take().unwrap();
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
         let log = Arc::new(Mutex::new(Vec::new()));
-        let log2 = Arc::clone(&log);
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if std::env::var_os("STAPS_TEST_ECHO").is_some() {
-                    eprintln!("staps: {line}");
-                }
-                log2.lock().unwrap().push(line);
+        let mut log_file = None;
+        match stderr {
+            Some((file, path)) => {
+                cmd.stderr(file);
+                log_file = Some(path);
             }
-        });
+            None => {
+                cmd.stderr(Stdio::piped());
+            }
+        }
+        let mut child = cmd.spawn().expect("start staps");
+        if let Some(stderr) = child.stderr.take() {
+            let log2 = Arc::clone(&log);
+            thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if std::env::var_os("STAPS_TEST_ECHO").is_some() {
+                        eprintln!("staps: {line}");
+                    }
+                    log2.lock().unwrap().push(line);
+                }
+            });
+        }
         let mut staps = Staps {
             child,
             log,
+            log_file,
             dir,
             tcp: Vec::new(),
             sockets: Vec::new(),
@@ -92,7 +117,14 @@ impl Staps {
 
     /// All log lines so far.
     pub fn lines(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
+        match &self.log_file {
+            Some(path) => std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect(),
+            None => self.log.lock().unwrap().clone(),
+        }
     }
 
     /// Wait for a log line containing `needle`; returns it.
@@ -116,7 +148,10 @@ impl Staps {
                     }
                     thread::sleep(Duration::from_millis(20));
                 }
-                panic!("staps exited ({status}) before logging {needle:?}:\n{}", self.lines().join("\n"));
+                panic!(
+                    "staps exited ({status}) before logging {needle:?}:\n{}",
+                    self.lines().join("\n")
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -281,7 +316,11 @@ pub fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
         stream.read_exact(&mut byte).expect("response head");
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     stream
 }
 

@@ -1,0 +1,336 @@
+//! SPEC §2 and the handshake checks of §1: what requests that are not (valid)
+//! websocket upgrades get.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tungstenite::Message;
+
+fn status(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"))
+}
+
+fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+    let head = response.split("\r\n\r\n").next().unwrap();
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+fn body(response: &str) -> &str {
+    response.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
+/// The UUID4 at the end of a channel URL.
+fn uuid_of(url: &str) -> uuid::Uuid {
+    let id = url.trim().rsplit('/').next().unwrap();
+    let uuid = uuid::Uuid::parse_str(id).unwrap_or_else(|_| panic!("no uuid in {url:?}"));
+    assert_eq!(uuid.get_version_num(), 4);
+    uuid
+}
+
+#[test]
+fn curl_gets_a_fresh_channel_url_as_plain_text() {
+    let staps = Staps::start(&tcp_config(""), &[]);
+    let addr = staps.addr();
+    let one = get(addr, "/", "Accept: */*\r\n");
+    assert_eq!(status(&one), 200);
+    assert!(
+        header(&one, "Content-Type")
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    assert_eq!(header(&one, "Cache-Control"), Some("no-store"));
+    let url = body(&one);
+    assert!(
+        url.starts_with(&format!("ws://{addr}/")) && url.ends_with('\n'),
+        "{url:?}"
+    );
+    assert_eq!(url.lines().count(), 1);
+    let two = get(addr, "/any/path", "");
+    assert_ne!(
+        uuid_of(url),
+        uuid_of(body(&two)),
+        "every page gets a new channel"
+    );
+    // The URL works: two clients on it talk.
+    let path = format!("/{}", uuid_of(url));
+    let mut a = connect(addr, &path);
+    let mut b = connect(addr, &path);
+    a.send(Message::text("hi")).unwrap();
+    assert_eq!(recv(&mut b), Message::text("hi"));
+}
+
+#[test]
+fn browsers_get_html_and_https_proxies_get_wss() {
+    let staps = Staps::start(&tcp_config(""), &[]);
+    let r = get(
+        staps.addr(),
+        "/",
+        "Accept: text/html,application/xhtml+xml;q=0.9,*/*;q=0.8\r\nX-Forwarded-Proto: https\r\nHost: chat.example.org\r\n",
+    );
+    assert_eq!(status(&r), 200);
+    assert!(header(&r, "Content-Type").unwrap().starts_with("text/html"));
+    assert!(body(&r).contains("<html"));
+    assert!(body(&r).contains("wss://"), "{r}");
+    // text/html;q=0 is a refusal.
+    let r = get(staps.addr(), "/", "Accept: text/html;q=0, text/plain\r\n");
+    assert!(
+        header(&r, "Content-Type")
+            .unwrap()
+            .starts_with("text/plain")
+    );
+}
+
+#[test]
+fn hostile_host_headers_are_not_reflected() {
+    let staps = Staps::start(&tcp_config(""), &[]);
+    let r = raw_http(
+        staps.addr(),
+        b"GET / HTTP/1.1\r\nHost: <script>alert(1)</script>\r\nAccept: text/html\r\n\r\n",
+    );
+    assert_eq!(status(&r), 200);
+    assert!(!r.contains("<script>alert"), "{r}");
+}
+
+#[test]
+fn public_url_overrides_scheme_host_and_prefix() {
+    let staps = Staps::start(
+        "[staps]\nlisten = 127.0.0.1:0\npublic_url = wss://relay.example.net/staps\n",
+        &[],
+    );
+    let r = get(staps.addr(), "/", "X-Forwarded-Proto: http\r\n");
+    let url = body(&r);
+    assert!(url.starts_with("wss://relay.example.net/staps/"), "{url}");
+    uuid_of(url);
+}
+
+#[test]
+fn head_gets_headers_only() {
+    let staps = Staps::start(&tcp_config(""), &[]);
+    let r = raw_http(staps.addr(), b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status(&r), 200);
+    let length: usize = header(&r, "Content-Length").unwrap().parse().unwrap();
+    assert!(length > 0);
+    assert_eq!(body(&r), "");
+}
+
+#[test]
+fn other_methods_get_405_with_allow() {
+    let staps = Staps::start(&tcp_config(""), &[]);
+    for method in ["POST", "PUT", "DELETE", "OPTIONS", "BREW"] {
+        let r = raw_http(
+            staps.addr(),
+            format!("{method} /x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(status(&r), 405, "{method}");
+        assert_eq!(header(&r, "Allow"), Some("GET, HEAD"));
+    }
+}
+
+#[test]
+fn garbage_and_malformed_heads_get_400() {
+    let staps = Staps::start(&tcp_config(""), &[]);
+    for bad in [
+        &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 tls hello\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+        b"GET\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+    ] {
+        let r = raw_http(staps.addr(), bad);
+        assert_eq!(status(&r), 400, "{:?} -> {r}", String::from_utf8_lossy(bad));
+    }
+}
+
+#[test]
+fn oversized_heads_get_431() {
+    let staps = Staps::start(&tcp_config(""), &[]);
+    let mut request = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
+    while request.len() < 9000 {
+        request.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+    }
+    let r = raw_http(staps.addr(), &request);
+    assert_eq!(status(&r), 431);
+    // Too many header lines is the same thing.
+    let mut request = b"GET / HTTP/1.1\r\n".to_vec();
+    for i in 0..100 {
+        request.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
+    }
+    request.extend_from_slice(b"\r\n");
+    assert_eq!(status(&raw_http(staps.addr(), &request)), 431);
+}
+
+#[test]
+fn slow_and_truncated_heads_are_closed_at_the_handshake_timeout() {
+    let staps = Staps::start(&tcp_config("handshake_timeout = 1"), &[]);
+    let ch = channel();
+    let mut a = connect(staps.addr(), &ch);
+    let mut b = connect(staps.addr(), &ch);
+    // A slowloris: sends a byte now and then, never finishes.
+    let mut slow = TcpStream::connect(staps.addr()).unwrap();
+    slow.set_read_timeout(Some(DEADLINE)).unwrap();
+    let started = Instant::now();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    // A truncated head: half a request, then silence.
+    let mut truncated = TcpStream::connect(staps.addr()).unwrap();
+    truncated.set_read_timeout(Some(DEADLINE)).unwrap();
+    truncated.write_all(b"GET /abc HTTP/1.1\r\nUpgr").unwrap();
+    let mut buf = [0u8; 64];
+    let mut closed = false;
+    while started.elapsed() < DEADLINE {
+        // Keep dribbling; the deadline is for the whole head, not per byte.
+        if slow.write_all(b"X").is_err() {
+            closed = true;
+            break;
+        }
+        // Other clients are served meanwhile.
+        a.send(Message::text("still here")).unwrap();
+        assert_eq!(recv(&mut b), Message::text("still here"));
+        slow.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        match slow.read(&mut buf) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(_) => panic!("the slowloris got an answer"),
+            Err(_) => {}
+        }
+    }
+    assert!(closed, "slowloris never closed");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(
+        truncated.read(&mut buf).unwrap_or(0),
+        0,
+        "truncated head not closed"
+    );
+}
+
+#[test]
+fn invalid_handshakes_get_400_with_a_reason() {
+    let staps = Staps::start(&tcp_config(""), &[]);
+    let base = "GET /x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n";
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let cases = [
+        (format!("{base}Sec-WebSocket-Version: 13\r\n\r\n"), "Key"),
+        (
+            format!("{base}{key}Sec-WebSocket-Version: 12\r\n\r\n"),
+            "version",
+        ),
+        (format!("{base}{key}\r\n\r\n"), "version"),
+        (
+            format!("{base}Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n"),
+            "Key",
+        ),
+        (
+            format!(
+                "GET /x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n{key}Sec-WebSocket-Version: 13\r\n\r\n"
+            ),
+            "Connection",
+        ),
+    ];
+    for (request, word) in cases {
+        let r = raw_http(staps.addr(), request.as_bytes());
+        assert_eq!(status(&r), 400, "{request}");
+        assert!(
+            header(&r, "Content-Type")
+                .unwrap()
+                .starts_with("text/plain")
+        );
+        assert_eq!(body(&r).lines().count(), 1, "{r}");
+        assert!(body(&r).contains(word), "{word}: {r}");
+    }
+    let r = raw_http(
+        staps.addr(),
+        format!("{base}{key}Sec-WebSocket-Version: 8\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(header(&r, "Sec-WebSocket-Version"), Some("13"));
+}
+
+#[test]
+fn root_is_not_a_channel() {
+    let staps = Staps::start(&tcp_config(""), &[]);
+    assert_eq!(status_of(&try_connect(staps.addr(), "/").unwrap_err()), 404);
+    assert_eq!(
+        status_of(&try_connect(staps.addr(), "/?x=1").unwrap_err()),
+        404
+    );
+}
+
+#[test]
+fn uuid_only_accepts_uuid4_paths() {
+    let staps = Staps::start(&tcp_config("uuid_only = true"), &[]);
+    for bad in [
+        "/chat",
+        "/0b7e4a4f-3b0e-1c1e-9f55-7f3c1f2b9d10",
+        "/0b7e4a4f-3b0e-4c1e-7f55-7f3c1f2b9d10",
+        "/0b7e4a4f-3b0e-4c1e-9f55-7f3c1f2b9d10/",
+        "/0b7e4a4f3b0e4c1e9f557f3c1f2b9d10",
+    ] {
+        assert_eq!(
+            status_of(&try_connect(staps.addr(), bad).unwrap_err()),
+            404,
+            "{bad}"
+        );
+    }
+    let upper = "/0B7E4A4F-3B0E-4C1E-AF55-7F3C1F2B9D10";
+    let mut a = connect(staps.addr(), upper);
+    let mut b = connect(staps.addr(), &format!("{upper}?x=1"));
+    a.send(Message::text("ok")).unwrap();
+    assert_eq!(recv(&mut b), Message::text("ok"));
+    // The usage page still works on any path.
+    assert_eq!(status(&get(staps.addr(), "/chat", "")), 200);
+}
+
+#[test]
+fn long_paths_get_414_measured_after_decoding() {
+    let staps = Staps::start(&tcp_config("max_path_length = 20"), &[]);
+    let ok = format!("/{}", "a".repeat(19));
+    connect(staps.addr(), &ok);
+    let long = format!("/{}", "a".repeat(20));
+    assert_eq!(
+        status_of(&try_connect(staps.addr(), &long).unwrap_err()),
+        414
+    );
+    // 19 decoded bytes, 57 bytes on the wire: allowed.
+    let encoded = format!("/{}", "%61".repeat(19));
+    connect(staps.addr(), &encoded);
+}
+
+#[test]
+fn paths_that_are_not_utf8_once_decoded_get_400() {
+    let staps = Staps::start(&tcp_config(""), &[]);
+    assert_eq!(
+        status_of(&try_connect(staps.addr(), "/%ff%fe").unwrap_err()),
+        400
+    );
+}
+
+#[test]
+fn bytes_right_after_the_head_are_the_first_frames() {
+    let staps = Staps::start(&tcp_config(""), &[]);
+    let ch = channel();
+    let mut b = connect(staps.addr(), &ch);
+    let mut stream = TcpStream::connect(staps.addr()).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut request = format!(
+        "GET {ch} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes();
+    request.extend(client_frame(true, 0x1, b"eager"));
+    stream.write_all(&request).unwrap();
+    assert_eq!(recv(&mut b), Message::text("eager"));
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+}
