@@ -805,6 +805,22 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_is_valid_and_complete() {
+        let (s, w) = parse(include_str!("../staps.conf")).unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(s.sockets, vec![PathBuf::from("/run/staps/staps.sock")]);
+        assert_eq!(s.user.as_deref(), Some("staps"));
+        // Every key staps knows is mentioned, so the file documents them all.
+        let text = include_str!("../staps.conf");
+        for (section, keys) in KNOWN {
+            assert!(text.contains(&format!("[{section}]")), "{section}");
+            for key in *keys {
+                assert!(text.contains(&format!("{key} =")), "{key} missing from staps.conf");
+            }
+        }
+    }
+
+    #[test]
     fn redacts_passwords() {
         assert_eq!(
             redact_url("amqp://u:secret@h:5672/v"),
