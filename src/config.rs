@@ -815,7 +815,10 @@ mod tests {
         for (section, keys) in KNOWN {
             assert!(text.contains(&format!("[{section}]")), "{section}");
             for key in *keys {
-                assert!(text.contains(&format!("{key} =")), "{key} missing from staps.conf");
+                assert!(
+                    text.contains(&format!("{key} =")),
+                    "{key} missing from staps.conf"
+                );
             }
         }
     }

@@ -322,11 +322,7 @@ fn bytes_right_after_the_head_are_the_first_frames() {
     let mut b = connect(staps.addr(), &ch);
     let mut stream = TcpStream::connect(staps.addr()).unwrap();
     stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut request = format!(
-        "GET {ch} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .into_bytes();
+    let mut request = upgrade_request(&ch).into_bytes();
     request.extend(client_frame(true, 0x1, b"eager"));
     stream.write_all(&request).unwrap();
     assert_eq!(recv(&mut b), Message::text("eager"));
