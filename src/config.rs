@@ -488,7 +488,7 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
         key: key.to_owned(),
         message,
     };
-    if s.sockets.is_empty() && s.tcp.is_empty() {
+    if s.sockets.is_empty() && s.tcp.is_empty() && !crate::listener::socket_activated() {
         return Err(err(
             "listeners",
             "no listener configured: set [staps] socket, port or listen, or give --socket, --port or --listen".into(),

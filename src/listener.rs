@@ -3,7 +3,7 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -143,8 +143,9 @@ pub enum Listener {
         listener: UnixListener,
         /// Path of the socket file.
         path: PathBuf,
-        /// Device and inode of the file we created.
-        id: (u64, u64),
+        /// Device and inode of the file we created; `None` for a socket systemd
+        /// passed us, whose file is systemd's to remove.
+        id: Option<(u64, u64)>,
     },
 }
 
@@ -185,12 +186,63 @@ impl Listener {
     pub fn remove_file(&self) {
         if let Listener::Unix { path, id, .. } = self {
             if let Ok(meta) = std::fs::symlink_metadata(path) {
-                if (meta.dev(), meta.ino()) == *id {
+                if Some((meta.dev(), meta.ino())) == *id {
                     let _ = std::fs::remove_file(path);
                 }
             }
         }
     }
+}
+
+/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: i32 = 3;
+
+/// Whether systemd passed listening sockets to this process (`LISTEN_PID`/`LISTEN_FDS`).
+pub fn socket_activated() -> bool {
+    let ours = std::env::var("LISTEN_PID").is_ok_and(|pid| pid == std::process::id().to_string());
+    ours && std::env::var("LISTEN_FDS").is_ok_and(|n| n.parse::<u32>().is_ok_and(|n| n > 0))
+}
+
+/// Take the listening sockets systemd passed; they replace the configured
+/// listeners. Must run before any thread exists (it clears the variables).
+pub fn take_activated() -> Result<Vec<Listener>, String> {
+    let count: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .ok_or("LISTEN_FDS is not a number")?;
+    // SAFETY: no other thread exists yet to read the environment concurrently.
+    unsafe {
+        for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+            std::env::remove_var(var);
+        }
+    }
+    (LISTEN_FDS_START..LISTEN_FDS_START + count)
+        .map(|fd| {
+            // SAFETY: systemd hands these descriptors to us alone; from here we
+            // own them. FD_CLOEXEC keeps them from leaking into anything we exec.
+            let socket = unsafe {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                Socket::from_raw_fd(fd)
+            };
+            let addr = socket
+                .local_addr()
+                .map_err(|e| format!("passed descriptor {fd} is not a socket: {e}"))?;
+            if let Some(tcp) = addr.as_socket() {
+                Ok(Listener::Tcp(socket.into(), tcp))
+            } else if addr.is_unix() {
+                let path = addr.as_pathname().map(Path::to_owned).unwrap_or_default();
+                Ok(Listener::Unix {
+                    listener: UnixListener::from(std::os::fd::OwnedFd::from(socket)),
+                    path,
+                    id: None,
+                })
+            } else {
+                Err(format!(
+                    "passed descriptor {fd} is neither TCP nor a unix socket"
+                ))
+            }
+        })
+        .collect()
 }
 
 /// Bind every configured listener. Errors say which one and why.
@@ -246,7 +298,7 @@ fn bind_unix(path: &Path, settings: &Settings) -> Result<Listener, String> {
     let bound = Listener::Unix {
         listener,
         path: path.to_owned(),
-        id: (meta.dev(), meta.ino()),
+        id: Some((meta.dev(), meta.ino())),
     };
     let finish = || -> Result<(), String> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(settings.mode))

@@ -5,7 +5,7 @@
 //! [`fingerprint`]; the path itself is logged at `debug` at most.
 
 use std::collections::hash_map::RandomState;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::hash::BuildHasher;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
@@ -83,13 +83,18 @@ fn under_journald() -> bool {
     st.st_dev == dev && st.st_ino == ino
 }
 
-/// Point stdout and stderr at `path` (appending), for `log_file` and SIGHUP.
-pub fn redirect_to(path: &Path) -> io::Result<()> {
-    let file = OpenOptions::new()
+/// Open `log_file` for appending.
+pub fn open_log(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o640)
-        .open(path)?;
+        .open(path)
+}
+
+/// Point stdout and stderr at `path` (appending), for `log_file` and SIGHUP.
+pub fn redirect_to(path: &Path) -> io::Result<()> {
+    let file = open_log(path)?;
     for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
         // SAFETY: both descriptors are valid; dup2 atomically replaces fd.
         if unsafe { libc::dup2(file.as_raw_fd(), fd) } < 0 {

@@ -24,6 +24,23 @@ use clap::Parser;
 /// Exit code for a command line that cannot be parsed (`EX_USAGE`).
 const EX_USAGE: u8 = 64;
 
+/// The privileged step: take systemd's sockets or bind the configured ones,
+/// then drop privileges; on failure nothing is left behind.
+fn bind_and_drop_privileges(
+    settings: &config::Settings,
+) -> Result<Vec<Arc<listener::Listener>>, String> {
+    let listeners = if listener::socket_activated() {
+        listener::take_activated()?
+    } else {
+        listener::bind_all(settings)?
+    };
+    if let Err(e) = daemon::drop_privileges(settings) {
+        listeners.iter().for_each(listener::Listener::remove_file);
+        return Err(e);
+    }
+    Ok(listeners.into_iter().map(Arc::new).collect())
+}
+
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
@@ -57,7 +74,9 @@ fn main() -> ExitCode {
         };
     }
 
-    if let Some(path) = &settings.log_file {
+    // A daemon's output is redirected when it detaches; until then its errors
+    // belong on the terminal.
+    if let Some(path) = settings.log_file.as_ref().filter(|_| !settings.daemon) {
         if let Err(e) = logging::redirect_to(path) {
             eprintln!("staps: cannot open log file {}: {e}", path.display());
             return ExitCode::FAILURE;
@@ -75,23 +94,31 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let listeners: Vec<_> = match listener::bind_all(&settings) {
-        Ok(listeners) => listeners.into_iter().map(Arc::new).collect(),
-        Err(e) => {
-            log::error!("{e}");
-            return ExitCode::FAILURE;
+    let bind = {
+        let settings = settings.clone();
+        move || bind_and_drop_privileges(&settings)
+    };
+    let (listeners, mut readiness) = if settings.daemon {
+        daemon::detach(&settings, bind)
+    } else {
+        match bind() {
+            Ok(listeners) => (listeners, daemon::Readiness::foreground()),
+            Err(e) => {
+                log::error!("{e}");
+                return ExitCode::FAILURE;
+            }
         }
     };
 
     let server = Arc::new(server::Server::new(settings));
     for l in &listeners {
         if let Err(e) = listener::spawn_accept_loop(Arc::clone(l), Arc::clone(&server)) {
-            log::error!("cannot start the accept thread for {l}: {e}");
-            listeners.iter().for_each(|l| l.remove_file());
-            return ExitCode::FAILURE;
+            server.remove_files(&listeners);
+            readiness.fail(1, &format!("cannot start the accept thread for {l}: {e}"));
         }
         log::info!("listening on {l}");
     }
     log::info!("staps {} ready", env!("CARGO_PKG_VERSION"));
+    readiness.ready();
     signals::run(signals, server, listeners)
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::channels::{Close, Registry};
 use crate::config::Settings;
+use crate::daemon;
 use crate::listener::Listener;
 use crate::stats::{self, Stats};
 
@@ -89,6 +90,7 @@ impl Server {
     /// Stop accepting, close every client with 1001, give them [`CLOSE_TIMEOUT`]
     /// to answer, and remove the socket files.
     pub fn shutdown(&self, listeners: &[Arc<Listener>]) {
+        daemon::notify("STOPPING=1");
         self.stopping.store(true, Ordering::Release);
         for listener in listeners {
             listener.stop();
@@ -101,8 +103,14 @@ impl Server {
                 self.registry.counts().0
             );
         }
+        self.remove_files(listeners);
+    }
+
+    /// Remove the socket files and the pid file, where they are still ours.
+    pub fn remove_files(&self, listeners: &[Arc<Listener>]) {
         for listener in listeners {
             listener.remove_file();
         }
+        daemon::remove_pid_file(&self.settings);
     }
 }

@@ -48,7 +48,7 @@ pub fn run(mut signals: Signals, server: Arc<Server>, listeners: Vec<Arc<Listene
             }
             SIGTERM | SIGINT => {
                 log::warn!("second {}: exiting at once", name(signal));
-                listeners.iter().for_each(|l| l.remove_file());
+                server.remove_files(&listeners);
                 process::exit(1);
             }
             SIGHUP => match &server.settings.log_file {

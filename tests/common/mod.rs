@@ -388,3 +388,49 @@ pub fn tcp_config(limits: &str) -> String {
 pub fn channel() -> String {
     format!("/{}", uuid::Uuid::new_v4())
 }
+
+/// Whether tests that need something this machine lacks (root, a broker, a
+/// Debian package) must fail instead of skipping: `.ci/run` sets it.
+pub fn strict() -> bool {
+    std::env::var_os("STAPS_TEST_STRICT").is_some_and(|v| v == "1")
+}
+
+/// Skip the calling test when `missing` is `Some(what)`: loudly, on the real
+/// stderr (not captured), or as a failure under [`strict`]. Returns true to skip.
+pub fn skip(test: &str, missing: Option<String>) -> bool {
+    let Some(what) = missing else { return false };
+    if strict() {
+        panic!("{test} cannot run: {what} (STAPS_TEST_STRICT=1 forbids skipping)");
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIPPED {test}: {what}. Run .ci/run (or set up the machine as it does) to run it. ***\n"
+    );
+    true
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `Some(reason)` unless running as root.
+pub fn needs_root() -> Option<String> {
+    (!is_root()).then(|| "needs root".to_owned())
+}
+
+/// `Some(reason)` unless `program` is on the PATH.
+pub fn needs_program(program: &str, package: &str) -> Option<String> {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()));
+    (!found).then(|| format!("{program} not found (Debian package {package})"))
+}
+
+/// Wait until `check` holds, or fail after [`DEADLINE`] saying `what`.
+pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
