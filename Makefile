@@ -4,7 +4,10 @@
 CARGO ?= cargo
 LISTEN ?= 127.0.0.1:8080
 
-.PHONY: all build run test lint unit clean
+PREFIX ?= /usr/local
+DESTDIR ?=
+
+.PHONY: all build run test lint unit deb install uninstall clean
 
 all: build
 
@@ -24,6 +27,27 @@ lint:
 
 unit:
 	$(CARGO) test --locked
+
+# target/debian/staps_<version>_<arch>.deb; installs cargo-deb when missing.
+deb: build
+	command -v cargo-deb > /dev/null || $(CARGO) install cargo-deb --locked
+	gzip -9n -c packaging/staps.1 > target/staps.1.gz
+	gzip -9n -c packaging/debian/changelog > target/changelog.gz
+	$(CARGO) deb --no-build --output target/debian/
+
+# For those who do not use the package: binary, man page, config (kept if
+# present), units and init script as examples. PREFIX and DESTDIR as usual.
+install: build
+	install -D -m 0755 target/release/staps $(DESTDIR)$(PREFIX)/bin/staps
+	install -D -m 0644 packaging/staps.1 $(DESTDIR)$(PREFIX)/share/man/man1/staps.1
+	[ -e $(DESTDIR)/etc/staps/staps.conf ] || install -D -m 0644 staps.conf $(DESTDIR)/etc/staps/staps.conf
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/doc/staps/examples \
+		staps.service packaging/staps.socket packaging/staps.init packaging/staps.default \
+		packaging/nginx-staps.conf packaging/apache-staps.conf
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/staps $(DESTDIR)$(PREFIX)/share/man/man1/staps.1
+	rm -rf $(DESTDIR)$(PREFIX)/share/doc/staps
 
 clean:
 	$(CARGO) clean
