@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::{Limits, SlowClient};
+use crate::relay::Control;
 use crate::stats::{self, Stats};
 
 /// One encoded server frame, header and payload, shared by all its receivers.
@@ -91,6 +92,24 @@ impl Frame {
     /// The bytes to put on the wire.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
+    }
+
+    /// The kind of a data frame.
+    pub fn kind(&self) -> Kind {
+        match self.0[0] & 0x0f {
+            OP_TEXT => Kind::Text,
+            _ => Kind::Binary,
+        }
+    }
+
+    /// The payload, sharing the frame's memory.
+    pub fn payload(&self) -> Bytes {
+        let header = match self.0[1] & 0x7f {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        self.0.slice(header..)
     }
 }
 
@@ -264,7 +283,7 @@ pub enum JoinError {
 
 #[derive(Default)]
 struct Inner {
-    channels: HashMap<String, Arc<Channel>>,
+    channels: HashMap<Arc<str>, Arc<Channel>>,
     clients: usize,
     stopping: bool,
 }
@@ -275,13 +294,37 @@ pub struct Registry {
     inner: Mutex<Inner>,
     /// Signalled when the last client leaves, for a graceful shutdown.
     empty: Condvar,
+    /// Where channels' births and deaths go when a relay links instances.
+    relay: Option<Sender<Control>>,
 }
 
 impl Registry {
+    /// A registry that tells `relay` (when there is one) which channels exist.
+    pub fn new(relay: Option<Sender<Control>>) -> Registry {
+        Registry {
+            relay,
+            ..Registry::default()
+        }
+    }
+
+    /// Tell the relay, under the registry lock so that the order is kept.
+    fn tell_relay(&self, control: impl FnOnce() -> Control) {
+        if let Some(relay) = &self.relay {
+            // Unbounded: bindings must never be lost; there are no more of them
+            // than channel births and deaths.
+            let _ = relay.send(control());
+        }
+    }
+
+    /// The channel `path`, if it has local members.
+    pub fn get(&self, path: &str) -> Option<Arc<Channel>> {
+        self.inner.lock().channels.get(path).cloned()
+    }
+
     /// Add `peer` to channel `path`, creating the channel if it is new.
     pub fn join(
         &self,
-        path: &str,
+        path: &Arc<str>,
         peer: &Arc<Peer>,
         limits: &Limits,
     ) -> Result<Arc<Channel>, JoinError> {
@@ -298,12 +341,16 @@ impl Registry {
                 let channel = Arc::new(Channel {
                     members: Mutex::new(Arc::new([])),
                 });
-                inner.channels.insert(path.to_owned(), Arc::clone(&channel));
+                inner
+                    .channels
+                    .insert(Arc::clone(path), Arc::clone(&channel));
+                self.tell_relay(|| Control::Bind(Arc::clone(path)));
                 channel
             }
         };
         let mut members = channel.members.lock();
         if limits.max_clients_per_channel > 0 && members.len() >= limits.max_clients_per_channel {
+            // Only a cap above zero gets here, so the channel already had members.
             return Err(JoinError::ChannelFull);
         }
         *members = members.iter().cloned().chain([Arc::clone(peer)]).collect();
@@ -326,7 +373,9 @@ impl Registry {
             return;
         }
         if members.is_empty() {
-            inner.channels.remove(path);
+            if let Some((path, _)) = inner.channels.remove_entry(path) {
+                self.tell_relay(|| Control::Unbind(path));
+            }
         }
         drop(members);
         inner.clients -= 1;
@@ -391,15 +440,15 @@ mod tests {
             ..Limits::default()
         };
         let peers: Vec<_> = (0..4).map(|i| Peer::new(i).0).collect();
-        let a = reg.join("/a", &peers[0], &limits).unwrap();
-        reg.join("/a", &peers[1], &limits).unwrap();
+        let a = reg.join(&"/a".into(), &peers[0], &limits).unwrap();
+        reg.join(&"/a".into(), &peers[1], &limits).unwrap();
         assert_eq!(
-            reg.join("/a", &peers[2], &limits).unwrap_err(),
+            reg.join(&"/a".into(), &peers[2], &limits).unwrap_err(),
             JoinError::ChannelFull
         );
-        let b = reg.join("/b", &peers[2], &limits).unwrap();
+        let b = reg.join(&"/b".into(), &peers[2], &limits).unwrap();
         assert_eq!(
-            reg.join("/c", &peers[3], &limits).unwrap_err(),
+            reg.join(&"/c".into(), &peers[3], &limits).unwrap_err(),
             JoinError::ServerFull
         );
         assert_eq!(reg.counts(), (3, 2));
@@ -423,8 +472,8 @@ mod tests {
             };
             let (sender, _) = Peer::new(10);
             let (slow, rx) = Peer::new(11);
-            let ch = reg.join("/s", &sender, &limits).unwrap();
-            reg.join("/s", &slow, &limits).unwrap();
+            let ch = reg.join(&"/s".into(), &sender, &limits).unwrap();
+            reg.join(&"/s".into(), &slow, &limits).unwrap();
             let frame = Frame::message(Kind::Text, b"x");
             for _ in 0..5 {
                 ch.publish(sender.id, &frame, &limits, &stats);

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
+use uuid::Uuid;
 
 use crate::channels::{Channel, Close, Frame, JoinError, Kind, Out, Peer};
 use crate::http::{self, HeadError, Route};
@@ -89,6 +90,7 @@ fn websocket(
 ) {
     let limits = &server.settings.limits;
     let id = server.next_id();
+    let path: Arc<str> = path.into();
     let (peer, queue) = Peer::new(id);
     let channel = match server.registry.join(&path, &peer, limits) {
         Ok(channel) => channel,
@@ -134,7 +136,7 @@ fn websocket(
         }
     };
 
-    let (close, mut stream) = read_loop(stream, rest, server, &peer, &channel);
+    let (close, mut stream) = read_loop(stream, rest, server, &peer, &channel, &path);
     peer.close(close);
     server.registry.leave(&path, &channel, &peer);
     log::debug!("client {id} left channel {fp}: {close:?}");
@@ -181,6 +183,7 @@ fn read_loop(
     server: &Server,
     peer: &Arc<Peer>,
     channel: &Channel,
+    path: &Arc<str>,
 ) -> (Close, Stream) {
     let limits = &server.settings.limits;
     let ping = limits.ping_interval;
@@ -194,6 +197,8 @@ fn read_loop(
         last_rx: Instant::now(),
     };
     let mut ws = WebSocket::from_partially_read(half, rest, Role::Server, Some(config));
+    // Other instances learn who sent a message (0.1.x's correlation_id).
+    let sender = server.relay.as_ref().map(|_| Uuid::new_v4());
     let close = loop {
         let message = ws.read();
         if peer.is_closing() {
@@ -223,12 +228,11 @@ fn read_loop(
             Err(e) => break close_for(&e, peer.id),
         };
         stats::add(&server.stats.messages_in, 1);
-        channel.publish(
-            peer.id,
-            &Frame::message(kind, &payload),
-            limits,
-            &server.stats,
-        );
+        let frame = Frame::message(kind, &payload);
+        channel.publish(peer.id, &frame, limits, &server.stats);
+        if let (Some(relay), Some(sender)) = (&server.relay, sender) {
+            relay.publish(path, &frame, sender, &server.stats);
+        }
     };
     (close, ws.into_inner().stream)
 }

@@ -495,13 +495,13 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
         ));
     }
     if let Some(url) = &s.amqp {
-        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        crate::relay::check_url(url)
+            .map_err(|m| err("[staps] amqp", format!("'{}': {m}", redact_url(url))))?;
+        // The routing key is the path without its slash, an AMQP short string.
+        if s.limits.max_path_length > 256 {
             return Err(err(
-                "[staps] amqp",
-                format!(
-                    "'{}' is not an AMQP URL (amqp://user:pass@host:port/vhost)",
-                    redact_url(url)
-                ),
+                "[limits] max_path_length",
+                "with amqp set, at most 256 (routing keys have at most 255 bytes)".into(),
             ));
         }
     }

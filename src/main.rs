@@ -12,6 +12,7 @@ mod daemon;
 mod http;
 mod listener;
 mod logging;
+mod relay;
 mod server;
 mod signals;
 mod stats;
@@ -110,7 +111,21 @@ fn main() -> ExitCode {
         }
     };
 
-    let server = Arc::new(server::Server::new(settings));
+    let (relay, relay_ends) = match &settings.amqp {
+        Some(_) => {
+            let (relay, ends) = relay::Relay::new(settings.limits.queue_length);
+            (Some(relay), Some(ends))
+        }
+        None => (None, None),
+    };
+    let amqp = settings.amqp.clone();
+    let server = Arc::new(server::Server::new(settings, relay));
+    if let (Some(url), Some(ends)) = (amqp, relay_ends) {
+        if let Err(e) = relay::spawn(url, ends, Arc::clone(&server)) {
+            server.remove_files(&listeners);
+            readiness.fail(1, &format!("cannot start the relay thread: {e}"));
+        }
+    }
     for l in &listeners {
         if let Err(e) = listener::spawn_accept_loop(Arc::clone(l), Arc::clone(&server)) {
             server.remove_files(&listeners);

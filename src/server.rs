@@ -8,6 +8,7 @@ use crate::channels::{Close, Registry};
 use crate::config::Settings;
 use crate::daemon;
 use crate::listener::Listener;
+use crate::relay::{Relay, State};
 use crate::stats::{self, Stats};
 
 /// How long clients get to answer the close frame when the server stops, and
@@ -22,6 +23,8 @@ pub struct Server {
     pub registry: Registry,
     /// The counters.
     pub stats: Stats,
+    /// The link to other instances, when `amqp` is set.
+    pub relay: Option<Relay>,
     next_id: AtomicU64,
     sockets: AtomicUsize,
     max_sockets: usize,
@@ -38,10 +41,12 @@ impl Drop for Slot {
 }
 
 impl Server {
-    /// A server for `settings`.
-    pub fn new(settings: Settings) -> Server {
+    /// A server for `settings`, with `relay` when instances are linked.
+    pub fn new(settings: Settings, relay: Option<Relay>) -> Server {
         let max = settings.limits.max_connections;
         Server {
+            registry: Registry::new(relay.as_ref().map(Relay::control)),
+            relay,
             // Sockets still in their handshake need room beyond the websocket
             // clients, or a full server could not even answer 503.
             max_sockets: if max == 0 {
@@ -50,7 +55,6 @@ impl Server {
                 max + (max / 8).max(64)
             },
             settings,
-            registry: Registry::default(),
             stats: Stats::default(),
             next_id: AtomicU64::new(1),
             sockets: AtomicUsize::new(0),
@@ -84,7 +88,12 @@ impl Server {
     /// One line of counters.
     pub fn stats_line(&self) -> String {
         let (clients, channels) = self.registry.counts();
-        self.stats.line(clients, channels)
+        let relay = match self.relay.as_ref().map(Relay::state) {
+            None => "off",
+            Some(State::Down) => "down",
+            Some(State::Up) => "up",
+        };
+        self.stats.line(clients, channels, relay)
     }
 
     /// Stop accepting, close every client with 1001, give them [`CLOSE_TIMEOUT`]

@@ -17,6 +17,14 @@ pub struct Stats {
     pub dropped: AtomicU64,
     /// Receivers closed under `slow_client = disconnect`.
     pub slow_disconnects: AtomicU64,
+    /// Messages the relay published to the broker.
+    pub relay_published: AtomicU64,
+    /// Messages from other instances the relay delivered here.
+    pub relay_received: AtomicU64,
+    /// Messages not relayed: the broker was away or the relay behind.
+    pub relay_dropped: AtomicU64,
+    /// Times the relay connected again after losing the broker.
+    pub relay_reconnects: AtomicU64,
 }
 
 /// Add `n` to a counter.
@@ -25,18 +33,24 @@ pub fn add(counter: &AtomicU64, n: u64) {
 }
 
 impl Stats {
-    /// One line of `key=value` pairs; `clients` and `channels` are the gauges.
-    pub fn line(&self, clients: usize, channels: usize) -> String {
+    /// One line of `key=value` pairs; `clients`, `channels` and `relay` (off,
+    /// down, up) are the gauges.
+    pub fn line(&self, clients: usize, channels: usize, relay: &str) -> String {
         let get = |c: &AtomicU64| c.load(Relaxed);
         format!(
             "connections={clients} connections_total={} channels={channels} refused={} \
-             messages_in={} messages_out={} dropped={} slow_disconnects={}",
+             messages_in={} messages_out={} dropped={} slow_disconnects={} relay={relay} \
+             relay_published={} relay_received={} relay_dropped={} relay_reconnects={}",
             get(&self.connections_total),
             get(&self.refused),
             get(&self.messages_in),
             get(&self.messages_out),
             get(&self.dropped),
             get(&self.slow_disconnects),
+            get(&self.relay_published),
+            get(&self.relay_received),
+            get(&self.relay_dropped),
+            get(&self.relay_reconnects),
         )
     }
 }

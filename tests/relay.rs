@@ -1,0 +1,438 @@
+//! SPEC §8: instances linked through a real RabbitMQ on 127.0.0.1:5672.
+//! Without a broker these tests skip loudly; under STAPS_TEST_STRICT=1 (as
+//! `.ci/run` sets) a missing broker is a failure.
+//!
+//! Each test uses an exchange of its own, so tests do not hear each other;
+//! the ones that stop or cut the broker hold the lock exclusively.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use amiquip::{
+    AmqpProperties, Connection, ConsumerMessage, ConsumerOptions, ExchangeDeclareOptions,
+    ExchangeType, FieldTable, Publish, QueueDeclareOptions,
+};
+use common::*;
+use tungstenite::Message;
+
+const BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/";
+
+static BROKER_LOCK: RwLock<()> = RwLock::new(());
+
+fn shared() -> RwLockReadGuard<'static, ()> {
+    BROKER_LOCK.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    BROKER_LOCK.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn no_broker() -> Option<String> {
+    let up = std::net::TcpStream::connect_timeout(
+        &"127.0.0.1:5672".parse().unwrap(),
+        Duration::from_secs(2),
+    )
+    .is_ok();
+    (!up).then(|| "no AMQP broker on 127.0.0.1:5672 (.ci/run starts RabbitMQ)".to_owned())
+}
+
+/// A fresh exchange name, deleted when dropped.
+struct Exchange(String);
+
+impl Exchange {
+    fn new() -> Exchange {
+        Exchange(format!("staps-test-{}", uuid::Uuid::new_v4()))
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if let Ok(mut conn) = Connection::insecure_open(BROKER) {
+            if let Ok(ch) = conn.open_channel(None) {
+                let _ = ch.exchange_delete(self.0.as_str(), false);
+            }
+            let _ = conn.close();
+        }
+    }
+}
+
+fn instance(exchange: &Exchange, extra: &str) -> Staps {
+    let mut staps = Staps::start(
+        &format!(
+            "[staps]\nlisten = 127.0.0.1:0\namqp = {BROKER}\nexchange = {}\n{extra}",
+            exchange.0
+        ),
+        &["-v"],
+    );
+    staps.wait_log("relay: connected");
+    staps
+}
+
+/// Routing keys bound from `exchange`, with how many queues each.
+fn bindings(exchange: &Exchange) -> Vec<String> {
+    let out = Command::new("rabbitmqctl")
+        .args(["-q", "list_bindings", "source_name", "routing_key"])
+        .output()
+        .expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (source, key) = l.split_once('\t')?;
+            (source == exchange.0).then(|| key.to_owned())
+        })
+        .collect()
+}
+
+/// Wait until `key` is bound `n` times (once per instance with local clients).
+fn wait_bound(exchange: &Exchange, key: &str, n: usize) {
+    wait_until(&format!("{n} binding(s) of {key}"), || {
+        bindings(exchange).iter().filter(|k| *k == key).count() == n
+    });
+}
+
+#[test]
+fn two_instances_share_a_channel_exactly_once_in_order() {
+    if skip("two_instances_share_a_channel", no_broker()) {
+        return;
+    }
+    let _lock = shared();
+    let exchange = Exchange::new();
+    let one = instance(&exchange, "");
+    let two = instance(&exchange, "");
+    let ch = channel();
+    let mut a = connect(one.addr(), &ch);
+    let mut b = connect(two.addr(), &ch);
+    let mut c = connect(two.addr(), &ch);
+    wait_bound(&exchange, &ch[1..], 2);
+    a.send(Message::text("from one")).unwrap();
+    assert_eq!(recv(&mut b), Message::text("from one"));
+    assert_eq!(recv(&mut c), Message::text("from one"));
+    b.send(Message::binary(vec![0, 159, 146, 150])).unwrap();
+    assert_eq!(recv(&mut a), Message::binary(vec![0, 159, 146, 150]));
+    assert_eq!(recv(&mut c), Message::binary(vec![0, 159, 146, 150]));
+    // Numbered messages from a, then a marker from b: c sees every number once,
+    // in order, and a never gets its own back.
+    for i in 0..500 {
+        a.write(Message::text(format!("{i}"))).unwrap();
+    }
+    a.flush().unwrap();
+    for i in 0..500 {
+        assert_eq!(recv(&mut c), Message::text(format!("{i}")));
+        assert_eq!(recv(&mut b), Message::text(format!("{i}")));
+    }
+    c.send(Message::text("end")).unwrap();
+    assert_eq!(
+        recv(&mut a),
+        Message::text("end"),
+        "a got something else first"
+    );
+    assert_eq!(recv(&mut b), Message::text("end"));
+}
+
+#[test]
+fn three_instances_every_client_gets_each_message_once() {
+    if skip("three_instances", no_broker()) {
+        return;
+    }
+    let _lock = shared();
+    let exchange = Exchange::new();
+    let instances: Vec<Staps> = (0..3).map(|_| instance(&exchange, "")).collect();
+    let ch = channel();
+    let mut clients: Vec<Ws> = instances
+        .iter()
+        .flat_map(|s| [connect(s.addr(), &ch), connect(s.addr(), &ch)])
+        .collect();
+    wait_bound(&exchange, &ch[1..], 3);
+    for (n, client) in clients.iter_mut().enumerate() {
+        client.send(Message::text(format!("from {n}"))).unwrap();
+    }
+    for (n, client) in clients.iter_mut().enumerate() {
+        let mut got = HashSet::new();
+        for _ in 0..5 {
+            let Message::Text(t) = recv(client) else {
+                panic!("not text")
+            };
+            assert!(got.insert(t.to_string()), "client {n} got {t} twice");
+        }
+        let expected: HashSet<String> = (0..6)
+            .filter(|m| *m != n)
+            .map(|m| format!("from {m}"))
+            .collect();
+        assert_eq!(got, expected, "client {n}");
+    }
+    // Nothing more is on its way: a last message is the next thing everyone sees.
+    clients[0].send(Message::text("last")).unwrap();
+    for client in &mut clients[1..] {
+        assert_eq!(recv(client), Message::text("last"));
+    }
+}
+
+#[test]
+fn bindings_follow_local_channels() {
+    if skip("bindings_follow_local_channels", no_broker()) {
+        return;
+    }
+    let _lock = shared();
+    let exchange = Exchange::new();
+    let mut staps = instance(&exchange, "");
+    let ch = channel();
+    let a = connect(staps.addr(), &ch);
+    let b = connect(staps.addr(), &ch);
+    wait_bound(&exchange, &ch[1..], 1);
+    drop(a);
+    // One client left: still bound.
+    staps.wait_stats(|l| counter(l, "connections") == 1);
+    assert_eq!(
+        bindings(&exchange)
+            .iter()
+            .filter(|k| **k == ch[1..])
+            .count(),
+        1
+    );
+    drop(b);
+    wait_bound(&exchange, &ch[1..], 0);
+}
+
+/// Publish as 0.1.x did: routing key, body and correlation_id only.
+fn publish_plain(exchange: &Exchange, key: &str, body: &[u8]) {
+    let mut conn = Connection::insecure_open(BROKER).unwrap();
+    let channel = conn.open_channel(None).unwrap();
+    let properties = AmqpProperties::default().with_correlation_id("0.1.x-client".into());
+    channel
+        .basic_publish(
+            exchange.0.as_str(),
+            Publish::with_properties(body, key, properties),
+        )
+        .unwrap();
+    conn.close().unwrap();
+}
+
+#[test]
+fn a_0_1_x_publisher_reaches_clients_and_a_plain_consumer_sees_staps() {
+    if skip("a_0_1_x_publisher_reaches_clients", no_broker()) {
+        return;
+    }
+    let _lock = shared();
+    let exchange = Exchange::new();
+    let staps = instance(&exchange, "");
+    let ch = channel();
+    let key = &ch[1..];
+    let mut a = connect(staps.addr(), &ch);
+    let mut b = connect(staps.addr(), &ch);
+    wait_bound(&exchange, key, 1);
+    publish_plain(&exchange, key, "héllo from 0.1.x".as_bytes());
+    publish_plain(&exchange, key, &[0xff, 0x00, 0xfe]);
+    for client in [&mut a, &mut b] {
+        assert_eq!(recv(client), Message::text("héllo from 0.1.x"));
+        assert_eq!(recv(client), Message::binary(vec![0xff, 0x00, 0xfe]));
+    }
+
+    // A plain consumer bound to the exchange sees what staps publishes.
+    let mut conn = Connection::insecure_open(BROKER).unwrap();
+    let channel = conn.open_channel(None).unwrap();
+    // Declaring the exchange as 0.1.x does must match staps' declaration.
+    let amqp_exchange = channel
+        .exchange_declare(
+            ExchangeType::Direct,
+            exchange.0.as_str(),
+            ExchangeDeclareOptions::default(),
+        )
+        .expect("exchange declared as 0.1.x does");
+    let queue = channel
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+        )
+        .unwrap();
+    queue
+        .bind(&amqp_exchange, key, FieldTable::default())
+        .unwrap();
+    let consumer = queue
+        .consume(ConsumerOptions {
+            no_ack: true,
+            ..ConsumerOptions::default()
+        })
+        .unwrap();
+    a.send(Message::text("text from staps")).unwrap();
+    a.send(Message::binary(vec![1, 2, 3])).unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match consumer
+            .receiver()
+            .recv_timeout(DEADLINE)
+            .expect("a delivery")
+        {
+            ConsumerMessage::Delivery(d) => seen.push(d),
+            other => panic!("{other:?}"),
+        }
+    }
+    for (d, body, content_type) in [
+        (
+            &seen[0],
+            &b"text from staps"[..],
+            "text/plain; charset=utf-8",
+        ),
+        (&seen[1], &[1u8, 2, 3][..], "application/octet-stream"),
+    ] {
+        assert_eq!(d.routing_key, key);
+        assert_eq!(d.body, body);
+        assert_eq!(d.properties.content_type().as_deref(), Some(content_type));
+        let correlation = d
+            .properties
+            .correlation_id()
+            .clone()
+            .expect("correlation_id");
+        uuid::Uuid::parse_str(&correlation).expect("correlation_id is the client's UUID");
+        assert!(d.properties.app_id().is_some(), "app_id");
+    }
+    assert_eq!(
+        seen[0].properties.correlation_id(),
+        seen[1].properties.correlation_id()
+    );
+    // b got a's messages once, locally, not again through the broker.
+    assert_eq!(recv(&mut b), Message::text("text from staps"));
+    assert_eq!(recv(&mut b), Message::binary(vec![1, 2, 3]));
+    a.send(Message::text("marker")).unwrap();
+    assert_eq!(recv(&mut b), Message::text("marker"));
+    let _ = conn.close();
+}
+
+#[test]
+fn a_missing_broker_does_not_stop_local_delivery() {
+    // Nothing listens on port 1.
+    let mut staps = Staps::start(
+        "[staps]\nlisten = 127.0.0.1:0\namqp = amqp://guest:guest@127.0.0.1:1/\n",
+        &["-v"],
+    );
+    staps.wait_log("relay: cannot reach");
+    let ch = channel();
+    let mut a = connect(staps.addr(), &ch);
+    let mut b = connect(staps.addr(), &ch);
+    a.send(Message::text("local")).unwrap();
+    assert_eq!(recv(&mut b), Message::text("local"));
+    // It keeps trying, with backoff, and says so once at warning level.
+    staps.wait_log("(attempt 3)");
+    let line = staps.stats();
+    assert!(line.contains("relay=down"), "{line}");
+    assert!(counter(&line, "relay_dropped") >= 1, "{line}");
+    let warnings = staps
+        .lines()
+        .iter()
+        .filter(|l| l.contains("relay: cannot reach"))
+        .count();
+    assert_eq!(warnings, 1, "state changes are logged once");
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Local delivery goes on while the broker is away; the relay comes back by
+/// itself, re-binds, and nothing is delivered twice.
+fn survive(
+    staps: &mut [Staps],
+    exchange: &Exchange,
+    break_broker: impl FnOnce(),
+    mend_broker: impl FnOnce(),
+) {
+    let ch = channel();
+    let mut a = connect(staps[0].addr(), &ch);
+    let mut b = connect(staps[0].addr(), &ch);
+    let mut r = connect(staps[1].addr(), &ch);
+    wait_bound(exchange, &ch[1..], 2);
+    a.send(Message::text("before")).unwrap();
+    assert_eq!(recv(&mut r), Message::text("before"));
+    assert_eq!(recv(&mut b), Message::text("before"));
+    let skips: Vec<usize> = staps.iter().map(|s| s.lines().len()).collect();
+    break_broker();
+    staps[0].wait_log_after(skips[0], "relay: lost");
+    // Local delivery is untouched.
+    for i in 0..50 {
+        a.send(Message::text(format!("local {i}"))).unwrap();
+        assert_eq!(recv(&mut b), Message::text(format!("local {i}")));
+    }
+    mend_broker();
+    let started = Instant::now();
+    for (s, skip) in staps.iter_mut().zip(skips) {
+        s.wait_log_after(skip, "relay: connected");
+    }
+    wait_bound(exchange, &ch[1..], 2);
+    assert!(
+        started.elapsed() < Duration::from_secs(35 + 30),
+        "relay took too long"
+    );
+    a.send(Message::text("after")).unwrap();
+    // r may have seen none of the local messages, and sees "after" exactly once.
+    loop {
+        let Message::Text(t) = recv(&mut r) else {
+            panic!("not text")
+        };
+        if t == "after" {
+            break;
+        }
+        assert!(t.starts_with("local "), "unexpected {t}");
+    }
+    b.send(Message::text("check")).unwrap();
+    assert_eq!(
+        recv(&mut r),
+        Message::text("check"),
+        "a duplicate of 'after'?"
+    );
+    assert_eq!(recv(&mut b), Message::text("after"));
+    let line = staps[0].stats();
+    assert!(counter(&line, "relay_reconnects") >= 1, "{line}");
+    assert!(line.contains("relay=up"), "{line}");
+}
+
+#[test]
+fn the_relay_survives_a_broker_restart() {
+    if skip(
+        "the_relay_survives_a_broker_restart",
+        no_broker().or_else(|| needs_program("rabbitmqctl", "rabbitmq-server")),
+    ) {
+        return;
+    }
+    let _lock = exclusive();
+    let exchange = Exchange::new();
+    let mut staps = [instance(&exchange, ""), instance(&exchange, "")];
+    survive(
+        &mut staps,
+        &exchange,
+        || rabbitmqctl(&["stop_app"]),
+        || rabbitmqctl(&["start_app"]),
+    );
+}
+
+#[test]
+fn the_relay_survives_a_closed_connection() {
+    if skip(
+        "the_relay_survives_a_closed_connection",
+        no_broker().or_else(|| needs_program("rabbitmqctl", "rabbitmq-server")),
+    ) {
+        return;
+    }
+    let _lock = exclusive();
+    let exchange = Exchange::new();
+    let mut staps = [instance(&exchange, ""), instance(&exchange, "")];
+    survive(
+        &mut staps,
+        &exchange,
+        || rabbitmqctl(&["close_all_connections", "staps test"]),
+        || {},
+    );
+}
