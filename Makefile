@@ -7,7 +7,7 @@ LISTEN ?= 127.0.0.1:8080
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: all build run test lint unit deb install uninstall clean
+.PHONY: all build run test lint unit bench deb install uninstall clean
 
 all: build
 
@@ -27,6 +27,11 @@ lint:
 
 unit:
 	$(CARGO) test --locked
+
+# The load generator (benches/load.rs) against a release build; name
+# scenarios with SCENARIOS="fanout relay".
+bench:
+	$(CARGO) bench --locked --bench load -- $(SCENARIOS)
 
 # target/debian/staps_<version>_<arch>.deb; installs cargo-deb when missing.
 deb: build

@@ -117,6 +117,7 @@ fn websocket(
         let peer = Arc::clone(&peer);
         let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
         thread::Builder::new()
+            .name("staps-writer".into())
             .stack_size(WRITER_STACK)
             .spawn(move || {
                 let _slot = slot;

@@ -495,7 +495,7 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
         ));
     }
     if let Some(url) = &s.amqp {
-        crate::relay::check_url(url)
+        crate::relay::Broker::parse(url)
             .map_err(|m| err("[staps] amqp", format!("'{}': {m}", redact_url(url))))?;
         // The routing key is the path without its slash, an AMQP short string.
         if s.limits.max_path_length > 256 {

@@ -279,7 +279,13 @@ fn is_valid_key(key: &str) -> bool {
 /// percent-decoded as 0.1.x (tornado) did. An invalid escape stays as it is;
 /// bytes that are not UTF-8 once decoded are refused (`None`), as 0.1.x did.
 pub fn decode_path(target: &str) -> Option<String> {
-    let raw = target.split('?').next().unwrap_or("").as_bytes();
+    percent_decode(target.split('?').next().unwrap_or(""))
+}
+
+/// Decode `%XX` escapes, keeping invalid ones as they are (`+` stays `+`);
+/// `None` when the result is not UTF-8.
+pub fn percent_decode(text: &str) -> Option<String> {
+    let raw = text.as_bytes();
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < raw.len() {

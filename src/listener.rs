@@ -411,6 +411,7 @@ fn accept_loop(listener: &Listener, server: &Arc<Server>) {
         };
         let server2 = Arc::clone(server);
         let spawned = thread::Builder::new()
+            .name("staps-client".into())
             .stack_size(READER_STACK)
             .spawn(move || crate::client::serve(stream, server2, slot));
         if let Err(e) = spawned {

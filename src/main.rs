@@ -121,9 +121,16 @@ fn main() -> ExitCode {
     let amqp = settings.amqp.clone();
     let server = Arc::new(server::Server::new(settings, relay));
     if let (Some(url), Some(ends)) = (amqp, relay_ends) {
-        if let Err(e) = relay::spawn(url, ends, Arc::clone(&server)) {
+        // Checked with the configuration; parsing again cannot fail.
+        let started = relay::Broker::parse(&url)
+            .map_err(|e| e.to_string())
+            .and_then(|broker| {
+                relay::spawn(broker, config::redact_url(&url), ends, Arc::clone(&server))
+                    .map_err(|e| format!("cannot start the relay thread: {e}"))
+            });
+        if let Err(e) = started {
             server.remove_files(&listeners);
-            readiness.fail(1, &format!("cannot start the relay thread: {e}"));
+            readiness.fail(1, &e);
         }
     }
     for l in &listeners {

@@ -18,17 +18,19 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use std::net::ToSocketAddrs;
+
 use amiquip::{
-    AmqpProperties, Channel as AmqpChannel, Connection, ConnectionTuning, ConsumerMessage,
-    ConsumerOptions, Delivery, ExchangeDeclareOptions, ExchangeType, FieldTable, Publish,
-    QueueDeclareOptions,
+    AmqpProperties, Auth, Channel as AmqpChannel, Connection, ConnectionOptions, ConnectionTuning,
+    ConsumerMessage, ConsumerOptions, Delivery, ExchangeDeclareOptions, ExchangeType, FieldTable,
+    Publish, QueueDeclareOptions,
 };
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 use uuid::Uuid;
 
 use crate::channels::{Frame, Kind};
-use crate::config::redact_url;
+use crate::http::percent_decode;
 use crate::server::Server;
 use crate::stats;
 
@@ -46,9 +48,9 @@ const PREFETCH: u16 = 1000;
 /// Acknowledge at least every this many deliveries.
 const ACK_BATCH: usize = 100;
 
-/// Heartbeat (seconds) and connection timeout (milliseconds) unless the URL says.
-const DEFAULT_HEARTBEAT: u32 = 30;
-const DEFAULT_CONNECT_TIMEOUT_MS: u32 = 10_000;
+/// Heartbeat and connection timeout unless the URL says.
+const DEFAULT_HEARTBEAT: u16 = 30;
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A message a local client published, on its way to the broker.
 struct Outbound {
@@ -153,87 +155,158 @@ impl Relay {
 }
 
 /// Start the relay thread for `url`.
-pub fn spawn(url: String, ends: Ends, server: Arc<Server>) -> std::io::Result<()> {
+pub fn spawn(
+    broker: Broker,
+    shown: String,
+    ends: Ends,
+    server: Arc<Server>,
+) -> std::io::Result<()> {
     thread::Builder::new()
         .name("staps-relay".into())
-        .spawn(move || run(&url, &ends, &server))
+        .spawn(move || run(&broker, &shown, &ends, &server))
         .map(drop)
 }
 
-/// `url` with the heartbeat and connection timeout staps wants unless it names them.
-fn tuned_url(url: &str) -> String {
-    let mut url = url.to_owned();
-    for (key, value) in [
-        ("heartbeat", DEFAULT_HEARTBEAT),
-        ("connection_timeout", DEFAULT_CONNECT_TIMEOUT_MS),
-    ] {
-        let query = url.split_once('?').map_or("", |(_, q)| q);
-        if !query.split('&').any(|kv| kv.split('=').next() == Some(key)) {
-            url.push(if url.contains('?') { '&' } else { '?' });
-            url.push_str(&format!("{key}={value}"));
-        }
-    }
-    url
+/// Where and how to reach the broker: an `amqp[s]://` URL read as amiquip
+/// reads it, so that staps can open the TCP connection itself. amiquip leaves
+/// Nagle's algorithm on, and small publishes then wait for delayed ACKs
+/// (40 ms each) from the broker.
+#[derive(Clone, Debug)]
+pub struct Broker {
+    tls: bool,
+    host: String,
+    port: u16,
+    timeout: Duration,
+    options: ConnectionOptions<Auth>,
 }
 
-/// Check an AMQP URL without connecting: `amqp[s]://[user[:pass]@]host[:port][/vhost][?k=v&...]`.
-pub fn check_url(url: &str) -> Result<(), String> {
-    let form = "expected amqp://user:pass@host:port/vhost";
-    let rest = if let Some(rest) = url.strip_prefix("amqp://") {
-        rest
-    } else if let Some(rest) = url.strip_prefix("amqps://") {
-        if !cfg!(feature = "tls") {
-            return Err("amqps:// needs staps built with the cargo feature 'tls'".into());
+impl Broker {
+    /// Parse `amqp[s]://[user[:pass]@]host[:port][/vhost][?heartbeat=N&connection_timeout=MS&channel_max=N&auth_mechanism=external]`.
+    /// Without a user, guest/guest; without a vhost, `/`.
+    pub fn parse(text: &str) -> Result<Broker, String> {
+        let form = "expected amqp://user:pass@host:port/vhost";
+        let url = url::Url::parse(text).map_err(|e| format!("{e}; {form}"))?;
+        let tls = match url.scheme() {
+            "amqp" => false,
+            "amqps" if cfg!(feature = "tls") => true,
+            "amqps" => return Err("amqps:// needs staps built with the cargo feature 'tls'".into()),
+            _ => return Err(format!("not an AMQP URL; {form}")),
+        };
+        let decode =
+            |s: &str| percent_decode(s).ok_or_else(|| format!("'{s}' is not UTF-8 once decoded"));
+        let mut options = ConnectionOptions::<Auth>::default()
+            .heartbeat(DEFAULT_HEARTBEAT)
+            .connection_timeout(Some(DEFAULT_CONNECT_TIMEOUT));
+        if !url.username().is_empty() {
+            options = options.auth(Auth::Plain {
+                username: decode(url.username())?,
+                password: decode(url.password().unwrap_or(""))?,
+            });
         }
-        rest
-    } else {
-        return Err(format!("not an AMQP URL; {form}"));
-    };
-    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let authority = rest.split('/').next().unwrap_or("");
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let port = match host_port.rsplit_once(':') {
-        Some((_, port)) if !host_port.ends_with(']') => Some(port),
-        _ => None,
-    };
-    if let Some(port) = port {
-        port.parse::<u16>()
-            .map_err(|_| format!("port '{port}' is not a number; {form}"))?;
-    }
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
-            "heartbeat" | "connection_timeout" | "channel_max" => {
+        let vhost = url.path().strip_prefix('/').unwrap_or("");
+        if vhost.contains('/') {
+            return Err(format!("a vhost is one path segment ('/' as %2f); {form}"));
+        }
+        if !vhost.is_empty() {
+            options = options.virtual_host(decode(vhost)?);
+        }
+        let mut timeout = DEFAULT_CONNECT_TIMEOUT;
+        for (key, value) in url.query_pairs() {
+            let number = || {
                 value
-                    .parse::<u32>()
-                    .map_err(|_| format!("query parameter {key}={value} is not a number"))?;
-            }
-            "auth_mechanism" if value == "external" => {}
-            _ => {
-                return Err(format!(
-                    "unsupported query parameter '{pair}' (heartbeat, connection_timeout, channel_max, auth_mechanism=external)"
-                ));
+                    .parse::<u64>()
+                    .map_err(|_| format!("query parameter {key}={value} is not a number"))
+            };
+            options = match key.as_ref() {
+                "heartbeat" => {
+                    options.heartbeat(number()?.try_into().map_err(|_| "heartbeat too large")?)
+                }
+                "channel_max" => {
+                    options.channel_max(number()?.try_into().map_err(|_| "channel_max too large")?)
+                }
+                "connection_timeout" => {
+                    timeout = Duration::from_millis(number()?);
+                    options.connection_timeout(Some(timeout))
+                }
+                "auth_mechanism" if value == "external" => options.auth(Auth::External),
+                _ => {
+                    return Err(format!(
+                        "unsupported query parameter '{key}={value}' (heartbeat, connection_timeout, channel_max, auth_mechanism=external)"
+                    ));
+                }
+            };
+        }
+        let host = match url.host() {
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            Some(host) => host.to_string(),
+            None => "localhost".into(),
+        };
+        let port = url.port().unwrap_or(if tls { 5671 } else { 5672 });
+        Ok(Broker {
+            tls,
+            host,
+            port,
+            timeout,
+            options,
+        })
+    }
+
+    /// Connect: TCP with TCP_NODELAY, then AMQP (over TLS for amqps).
+    fn open(&self) -> Result<Connection, String> {
+        let addrs = (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {}: {e}", self.host))?;
+        let mut last = format!("{} has no address", self.host);
+        for addr in addrs {
+            let stream = match std::net::TcpStream::connect_timeout(&addr, self.timeout) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    last = format!("{addr}: {e}");
+                    continue;
+                }
+            };
+            let opened = stream
+                .set_nodelay(true)
+                .and_then(|()| stream.set_nonblocking(true))
+                .and_then(|()| mio::net::TcpStream::from_stream(stream))
+                .map_err(|e| e.to_string())
+                .and_then(|stream| self.handshake(stream).map_err(|e| e.to_string()));
+            match opened {
+                Ok(connection) => return Ok(connection),
+                Err(e) => last = format!("{addr}: {e}"),
             }
         }
+        Err(last)
     }
-    Ok(())
-}
 
-fn open(url: &str) -> amiquip::Result<Connection> {
-    #[cfg(feature = "tls")]
-    if url.starts_with("amqps://") {
-        return Connection::open_tuned(url, ConnectionTuning::default());
+    fn handshake(&self, stream: mio::net::TcpStream) -> amiquip::Result<Connection> {
+        let tuning = ConnectionTuning::default();
+        #[cfg(feature = "tls")]
+        if self.tls {
+            let connector = native_tls::TlsConnector::new()
+                .map_err(|e| amiquip::Error::CreateTlsConnector { source: e })?;
+            return Connection::open_tls_stream(
+                connector,
+                &self.host,
+                stream,
+                self.options.clone(),
+                tuning,
+            );
+        }
+        debug_assert!(
+            !self.tls,
+            "amqps without the tls feature is refused by parse"
+        );
+        Connection::insecure_open_stream(stream, self.options.clone(), tuning)
     }
-    Connection::insecure_open_tuned(url, ConnectionTuning::default())
 }
 
 /// The relay thread: connect, serve, and reconnect with backoff, forever.
-fn run(url: &str, ends: &Ends, server: &Server) {
+/// `shown` is the URL without its password, for logs.
+fn run(broker: &Broker, shown: &str, ends: &Ends, server: &Server) {
     let Some(relay) = server.relay.as_ref() else {
         return;
     };
-    let shown = redact_url(url);
-    let url = tuned_url(url);
     let mut bound: HashSet<Arc<str>> = HashSet::new();
     let mut backoff = BACKOFF_MIN;
     let mut attempt: u64 = 0;
@@ -245,8 +318,9 @@ fn run(url: &str, ends: &Ends, server: &Server) {
         // Commands that came while we were away still shape what to bind.
         drain_control(&ends.control, &mut bound);
         let mut was_up = false;
-        let result = open(&url).and_then(|mut connection| {
-            let session = Session::start(&mut connection, server, relay, &bound)?;
+        let result = broker.open().and_then(|mut connection| {
+            let session = Session::start(&mut connection, server, relay, &bound)
+                .map_err(|e| e.to_string())?;
             relay.set_state(State::Up);
             was_up = true;
             if ever_connected {
@@ -259,12 +333,12 @@ fn run(url: &str, ends: &Ends, server: &Server) {
                 "relay: connected to {shown}, {} channel(s) bound",
                 bound.len()
             );
-            session.serve(ends, &mut bound)
+            session.serve(ends, &mut bound).map_err(|e| e.to_string())
         });
         relay.set_state(State::Down);
         let reason = match result {
             Ok(()) => "the broker closed the connection".to_owned(),
-            Err(e) => e.to_string(),
+            Err(e) => e,
         };
         if was_up || !failing_logged {
             log::warn!(
@@ -479,24 +553,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_get_heartbeat_and_timeout_unless_they_say() {
-        assert_eq!(
-            tuned_url("amqp://h/"),
-            "amqp://h/?heartbeat=30&connection_timeout=10000"
-        );
-        assert_eq!(
-            tuned_url("amqp://h/v?heartbeat=5"),
-            "amqp://h/v?heartbeat=5&connection_timeout=10000"
-        );
+    fn urls_are_read_as_amiquip_reads_them() {
+        let b = Broker::parse(
+            "amqp://staps:s%40cret@[::1]:5673/v%2fh?heartbeat=5&connection_timeout=2500",
+        )
+        .unwrap();
+        assert_eq!((b.host.as_str(), b.port, b.tls), ("::1", 5673, false));
+        assert_eq!(b.timeout, Duration::from_millis(2500));
+        let expected = ConnectionOptions::<Auth>::default()
+            .heartbeat(5)
+            .connection_timeout(Some(Duration::from_millis(2500)))
+            .auth(Auth::Plain {
+                username: "staps".into(),
+                password: "s@cret".into(),
+            })
+            .virtual_host("v/h");
+        assert_eq!(format!("{:?}", b.options), format!("{expected:?}"));
+        let d = Broker::parse("amqp://h/").unwrap();
+        let defaults = ConnectionOptions::<Auth>::default()
+            .heartbeat(30)
+            .connection_timeout(Some(Duration::from_secs(10)));
+        assert_eq!(format!("{:?}", d.options), format!("{defaults:?}"));
+        assert_eq!(d.port, 5672);
+        assert!(Broker::parse("amqp://staps:@localhost/").is_ok());
     }
 
     #[test]
-    fn url_checks() {
-        assert!(check_url("amqp://staps:@localhost/").is_ok());
-        assert!(check_url("amqp://u:p@[::1]:5672/vh?heartbeat=10").is_ok());
-        assert!(check_url("amqp://h:notaport/").is_err());
-        assert!(check_url("amqp://h/?frobnicate=1").is_err());
-        assert!(check_url("http://h/").is_err());
+    fn bad_urls_say_why() {
+        assert!(Broker::parse("amqp://h:notaport/").is_err());
+        assert!(
+            Broker::parse("amqp://h/?frobnicate=1")
+                .unwrap_err()
+                .contains("frobnicate")
+        );
+        assert!(Broker::parse("amqp://h/a/b").is_err());
+        assert!(Broker::parse("http://h/").is_err());
+        assert!(Broker::parse("amqp://h/?heartbeat=x").is_err());
     }
 
     #[test]
