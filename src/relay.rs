@@ -579,6 +579,18 @@ mod tests {
     }
 
     #[test]
+    fn amqps_needs_the_tls_feature() {
+        let parsed = Broker::parse("amqps://u:p@broker.example/");
+        if cfg!(feature = "tls") {
+            let b = parsed.unwrap();
+            assert!(b.tls);
+            assert_eq!(b.port, 5671);
+        } else {
+            assert!(parsed.unwrap_err().contains("feature 'tls'"));
+        }
+    }
+
+    #[test]
     fn bad_urls_say_why() {
         assert!(Broker::parse("amqp://h:notaport/").is_err());
         assert!(
