@@ -28,10 +28,13 @@ lint:
 unit:
 	$(CARGO) test --locked
 
-# The load generator (benches/load.rs) against a release build; name
-# scenarios with SCENARIOS="fanout relay".
+# The load generator (benches/load.rs): staps (release build) side by side
+# with wsbroad, installed when missing. SCENARIOS="fanout many idle churn
+# relay" picks some; RUNS=3 runs each.
+RUNS ?= 3
 bench:
-	$(CARGO) bench --locked --bench load -- $(SCENARIOS)
+	command -v wsbroad > /dev/null || $(CARGO) install wsbroad --locked
+	$(CARGO) bench --locked --bench load -- $(SCENARIOS) --runs $(RUNS)
 
 # target/debian/staps_<version>_<arch>.deb; installs cargo-deb when missing.
 deb: build

@@ -1,21 +1,29 @@
-//! `make bench`: a load generator that starts staps itself and measures it.
+//! `make bench`: a load generator that starts the servers itself and measures
+//! staps side by side with wsbroad (a tokio websocket broadcaster), on fresh
+//! servers, alternately, several runs each; it prints medians and the ratio
+//! staps/wsbroad as Markdown (BENCHMARKS.md is made from it).
 //!
-//! Scenarios (all on loopback, bounded in count and time):
-//! - `fanout`: one channel, 1 publisher and 100 subscribers, 20 000 messages of
-//!   64 B and of 4 KiB back to back: delivered msg/s and MB/s, loss and order
-//!   per subscriber, latency p50/p99, server CPU per delivery.
-//! - `relay`: two instances on RabbitMQ, one channel with 1 and with 5
-//!   clients on each: cross-instance msg/s, p99 latency, staps CPU (both
-//!   instances, local deliveries included) per relayed message.
+//! Scenarios, all on loopback and bounded in count and time:
+//! - `fanout`: one channel, 1 publisher + 100 subscribers, 20 000 messages of
+//!   64 B and of 4 KiB back to back: delivered msg/s and MB/s, loss and order,
+//!   latency p50/p99, server CPU per delivery.
+//! - `many`: 500 channels x 2 clients, each sending 20 msg/s of 128 B for 10 s:
+//!   delivered/expected, latency p50/p99/p99.9.
+//! - `idle`: 2 000 and 10 000 connections, 2 per channel: server RSS per
+//!   connection, threads, connect rate, and that messages still cross.
+//! - `churn`: connect two clients, exchange one message, disconnect; 16 in
+//!   parallel for 5 s: round trips/s, server CPU per round trip.
+//! - `relay` (staps only): two instances on RabbitMQ, one channel with 1 and
+//!   with 5 clients on each: relayed msg/s, latency, staps CPU per message.
 //!
-//! Every run reports the CPU of staps, of this generator and of everything
-//! else on the machine, so a noisy run shows. Usage:
-//! `cargo bench --bench load -- [fanout] [relay]` (none named: all).
+//! Every measurement reports the CPU of the server, of this generator, and of
+//! everything else on the machine, so a noisy run shows.
+//! Usage: `cargo bench --bench load -- [SCENARIO...] [--runs N]`.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -23,167 +31,179 @@ use std::time::{Duration, Instant};
 use tungstenite::{Message, WebSocket};
 
 const DEADLINE: Duration = Duration::from_secs(60);
+/// A receiver that hears nothing for this long after the senders are done stops.
+const QUIET: Duration = Duration::from_secs(2);
 
-/// Clock ticks per second for /proc CPU times.
+// ---------------------------------------------------------------- CPU and memory
+
 fn ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }
 
-/// CPU seconds (user + system) a process has used, from /proc.
+/// CPU seconds (user + system) of a process, from /proc.
 fn process_cpu(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let get = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // Fields 14 and 15 of stat (utime, stime) are 11 and 12 after the ')'.
-    (get(11) + get(12)) / ticks()
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // utime and stime are fields 14 and 15 of stat: 11 and 12 after the ')'.
+    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / ticks()
 }
 
-/// Busy CPU seconds of the whole machine, from /proc/stat.
-fn machine_cpu() -> f64 {
+/// Busy CPU seconds of the whole machine, and of them the kernel's softirq
+/// time (loopback TCP is processed there, charged to no process).
+fn machine_cpu() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let line = stat.lines().next().unwrap_or("");
-    let v: Vec<f64> = line
+    let v: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
         .split_whitespace()
         .skip(1)
         .filter_map(|x| x.parse().ok())
         .collect();
-    // user nice system idle iowait irq softirq steal
-    let busy = v
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let busy: f64 = v
         .iter()
         .take(8)
         .enumerate()
         .filter(|(i, _)| *i != 3 && *i != 4)
         .map(|(_, x)| x)
-        .sum::<f64>();
-    busy / ticks()
+        .sum();
+    (busy / ticks(), v.get(6).copied().unwrap_or(0.0) / ticks())
 }
 
-/// CPU seconds of a process's threads, summed by thread name.
-fn threads_cpu(pid: u32) -> Vec<(String, f64)> {
-    let mut by_name: Vec<(String, f64)> = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return by_name;
-    };
-    for task in tasks.flatten() {
-        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-        let name = stat
-            .split_once('(')
-            .and_then(|(_, r)| r.rsplit_once(')'))
-            .map_or("?", |(n, _)| n)
-            .to_owned();
-        let after = stat.rsplit(')').next().unwrap_or("");
-        let f: Vec<f64> = after
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        let cpu = (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / ticks();
-        match by_name.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, total)) => *total += cpu,
-            None => by_name.push((name, cpu)),
-        }
-    }
-    by_name.sort_by(|a, b| b.1.total_cmp(&a.1));
-    by_name
+/// A field of /proc/PID/status, as a number (VmRSS in KiB, Threads).
+fn status_field(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| {
+            v.trim_start_matches(':')
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
-fn own_cpu() -> f64 {
-    process_cpu(std::process::id())
-}
-
-/// CPU use over an interval: staps processes, this generator, the rest.
+/// CPU used over an interval by the servers, this generator, and the rest.
 struct Cpu {
     pids: Vec<u32>,
-    staps: f64,
-    own: f64,
-    machine: f64,
+    at: (f64, f64, (f64, f64)),
     started: Instant,
+}
+
+#[derive(Clone, Copy, Default)]
+struct CpuUse {
+    server: f64,
+    generator: f64,
+    softirq: f64,
+    others: f64,
+    wall: f64,
 }
 
 impl Cpu {
     fn start(pids: &[u32]) -> Cpu {
         Cpu {
             pids: pids.to_vec(),
-            staps: pids.iter().map(|p| process_cpu(*p)).sum(),
-            own: own_cpu(),
-            machine: machine_cpu(),
+            at: Cpu::now(pids),
             started: Instant::now(),
         }
     }
 
-    /// (staps, generator, others) CPU seconds, and the wall time. With
-    /// STAPS_BENCH_THREADS=1, also staps' CPU by thread name (since start).
-    fn stop(&self) -> (f64, f64, f64, f64) {
-        if std::env::var_os("STAPS_BENCH_THREADS").is_some() {
-            for pid in &self.pids {
-                let threads: Vec<String> = threads_cpu(*pid)
-                    .iter()
-                    .map(|(n, c)| format!("{n} {c:.2}s"))
-                    .collect();
-                println!("  threads of {pid}: {}", threads.join(", "));
-            }
-        }
-        let staps = self.pids.iter().map(|p| process_cpu(*p)).sum::<f64>() - self.staps;
-        let own = own_cpu() - self.own;
-        let machine = machine_cpu() - self.machine;
+    fn now(pids: &[u32]) -> (f64, f64, (f64, f64)) {
         (
-            staps,
-            own,
-            (machine - staps - own).max(0.0),
-            self.started.elapsed().as_secs_f64(),
+            pids.iter().map(|p| process_cpu(*p)).sum(),
+            process_cpu(std::process::id()),
+            machine_cpu(),
         )
+    }
+
+    fn stop(&self) -> CpuUse {
+        let (server, generator, (machine, softirq)) = Cpu::now(&self.pids);
+        let server = server - self.at.0;
+        let generator = generator - self.at.1;
+        let softirq = softirq - self.at.2.1;
+        CpuUse {
+            server,
+            generator,
+            softirq,
+            others: (machine - self.at.2.0 - server - generator - softirq).max(0.0),
+            wall: self.started.elapsed().as_secs_f64(),
+        }
     }
 }
 
-/// A staps started for one measurement.
+// ---------------------------------------------------------------- servers
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Staps,
+    Wsbroad,
+}
+
+/// A server started for one measurement, killed when dropped.
 struct Server {
     child: Child,
     addr: SocketAddr,
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn wsbroad() -> Option<String> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("wsbroad"))
+        .find(|p| p.is_file())
+        .map(|p| p.display().to_string())
+}
+
 impl Server {
-    fn start(config: &str) -> Server {
-        let dir = std::env::temp_dir().join(format!("staps-bench-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let conf = dir.join("staps.conf");
-        std::fs::write(&conf, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_staps"))
-            .arg("-c")
-            .arg(&conf)
+    fn start(kind: Kind, extra: &str) -> Server {
+        let port = free_port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut cmd = match kind {
+            Kind::Staps => {
+                let dir =
+                    std::env::temp_dir().join(format!("staps-bench-{}", uuid::Uuid::new_v4()));
+                std::fs::create_dir_all(&dir).unwrap();
+                let conf = dir.join("staps.conf");
+                std::fs::write(&conf, format!("[staps]\nlisten = {addr}\n{extra}")).unwrap();
+                let mut cmd = Command::new(env!("CARGO_BIN_EXE_staps"));
+                cmd.arg("-c").arg(conf).arg("-q");
+                cmd
+            }
+            Kind::Wsbroad => {
+                let mut cmd = Command::new(wsbroad().expect("wsbroad on the PATH"));
+                // Its default is 64 URLs at most; the scenarios need thousands.
+                cmd.args(["--max-urls", "1000000"]).arg(addr.to_string());
+                cmd
+            }
+        };
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()
-            .expect("start staps");
-        let mut stderr = child.stderr.take().unwrap();
-        let mut log = String::new();
-        let mut buf = [0u8; 4096];
+            .expect("start the server");
+        let server = Server { child, addr };
         let deadline = Instant::now() + DEADLINE;
-        while !(log.contains("ready")
-            && (!config.contains("amqp") || log.contains("relay: connected")))
-        {
-            assert!(Instant::now() < deadline, "staps did not start:\n{log}");
-            let n = stderr.read(&mut buf).unwrap_or(0);
-            assert!(n > 0, "staps exited:\n{log}");
-            log.push_str(&String::from_utf8_lossy(&buf[..n]));
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "{kind:?} did not start");
+            thread::sleep(Duration::from_millis(10));
         }
-        // Keep draining its stderr so it never blocks on a full pipe.
-        thread::spawn(move || {
-            let mut sink = [0u8; 4096];
-            while matches!(stderr.read(&mut sink), Ok(n) if n > 0) {}
-        });
-        let addr = log
-            .lines()
-            .find_map(|l| l.split("listening on ").nth(1))
-            .and_then(|a| a.trim().parse().ok())
-            .expect("listen address");
-        Server { child, addr }
+        server
     }
 
     fn pid(&self) -> u32 {
@@ -198,6 +218,8 @@ impl Drop for Server {
     }
 }
 
+// ---------------------------------------------------------------- clients
+
 type Ws = WebSocket<TcpStream>;
 
 fn connect(addr: SocketAddr, path: &str) -> Ws {
@@ -208,7 +230,7 @@ fn connect(addr: SocketAddr, path: &str) -> Ws {
     ws
 }
 
-/// Nanoseconds since `epoch`, written into the first 8 bytes of every message.
+/// Nanoseconds since `epoch` and a sequence number, in a message's first 16 bytes.
 fn stamp(epoch: Instant, payload: &mut [u8], seq: u64) {
     let now = epoch.elapsed().as_nanos() as u64;
     payload[..8].copy_from_slice(&now.to_be_bytes());
@@ -218,7 +240,10 @@ fn stamp(epoch: Instant, payload: &mut [u8], seq: u64) {
 fn read_stamp(epoch: Instant, payload: &[u8]) -> (u64, u64) {
     let sent = u64::from_be_bytes(payload[..8].try_into().unwrap());
     let seq = u64::from_be_bytes(payload[8..16].try_into().unwrap());
-    (epoch.elapsed().as_nanos() as u64 - sent, seq)
+    (
+        (epoch.elapsed().as_nanos() as u64).saturating_sub(sent),
+        seq,
+    )
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -230,19 +255,27 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 }
 
 /// What one receiver saw.
+#[derive(Default)]
 struct Received {
     count: u64,
     out_of_order: u64,
     latencies: Vec<u64>,
 }
 
-/// Read `expected` binary messages (or until the deadline), checking order.
-fn receive(mut ws: Ws, epoch: Instant, expected: u64, progress: Arc<AtomicU64>) -> Received {
+/// Read binary messages until `expected` arrived, or the senders are `done`
+/// and nothing came for [`QUIET`]: lossy servers must not stall the run.
+fn receive(
+    mut ws: Ws,
+    epoch: Instant,
+    expected: u64,
+    done: &AtomicBool,
+    progress: &AtomicU64,
+) -> Received {
     let mut r = Received {
-        count: 0,
-        out_of_order: 0,
         latencies: Vec::with_capacity(expected as usize),
+        ..Received::default()
     };
+    let _ = ws.get_mut().set_read_timeout(Some(QUIET));
     let mut next = 0;
     let deadline = Instant::now() + DEADLINE;
     while r.count < expected && Instant::now() < deadline {
@@ -258,47 +291,115 @@ fn receive(mut ws: Ws, epoch: Instant, expected: u64, progress: Arc<AtomicU64>) 
                 progress.fetch_add(1, Ordering::Relaxed);
             }
             Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
             Err(_) => break,
         }
     }
     r
 }
 
-fn report_cpu(what: &str, cpu: (f64, f64, f64, f64), units: f64, unit: &str) {
-    let (staps, own, others, wall) = cpu;
-    println!(
-        "  {what}: staps CPU {:.2} s ({:.0}% of a core), {:.0} ns per {unit}; generator {:.2} s; others {:.2} s; wall {:.2} s",
-        staps,
-        100.0 * staps / wall,
-        staps * 1e9 / units,
-        own,
-        others,
-        wall
-    );
+fn spawn_small<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> thread::JoinHandle<T> {
+    thread::Builder::new()
+        .stack_size(128 * 1024)
+        .spawn(f)
+        .expect("a generator thread")
 }
 
-fn fanout(size: usize) {
+// ---------------------------------------------------------------- results
+
+/// One measured run: named values.
+type Row = Vec<(&'static str, f64)>;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+/// Print a Markdown table: each metric's median for staps and wsbroad, and the ratio.
+fn table(title: &str, staps: &[Row], wsbroad: &[Row]) {
+    println!("\n### {title}\n");
+    println!("| metric | staps | wsbroad | staps/wsbroad |");
+    println!("| --- | ---: | ---: | ---: |");
+    let Some(first) = staps.first() else { return };
+    for (i, (name, _)) in first.iter().enumerate() {
+        let s = median(staps.iter().map(|r| r[i].1).collect());
+        let w = median(wsbroad.iter().map(|r| r[i].1).collect());
+        let (w, ratio) = if wsbroad.is_empty() {
+            ("—".to_owned(), "—".to_owned())
+        } else {
+            (fmt(w), format!("{:.2}", s / w))
+        };
+        println!("| {name} | {} | {w} | {ratio} |", fmt(s));
+    }
+    println!("\n(medians of {} run(s) each)", staps.len());
+}
+
+fn fmt(v: f64) -> String {
+    if v.is_nan() {
+        "n/a".into()
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn cpu_rows(row: &mut Row, cpu: CpuUse, units: f64) {
+    row.push((
+        "server CPU per unit (ns)",
+        cpu.server * 1e9 / units.max(1.0),
+    ));
+    row.push(("server CPU (% of a core)", 100.0 * cpu.server / cpu.wall));
+    row.push((
+        "generator CPU (% of a core)",
+        100.0 * cpu.generator / cpu.wall,
+    ));
+    row.push((
+        "kernel softirq (% of a core)",
+        100.0 * cpu.softirq / cpu.wall,
+    ));
+    row.push(("others CPU (% of a core)", 100.0 * cpu.others / cpu.wall));
+}
+
+// ---------------------------------------------------------------- scenarios
+
+fn fanout(kind: Kind, size: usize) -> Row {
     const SUBSCRIBERS: usize = 100;
     const MESSAGES: u64 = 20_000;
-    // Room for the whole burst, so that loss would be staps' doing.
-    let server = Server::start(&format!(
-        "[staps]\nlisten = 127.0.0.1:0\n[limits]\nqueue_length = {MESSAGES}\nmax_clients_per_channel = 0\n"
-    ));
+    // Room for the whole burst, so that any loss would be the server's doing.
+    let server = Server::start(
+        kind,
+        &format!("[limits]\nqueue_length = {MESSAGES}\nmax_clients_per_channel = 0\n"),
+    );
     let path = format!("/{}", uuid::Uuid::new_v4());
     let epoch = Instant::now();
+    let done = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicU64::new(0));
     let barrier = Arc::new(Barrier::new(SUBSCRIBERS + 1));
     let subscribers: Vec<_> = (0..SUBSCRIBERS)
         .map(|_| {
             let ws = connect(server.addr, &path);
-            let (progress, barrier) = (Arc::clone(&progress), Arc::clone(&barrier));
-            thread::Builder::new()
-                .stack_size(256 * 1024)
-                .spawn(move || {
-                    barrier.wait();
-                    receive(ws, epoch, MESSAGES, progress)
-                })
-                .unwrap()
+            let (done, progress, barrier) = (
+                Arc::clone(&done),
+                Arc::clone(&progress),
+                Arc::clone(&barrier),
+            );
+            spawn_small(move || {
+                barrier.wait();
+                receive(ws, epoch, MESSAGES, &done, &progress)
+            })
         })
         .collect();
     let mut publisher = connect(server.addr, &path);
@@ -313,53 +414,281 @@ fn fanout(size: usize) {
         }
     }
     publisher.flush().unwrap();
+    done.store(true, Ordering::Relaxed);
     let results: Vec<Received> = subscribers.into_iter().map(|t| t.join().unwrap()).collect();
-    let cpu = cpu.stop();
+    let mut cpu = cpu.stop();
+    // The receivers' quiet wait is not the server's time.
+    let lossy = results.iter().any(|r| r.count < MESSAGES);
+    if lossy {
+        cpu.wall -= QUIET.as_secs_f64();
+    }
     let delivered: u64 = results.iter().map(|r| r.count).sum();
-    let disorder: u64 = results.iter().map(|r| r.out_of_order).sum();
     let mut lat: Vec<u64> = results
         .iter()
         .flat_map(|r| r.latencies.iter().copied())
         .collect();
     lat.sort_unstable();
-    let expected = MESSAGES * SUBSCRIBERS as u64;
-    println!(
-        "fanout {size} B: {delivered}/{expected} delivered, {disorder} out of order, {:.0} msg/s, {:.1} MB/s, latency p50 {:.0} µs p99 {:.0} µs",
-        delivered as f64 / cpu.3,
-        delivered as f64 * size as f64 / cpu.3 / 1e6,
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99),
-    );
-    report_cpu("fanout", cpu, delivered as f64, "delivery");
+    let expected = (MESSAGES * SUBSCRIBERS as u64) as f64;
+    let mut row = vec![
+        ("delivered msg/s", delivered as f64 / cpu.wall),
+        ("MB/s", delivered as f64 * size as f64 / cpu.wall / 1e6),
+        ("lost (%)", 100.0 * (expected - delivered as f64) / expected),
+        (
+            "out of order",
+            results.iter().map(|r| r.out_of_order).sum::<u64>() as f64,
+        ),
+        ("latency p50 (ms)", percentile(&lat, 0.5) / 1000.0),
+        ("latency p99 (ms)", percentile(&lat, 0.99) / 1000.0),
+    ];
+    cpu_rows(&mut row, cpu, delivered as f64);
+    row
+}
+
+fn many(kind: Kind) -> Row {
+    const CHANNELS: usize = 500;
+    const RATE: u64 = 20;
+    const SECONDS: u64 = 10;
+    let server = Server::start(kind, "[limits]\nmax_connections = 0\n");
+    let epoch = Instant::now();
+    let start = Arc::new(Barrier::new(2 * CHANNELS + 1));
+    let clients: Vec<_> = (0..CHANNELS)
+        .flat_map(|_| {
+            let path = format!("/{}", uuid::Uuid::new_v4());
+            [connect(server.addr, &path), connect(server.addr, &path)]
+        })
+        .enumerate()
+        .map(|(n, mut ws)| {
+            let start = Arc::clone(&start);
+            spawn_small(move || {
+                let mut got = Received::default();
+                let mut payload = vec![0u8; 128];
+                start.wait();
+                // Spread the clients' send times over the first interval.
+                let interval = Duration::from_nanos(1_000_000_000 / RATE);
+                let mut next = Instant::now() + interval * (n as u32 % 50) / 50;
+                let end = Instant::now() + Duration::from_secs(SECONDS);
+                let mut seq = 0;
+                loop {
+                    let now = Instant::now();
+                    if now >= next && now < end {
+                        stamp(epoch, &mut payload, seq);
+                        seq += 1;
+                        if ws.send(Message::binary(payload.clone())).is_err() {
+                            break;
+                        }
+                        next += interval;
+                        continue;
+                    }
+                    if now >= end + QUIET {
+                        break;
+                    }
+                    let wait = if now < end {
+                        next - now
+                    } else {
+                        end + QUIET - now
+                    };
+                    let _ = ws
+                        .get_mut()
+                        .set_read_timeout(Some(wait.max(Duration::from_millis(1))));
+                    match ws.read() {
+                        Ok(Message::Binary(data)) => {
+                            let (latency, _) = read_stamp(epoch, &data);
+                            got.count += 1;
+                            got.latencies.push(latency);
+                        }
+                        Ok(_) => {}
+                        Err(tungstenite::Error::Io(e))
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(_) => break,
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+    start.wait();
+    let cpu = Cpu::start(&[server.pid()]);
+    let results: Vec<Received> = clients.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut cpu = cpu.stop();
+    cpu.wall -= QUIET.as_secs_f64();
+    let delivered: u64 = results.iter().map(|r| r.count).sum();
+    let mut lat: Vec<u64> = results
+        .iter()
+        .flat_map(|r| r.latencies.iter().copied())
+        .collect();
+    lat.sort_unstable();
+    let expected = (2 * CHANNELS as u64 * RATE * SECONDS) as f64;
+    let mut row = vec![
+        (
+            "delivered/expected (%)",
+            100.0 * delivered as f64 / expected,
+        ),
+        ("latency p50 (ms)", percentile(&lat, 0.5) / 1000.0),
+        ("latency p99 (ms)", percentile(&lat, 0.99) / 1000.0),
+        ("latency p99.9 (ms)", percentile(&lat, 0.999) / 1000.0),
+    ];
+    cpu_rows(&mut row, cpu, delivered as f64);
+    row
+}
+
+/// A raw websocket connection: the handshake by hand, no thread, no buffer
+/// beyond the kernel's, so that thousands cost the generator little.
+fn raw_connect(addr: SocketAddr, path: &str) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(DEADLINE))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte)?;
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        return Err(std::io::Error::other(
+            String::from_utf8_lossy(&head).into_owned(),
+        ));
+    }
+    Ok(s)
+}
+
+/// A masked client text frame.
+fn raw_frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Read one small server frame's payload.
+fn raw_read(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h)?;
+    let mut p = vec![0u8; (h[1] & 0x7f) as usize];
+    s.read_exact(&mut p)?;
+    Ok(p)
+}
+
+fn idle(kind: Kind, connections: usize) -> Row {
+    let server = Server::start(kind, "[limits]\nmax_connections = 0\n");
+    // Settle, then measure what the server holds before any client.
+    let base_rss = status_field(server.pid(), "VmRSS");
+    let base_threads = status_field(server.pid(), "Threads");
+    let started = Instant::now();
+    let mut held = Vec::with_capacity(connections);
+    for _ in 0..connections / 2 {
+        let path = format!("/{}", uuid::Uuid::new_v4());
+        held.push(raw_connect(server.addr, &path).expect("connect"));
+        held.push(raw_connect(server.addr, &path).expect("connect"));
+    }
+    let connect_rate = connections as f64 / started.elapsed().as_secs_f64();
+    // Let the server's threads settle into their idle waits.
+    thread::sleep(Duration::from_secs(1));
+    let rss = status_field(server.pid(), "VmRSS");
+    let threads = status_field(server.pid(), "Threads");
+    // Messages still cross: ten pairs, spread over the connections.
+    let mut crossed = 0;
+    for k in 0..10 {
+        let i = (k * connections / 10) & !1;
+        let (a, b) = held.split_at_mut(i + 1);
+        let sender = &mut a[i];
+        let receiver = &mut b[0];
+        let message = format!("pair {k}");
+        if sender.write_all(&raw_frame(message.as_bytes())).is_ok()
+            && raw_read(receiver).is_ok_and(|p| p == message.as_bytes())
+        {
+            crossed += 1;
+        }
+    }
+    vec![
+        ("connections held", connections as f64),
+        (
+            "RSS per connection (KiB)",
+            (rss.saturating_sub(base_rss)) as f64 / connections as f64,
+        ),
+        ("server RSS (MiB)", rss as f64 / 1024.0),
+        ("server threads", threads as f64),
+        (
+            "threads per connection",
+            (threads.saturating_sub(base_threads)) as f64 / connections as f64,
+        ),
+        ("connections/s", connect_rate),
+        ("pairs that crossed (of 10)", crossed as f64),
+    ]
+}
+
+fn churn(kind: Kind) -> Row {
+    const WORKERS: usize = 16;
+    const SECONDS: u64 = 5;
+    let server = Server::start(kind, "");
+    let addr = server.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let trips = Arc::new(AtomicU64::new(0));
+    let cpu = Cpu::start(&[server.pid()]);
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let (stop, trips) = (Arc::clone(&stop), Arc::clone(&trips));
+            spawn_small(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let path = format!("/{}", uuid::Uuid::new_v4());
+                    let (Ok(mut a), Ok(mut b)) =
+                        (raw_connect(addr, &path), raw_connect(addr, &path))
+                    else {
+                        continue;
+                    };
+                    if a.write_all(&raw_frame(b"hello")).is_ok() && raw_read(&mut b).is_ok() {
+                        trips.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_secs(SECONDS));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let cpu = cpu.stop();
+    let trips = trips.load(Ordering::Relaxed) as f64;
+    let mut row = vec![("round trips/s", trips / cpu.wall)];
+    cpu_rows(&mut row, cpu, trips);
+    row
 }
 
 /// `per_instance` clients on each of two instances: one publishes on the
-/// first, all of the second's receive.
-fn relay(per_instance: usize) {
+/// first, every client of the second receives.
+fn relay(per_instance: usize) -> Option<Row> {
     const MESSAGES: u64 = 20_000;
     const WINDOW: u64 = 256;
-    let exchange = format!("staps-bench-{}", uuid::Uuid::new_v4());
-    let config = format!(
-        "[staps]\nlisten = 127.0.0.1:0\namqp = amqp://guest:guest@127.0.0.1:5672/\nexchange = {exchange}\n"
-    );
     if TcpStream::connect("127.0.0.1:5672").is_err() {
-        println!("relay: SKIPPED, no broker on 127.0.0.1:5672");
-        return;
+        println!("\nrelay: SKIPPED, no broker on 127.0.0.1:5672");
+        return None;
     }
-    let one = Server::start(&config);
-    let two = Server::start(&config);
+    let exchange = format!("staps-bench-{}", uuid::Uuid::new_v4());
+    let config = format!("amqp = amqp://guest:guest@127.0.0.1:5672/\nexchange = {exchange}\n");
+    let one = Server::start(Kind::Staps, &config);
+    let two = Server::start(Kind::Staps, &config);
     let path = format!("/{}", uuid::Uuid::new_v4());
     let epoch = Instant::now();
-    // Receivers on instance two; the publisher and the rest on instance one.
+    let done = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicU64::new(0));
     let barrier = Arc::new(Barrier::new(per_instance + 1));
     let receivers: Vec<_> = (0..per_instance)
         .map(|_| {
             let ws = connect(two.addr, &path);
-            let (progress, barrier) = (Arc::clone(&progress), Arc::clone(&barrier));
-            thread::spawn(move || {
+            let (done, progress, barrier) = (
+                Arc::clone(&done),
+                Arc::clone(&progress),
+                Arc::clone(&barrier),
+            );
+            spawn_small(move || {
                 barrier.wait();
-                receive(ws, epoch, MESSAGES, progress)
+                receive(ws, epoch, MESSAGES, &done, &progress)
             })
         })
         .collect();
@@ -367,7 +696,7 @@ fn relay(per_instance: usize) {
         .map(|_| connect(one.addr, &path))
         .collect();
     let mut publisher = connect(one.addr, &path);
-    // Wait until the binding is in place: a probe crosses over.
+    // Both relays are connected and the binding is in place once a probe crosses.
     let mut probe = connect(two.addr, &path);
     probe
         .get_mut()
@@ -382,22 +711,20 @@ fn relay(per_instance: usize) {
         assert!(Instant::now() < deadline, "the relay never carried a probe");
     }
     drop(probe);
-    // The receivers' queues hold the probes; they skip text.
     barrier.wait();
     let cpu = Cpu::start(&[one.pid(), two.pid()]);
     let mut payload = vec![0u8; 64];
-    let receivers_total = per_instance as u64;
+    let n = per_instance as u64;
     for seq in 0..MESSAGES {
-        // A window on what has crossed, so that the measure is the sustained
-        // rate, not how fast the relay's queue fills and drops.
-        while seq * receivers_total > progress.load(Ordering::Relaxed) + WINDOW * receivers_total {
-            // Sleep, not spin: on two cores a spinning generator would take
-            // the CPU that staps and the broker need.
+        // A window on what has crossed: the sustained rate, not how fast the
+        // relay's queue fills up and drops.
+        while seq * n > progress.load(Ordering::Relaxed) + WINDOW * n {
             thread::sleep(Duration::from_micros(100));
         }
         stamp(epoch, &mut payload, seq);
         publisher.send(Message::binary(payload.clone())).unwrap();
     }
+    done.store(true, Ordering::Relaxed);
     let results: Vec<Received> = receivers.into_iter().map(|t| t.join().unwrap()).collect();
     let cpu = cpu.stop();
     let crossed: u64 = results.iter().map(|r| r.count).sum();
@@ -406,32 +733,112 @@ fn relay(per_instance: usize) {
         .flat_map(|r| r.latencies.iter().copied())
         .collect();
     lat.sort_unstable();
-    println!(
-        "relay 64 B, {per_instance}+{per_instance} clients: {crossed}/{} crossed, {:.0} relayed msg/s, latency p50 {:.0} µs p99 {:.0} µs",
-        MESSAGES * receivers_total,
-        MESSAGES as f64 / cpu.3,
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99),
-    );
-    report_cpu("relay", cpu, MESSAGES as f64, "relayed message");
+    let mut row = vec![
+        ("relayed msg/s", MESSAGES as f64 / cpu.wall),
+        (
+            "crossed/expected (%)",
+            100.0 * crossed as f64 / (MESSAGES * n) as f64,
+        ),
+        ("latency p50 (ms)", percentile(&lat, 0.5) / 1000.0),
+        ("latency p99 (ms)", percentile(&lat, 0.99) / 1000.0),
+    ];
+    // Per relayed message: both instances, their local deliveries included.
+    cpu_rows(&mut row, cpu, MESSAGES as f64);
+    Some(row)
+}
+
+/// Run `scenario` `runs` times against each server, alternating, fresh each time.
+fn compare(title: &str, runs: usize, with_wsbroad: bool, scenario: impl Fn(Kind) -> Row) {
+    let (mut s, mut w) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        s.push(scenario(Kind::Staps));
+        if with_wsbroad {
+            w.push(scenario(Kind::Wsbroad));
+        }
+    }
+    table(title, &s, &w);
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runs = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(3);
+    let names: Vec<&String> = args
+        .iter()
+        .filter(|a| !a.starts_with('-') && a.parse::<usize>().is_err())
         .collect();
-    let wanted = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
+    let wanted = |name: &str| names.is_empty() || names.iter().any(|a| *a == name);
+    let with_wsbroad = wsbroad().is_some();
+    if !with_wsbroad {
+        println!("NOTE: wsbroad is not on the PATH (`cargo install wsbroad`); staps alone.");
+    }
     println!(
-        "staps load generator, {} cores",
-        thread::available_parallelism().map_or(0, |n| n.get())
+        "## staps {} load run, {} cores, {}",
+        env!("CARGO_PKG_VERSION"),
+        thread::available_parallelism().map_or(0, |n| n.get()),
+        String::from_utf8_lossy(
+            &Command::new("date")
+                .arg("-u")
+                .output()
+                .map(|o| o.stdout)
+                .unwrap_or_default()
+        )
+        .trim()
     );
     if wanted("fanout") {
-        fanout(64);
-        fanout(4096);
+        compare(
+            "fan-out, 64 B, 1 -> 100, 20 000 messages",
+            runs,
+            with_wsbroad,
+            |k| fanout(k, 64),
+        );
+        compare(
+            "fan-out, 4 KiB, 1 -> 100, 20 000 messages",
+            runs,
+            with_wsbroad,
+            |k| fanout(k, 4096),
+        );
+    }
+    if wanted("many") {
+        compare(
+            "many channels: 500 x 2 clients, 20 msg/s of 128 B each, 10 s",
+            runs,
+            with_wsbroad,
+            many,
+        );
+    }
+    if wanted("idle") {
+        compare("idle: 2 000 connections", runs, with_wsbroad, |k| {
+            idle(k, 2_000)
+        });
+        compare("idle: 10 000 connections", 1, with_wsbroad, |k| {
+            idle(k, 10_000)
+        });
+    }
+    if wanted("churn") {
+        compare(
+            "churn: connect 2, one message, disconnect; 16 in parallel, 5 s",
+            runs,
+            with_wsbroad,
+            churn,
+        );
     }
     if wanted("relay") {
-        relay(1);
-        relay(5);
+        for n in [1, 5] {
+            let rows: Vec<Row> = (0..runs.min(2)).filter_map(|_| relay(n)).collect();
+            if !rows.is_empty() {
+                table(
+                    &format!(
+                        "relay: two instances on RabbitMQ, {n}+{n} clients, 20 000 messages of 64 B"
+                    ),
+                    &rows,
+                    &[],
+                );
+            }
+        }
     }
 }
