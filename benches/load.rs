@@ -544,12 +544,25 @@ fn raw_connect(addr: SocketAddr, path: &str) -> std::io::Result<TcpStream> {
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )?;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte)?;
-        head.push(byte[0]);
-    }
+    // Peek for the end of the head, then take exactly the head: a frame that
+    // follows stays in the socket (reading byte by byte made the generator
+    // the bottleneck of `churn`).
+    let mut buf = [0u8; 512];
+    let head = loop {
+        let n = s.peek(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if let Some(end) = buf[..n].windows(4).position(|w| w == b"\r\n\r\n") {
+            let mut head = vec![0u8; end + 4];
+            s.read_exact(&mut head)?;
+            break head;
+        }
+        if n == buf.len() {
+            return Err(std::io::Error::other("response head too long"));
+        }
+        thread::yield_now();
+    };
     if !head.starts_with(b"HTTP/1.1 101") {
         return Err(std::io::Error::other(
             String::from_utf8_lossy(&head).into_owned(),

@@ -9,11 +9,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::thread::{self, Thread};
 use std::time::Instant;
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use parking_lot::{Condvar, Mutex};
 
 use crate::config::{Limits, SlowClient};
@@ -152,6 +154,12 @@ impl Close {
 }
 
 /// A channel member as the other members see it: a queue and a way to close it.
+///
+/// The writer sleeps with `park`, not in crossbeam's blocking `recv`: that one
+/// spins and calls `sched_yield` before it sleeps, every time a queue runs
+/// empty, which with thousands of writers cost more than the messages did.
+/// `idle` says the writer is (about to be) parked; a sender that finds it set
+/// unparks it, so a busy writer costs its senders no wake-up at all.
 #[derive(Debug)]
 pub struct Peer {
     /// Unique for the life of the process.
@@ -159,6 +167,8 @@ pub struct Peer {
     tx: Sender<Out>,
     closing: AtomicBool,
     close: Mutex<Option<Close>>,
+    writer: OnceLock<Thread>,
+    idle: AtomicBool,
 }
 
 impl Peer {
@@ -170,8 +180,62 @@ impl Peer {
             tx,
             closing: AtomicBool::new(false),
             close: Mutex::new(None),
+            writer: OnceLock::new(),
+            idle: AtomicBool::new(false),
         };
         (Arc::new(peer), rx)
+    }
+
+    /// Queue `out` and wake the writer if it sleeps. The queue is never
+    /// disconnected while the peer exists, so sending cannot fail.
+    fn push(&self, out: Out) {
+        let _ = self.tx.send(out);
+        // Pairs with the fence in `next`: either the writer sees the message
+        // before it parks, or we see it idle and unpark it.
+        fence(Ordering::SeqCst);
+        if self.idle.load(Ordering::Relaxed) && self.idle.swap(false, Ordering::AcqRel) {
+            if let Some(writer) = self.writer.get() {
+                writer.unpark();
+            }
+        }
+    }
+
+    /// For the writer thread, once, before it reads its queue: who to unpark.
+    pub fn attach_writer(&self) {
+        let _ = self.writer.set(thread::current());
+    }
+
+    /// The writer's next item, waiting until `deadline` (or forever).
+    pub fn next(
+        &self,
+        rx: &Receiver<Out>,
+        deadline: Option<Instant>,
+    ) -> Result<Out, RecvTimeoutError> {
+        loop {
+            match rx.try_recv() {
+                Ok(out) => return Ok(out),
+                Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
+                Err(TryRecvError::Empty) => {}
+            }
+            self.idle.store(true, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            if let Ok(out) = rx.try_recv() {
+                self.idle.store(false, Ordering::Relaxed);
+                return Ok(out);
+            }
+            match deadline {
+                Some(at) => {
+                    let now = Instant::now();
+                    if now >= at {
+                        self.idle.store(false, Ordering::Relaxed);
+                        return Err(RecvTimeoutError::Timeout);
+                    }
+                    thread::park_timeout(at - now);
+                }
+                None => thread::park(),
+            }
+            self.idle.store(false, Ordering::Relaxed);
+        }
     }
 
     /// Start closing with `close`; the first call wins. Returns whether this call did.
@@ -183,9 +247,7 @@ impl Peer {
         *slot = Some(close);
         self.closing.store(true, Ordering::Release);
         drop(slot);
-        // The writer may be waiting for work; the queue is never disconnected
-        // while the peer exists, so this cannot fail.
-        let _ = self.tx.send(Out::Wake);
+        self.push(Out::Wake);
         true
     }
 
@@ -203,7 +265,7 @@ impl Peer {
     /// that floods pings and never reads must not grow the server's memory.
     pub fn send_control(&self, frame: Frame, limits: &Limits) {
         if !self.is_closing() && self.tx.len() < limits.queue_length {
-            let _ = self.tx.send(Out::Frame(frame));
+            self.push(Out::Frame(frame));
         }
     }
 }
@@ -233,7 +295,7 @@ impl Peer {
                 }
             };
         }
-        let _ = self.tx.send(Out::Frame(frame.clone()));
+        self.push(Out::Frame(frame.clone()));
         Delivery::Queued
     }
 }

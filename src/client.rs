@@ -11,7 +11,6 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -27,7 +26,7 @@ use crate::server::{CLOSE_TIMEOUT, Server, Slot};
 use crate::stats;
 
 /// Stack of a writer thread: it only moves bytes from its queue to the socket.
-const WRITER_STACK: usize = 64 * 1024;
+pub const WRITER_STACK: usize = 64 * 1024;
 
 /// Frames gathered into one vectored write (IOV_MAX is 1024).
 const BATCH: usize = 64;
@@ -113,21 +112,20 @@ fn websocket(
     stats::add(&server.stats.connections_total, 1);
 
     let started = stream.try_clone().and_then(|out| {
-        let server = Arc::clone(server);
+        let server2 = Arc::clone(server);
         let peer = Arc::clone(&peer);
         let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
-        thread::Builder::new()
-            .name("staps-writer".into())
-            .stack_size(WRITER_STACK)
-            .spawn(move || {
+        server
+            .writers
+            .run(move || {
                 let _slot = slot;
                 let handshake = http::switching_protocols(&accept);
-                write_loop(out, &queue, &peer, &handshake, &server, &done_rx)
+                write_loop(out, &queue, &peer, &handshake, &server2, &done_rx)
             })
-            .map(|writer| (writer, done_tx))
+            .map(|()| done_tx)
     });
-    let (writer, done) = match started {
-        Ok(started) => started,
+    let done = match started {
+        Ok(done) => done,
         Err(e) => {
             log::warn!("cannot start a writer thread: {e}");
             server.registry.leave(&path, &channel, &peer);
@@ -146,7 +144,6 @@ fn websocket(
     stream.drain(Instant::now() + CLOSE_TIMEOUT + Duration::from_secs(1));
     // Dropping `done` tells the writer the reader is finished.
     drop(done);
-    let _ = writer.join();
 }
 
 /// The reader's half of the socket. tungstenite wants to write pongs itself;
@@ -268,6 +265,7 @@ fn write_loop(
     server: &Server,
     reader_done: &Receiver<()>,
 ) {
+    peer.attach_writer();
     let ping = server.settings.limits.ping_interval;
     // A client that takes nothing for as long as the ping timeout is gone.
     let stall = if ping.is_zero() {
@@ -310,10 +308,7 @@ fn write_batches(
     let mut next_ping = (!ping.is_zero()).then(|| Instant::now() + ping);
     let mut batch: Vec<Frame> = Vec::with_capacity(BATCH);
     loop {
-        let first = match next_ping {
-            Some(at) => queue.recv_deadline(at),
-            None => queue.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
+        let first = peer.next(queue, next_ping);
         match first {
             Ok(Out::Frame(frame)) => batch.push(frame),
             Ok(Out::Wake) | Err(RecvTimeoutError::Timeout) => {}

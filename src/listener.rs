@@ -410,10 +410,9 @@ fn accept_loop(listener: &Listener, server: &Arc<Server>) {
             continue;
         };
         let server2 = Arc::clone(server);
-        let spawned = thread::Builder::new()
-            .name("staps-client".into())
-            .stack_size(READER_STACK)
-            .spawn(move || crate::client::serve(stream, server2, slot));
+        let spawned = server
+            .readers
+            .run(move || crate::client::serve(stream, server2, slot));
         if let Err(e) = spawned {
             server.refuse();
             complain("cannot start a thread for a new connection", &e);

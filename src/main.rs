@@ -16,6 +16,7 @@ mod relay;
 mod server;
 mod signals;
 mod stats;
+mod threads;
 
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -5,15 +5,23 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::channels::{Close, Registry};
+use crate::client::WRITER_STACK;
 use crate::config::Settings;
 use crate::daemon;
 use crate::listener::Listener;
+use crate::listener::READER_STACK;
 use crate::relay::{Relay, State};
 use crate::stats::{self, Stats};
+use crate::threads::Pool;
 
 /// How long clients get to answer the close frame when the server stops, and
 /// how long one connection lingers after its close frame before it is cut.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Finished connection threads kept waiting for new connections, per kind:
+/// enough for bursts of reconnecting clients, few enough that idle ones cost
+/// little (about 20 KiB of stack each).
+const IDLE_THREADS: usize = 64;
 
 /// Everything the connection threads share.
 pub struct Server {
@@ -25,6 +33,10 @@ pub struct Server {
     pub stats: Stats,
     /// The link to other instances, when `amqp` is set.
     pub relay: Option<Relay>,
+    /// Threads that read connections (handshake, then frames).
+    pub readers: Arc<Pool>,
+    /// Threads that write to connections.
+    pub writers: Arc<Pool>,
     next_id: AtomicU64,
     sockets: AtomicUsize,
     max_sockets: usize,
@@ -47,6 +59,8 @@ impl Server {
         Server {
             registry: Registry::new(relay.as_ref().map(Relay::control)),
             relay,
+            readers: Pool::new("staps-client", READER_STACK, IDLE_THREADS),
+            writers: Pool::new("staps-writer", WRITER_STACK, IDLE_THREADS),
             // Sockets still in their handshake need room beyond the websocket
             // clients, or a full server could not even answer 503.
             max_sockets: if max == 0 {
