@@ -594,11 +594,27 @@ fn idle(kind: Kind, connections: usize) -> Row {
     let base_threads = status_field(server.pid(), "Threads");
     let started = Instant::now();
     let mut held = Vec::with_capacity(connections);
+    let mut failure = None;
     for _ in 0..connections / 2 {
         let path = format!("/{}", uuid::Uuid::new_v4());
-        held.push(raw_connect(server.addr, &path).expect("connect"));
-        held.push(raw_connect(server.addr, &path).expect("connect"));
+        match (
+            raw_connect(server.addr, &path),
+            raw_connect(server.addr, &path),
+        ) {
+            (Ok(a), Ok(b)) => held.extend([a, b]),
+            (Err(e), _) | (_, Err(e)) => {
+                failure = Some(e);
+                break;
+            }
+        }
     }
+    if let Some(e) = failure {
+        println!(
+            "\nidle {connections}: the server stopped taking connections after {}: {e}",
+            held.len()
+        );
+    }
+    let connections = held.len().max(2);
     let connect_rate = connections as f64 / started.elapsed().as_secs_f64();
     // Let the server's threads settle into their idle waits.
     thread::sleep(Duration::from_secs(1));

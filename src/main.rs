@@ -121,6 +121,7 @@ fn main() -> ExitCode {
     };
     let amqp = settings.amqp.clone();
     let server = Arc::new(server::Server::new(settings, relay));
+    server.check_system_limits();
     if let (Some(url), Some(ends)) = (amqp, relay_ends) {
         // Checked with the configuration; parsing again cannot fail.
         let started = relay::Broker::parse(&url)

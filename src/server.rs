@@ -89,6 +89,55 @@ impl Server {
         (n < self.max_sockets).then_some(slot)
     }
 
+    /// Warn when the system would stop staps short of `max_connections`:
+    /// every client takes two threads, each with four memory mappings (stack,
+    /// its guard page, the signal stack and its guard), and one descriptor.
+    /// Quiet when all is well.
+    pub fn check_system_limits(&self) {
+        let clients = self.max_sockets.min(1 << 24) as u64;
+        if self.settings.limits.max_connections == 0 {
+            return;
+        }
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let check = |what: &str, have: Option<u64>, need: u64, fix: &str| {
+            if let Some(have) = have.filter(|have| *have < need) {
+                log::warn!(
+                    "{what} is {have}, about {} clients' worth; max_connections needs {need}: {fix}",
+                    have * clients / need.max(1)
+                );
+            }
+        };
+        check(
+            "vm.max_map_count",
+            read("/proc/sys/vm/max_map_count"),
+            8 * clients + 1024,
+            "raise it (the Debian package ships /usr/lib/sysctl.d/50-staps.conf)",
+        );
+        check(
+            "kernel.pid_max",
+            read("/proc/sys/kernel/pid_max"),
+            2 * clients + 1024,
+            "raise kernel.pid_max",
+        );
+        let mut nofile = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills the struct we own.
+        let have = (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) } == 0)
+            .then_some(nofile.rlim_cur);
+        check(
+            "the open files limit",
+            have,
+            clients + 64,
+            "raise it (LimitNOFILE= under systemd, ulimit -n elsewhere)",
+        );
+    }
+
     /// Count a connection that was turned away.
     pub fn refuse(&self) {
         stats::add(&self.stats.refused, 1);

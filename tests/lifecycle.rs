@@ -302,3 +302,22 @@ fn quiet_logs_warnings_but_no_info() {
     assert!(log.contains("WARN") && log.contains("bogus"), "{log}");
     assert!(!log.contains("INFO"), "{log}");
 }
+
+#[test]
+fn system_limits_short_of_max_connections_are_reported() {
+    // Ten million clients need more mappings, pids and descriptors than any
+    // machine here allows; ten need nothing special.
+    let mut big = Staps::start(&tcp_config("max_connections = 10000000"), &[]);
+    let line = big.wait_log("vm.max_map_count is");
+    assert!(
+        line.contains("WARN") && line.contains("clients' worth"),
+        "{line}"
+    );
+    big.wait_log("the open files limit is");
+    let small = Staps::start(&tcp_config("max_connections = 10"), &[]);
+    assert!(
+        !small.lines().iter().any(|l| l.contains("clients' worth")),
+        "{:?}",
+        small.lines()
+    );
+}
