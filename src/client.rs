@@ -36,12 +36,12 @@ const BATCH: usize = 64;
 const READ_BUFFER: usize = 4096;
 
 /// Serve one accepted connection from its handshake to its end.
-pub fn serve(mut stream: Stream, server: Arc<Server>, slot: Slot) {
+pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot) {
     let limits = &server.settings.limits;
     let deadline = Instant::now() + limits.handshake_timeout;
     // A client that does not read its answer must not hold the thread forever.
     let _ = stream.set_write_timeout(Some(limits.handshake_timeout));
-    let (request, rest) = match http::read_head(&mut stream, deadline) {
+    let (request, rest) = match http::read_head(&stream, deadline) {
         Ok(head) => head,
         Err(e) => {
             let response = match e {
@@ -55,7 +55,7 @@ pub fn serve(mut stream: Stream, server: Arc<Server>, slot: Slot) {
                 }
             };
             server.refuse();
-            respond(stream, &response);
+            respond(&stream, &response);
             return;
         }
     };
@@ -64,15 +64,15 @@ pub fn serve(mut stream: Stream, server: Arc<Server>, slot: Slot) {
             if response.status >= 400 {
                 server.refuse();
             }
-            respond(stream, &response);
+            respond(&stream, &response);
         }
         Route::Upgrade { path, accept } => websocket(stream, &server, slot, path, accept, rest),
     }
 }
 
 /// Send `response` and close. Failures mean the client is gone: nothing to do.
-fn respond(mut stream: Stream, response: &http::Response) {
-    let _ = stream.write_all(&response.to_bytes());
+fn respond(stream: &Stream, response: &http::Response) {
+    let _ = (&mut &*stream).write_all(&response.to_bytes());
     let _ = stream.shutdown(Shutdown::Write);
     // Read what the client still sends until it closes, so that closing does not
     // reset the connection and destroy the response before the client reads it.
@@ -103,7 +103,7 @@ fn websocket(
                 JoinError::ShuttingDown => http::Response::error(503, "server is shutting down"),
             };
             log::debug!("client {id} refused on {path}: {e:?}");
-            respond(stream, &response);
+            respond(&stream, &response);
             return;
         }
     };
@@ -111,7 +111,10 @@ fn websocket(
     log::debug!("client {id} joined channel {fp} ({path})");
     stats::add(&server.stats.connections_total, 1);
 
-    let started = stream.try_clone().and_then(|out| {
+    // Reader and writer share the socket: one descriptor per client.
+    let stream = Arc::new(stream);
+    let started = {
+        let out = Arc::clone(&stream);
         let server2 = Arc::clone(server);
         let peer = Arc::clone(&peer);
         let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
@@ -123,19 +126,19 @@ fn websocket(
                 write_loop(out, &queue, &peer, &handshake, &server2, &done_rx)
             })
             .map(|()| done_tx)
-    });
+    };
     let done = match started {
         Ok(done) => done,
         Err(e) => {
             log::warn!("cannot start a writer thread: {e}");
             server.registry.leave(&path, &channel, &peer);
             server.refuse();
-            respond(stream, &http::Response::error(503, "server is busy"));
+            respond(&stream, &http::Response::error(503, "server is busy"));
             return;
         }
     };
 
-    let (close, mut stream) = read_loop(stream, rest, server, &peer, &channel, &path);
+    let (close, stream) = read_loop(stream, rest, server, &peer, &channel, &path);
     peer.close(close);
     server.registry.leave(&path, &channel, &peer);
     log::debug!("client {id} left channel {fp}: {close:?}");
@@ -149,13 +152,13 @@ fn websocket(
 /// The reader's half of the socket. tungstenite wants to write pongs itself;
 /// staps queues them for the writer instead, so writes here go nowhere.
 struct ReadHalf {
-    stream: Stream,
+    stream: Arc<Stream>,
     last_rx: Instant,
 }
 
 impl Read for ReadHalf {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.stream.read(buf)?;
+        let n = (&mut &*self.stream).read(buf)?;
         if n > 0 {
             self.last_rx = Instant::now();
         }
@@ -176,13 +179,13 @@ impl Write for ReadHalf {
 /// Read messages and publish them until the connection ends; returns how it
 /// ends, and the socket for the last reads.
 fn read_loop(
-    stream: Stream,
+    stream: Arc<Stream>,
     rest: Vec<u8>,
     server: &Server,
     peer: &Arc<Peer>,
     channel: &Channel,
     path: &Arc<str>,
-) -> (Close, Stream) {
+) -> (Close, Arc<Stream>) {
     let limits = &server.settings.limits;
     let ping = limits.ping_interval;
     let _ = stream.set_read_timeout((!ping.is_zero()).then_some(ping));
@@ -258,7 +261,7 @@ fn close_for(e: &WsError, id: u64) -> Close {
 /// connection closes; then the close frame, and cut the connection when the
 /// reader is done or after [`CLOSE_TIMEOUT`].
 fn write_loop(
-    mut out: Stream,
+    out: Arc<Stream>,
     queue: &Receiver<Out>,
     peer: &Peer,
     handshake: &[u8],
@@ -274,9 +277,9 @@ fn write_loop(
         2 * ping
     };
     let _ = out.set_write_timeout(Some(stall));
-    let result = out
+    let result = (&mut &*out)
         .write_all(handshake)
-        .and_then(|()| write_batches(&mut out, queue, peer, ping));
+        .and_then(|()| write_batches(&out, queue, peer, ping));
     let close = match result {
         Ok(()) => peer.close_reason().unwrap_or(Close::ABORT),
         Err(e) => {
@@ -287,7 +290,7 @@ fn write_loop(
     };
     if close.send {
         let _ = out.set_write_timeout(Some(CLOSE_TIMEOUT));
-        if out
+        if (&mut &*out)
             .write_all(Frame::close(close.code, close.reason).as_bytes())
             .is_ok()
         {
@@ -300,7 +303,7 @@ fn write_loop(
 
 /// Drain the queue into the socket until the peer is closing.
 fn write_batches(
-    out: &mut Stream,
+    out: &Stream,
     queue: &Receiver<Out>,
     peer: &Peer,
     ping: Duration,

@@ -62,7 +62,7 @@ pub enum HeadError {
 }
 
 /// Read one request head, by `deadline`. Returns it and the bytes that came after it.
-pub fn read_head(stream: &mut Stream, deadline: Instant) -> Result<(Request, Vec<u8>), HeadError> {
+pub fn read_head(stream: &Stream, deadline: Instant) -> Result<(Request, Vec<u8>), HeadError> {
     let mut buf = vec![0u8; MAX_HEAD];
     let mut filled = 0;
     loop {

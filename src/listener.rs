@@ -44,14 +44,6 @@ macro_rules! both {
 }
 
 impl Stream {
-    /// A second handle on the same socket, for the writer thread.
-    pub fn try_clone(&self) -> io::Result<Stream> {
-        Ok(match self {
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-        })
-    }
-
     /// Shut down one or both directions; wakes a thread blocked on the socket.
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         both!(self, s => s.shutdown(how))
@@ -68,10 +60,10 @@ impl Stream {
     }
 
     /// Write every slice, however many calls it takes (`write_all` for iovecs).
-    pub fn write_all_vectored(&mut self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    pub fn write_all_vectored(&self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
         IoSlice::advance_slices(&mut bufs, 0);
         while !bufs.is_empty() {
-            match self.write_vectored(bufs) {
+            match (&mut &*self).write_vectored(bufs) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => IoSlice::advance_slices(&mut bufs, n),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -82,20 +74,20 @@ impl Stream {
     }
 
     /// Read and discard until the peer closes, the connection fails, or `deadline`.
-    pub fn drain(&mut self, deadline: Instant) {
+    pub fn drain(&self, deadline: Instant) {
         let mut sink = [0u8; 512];
         while matches!(self.read_until(&mut sink, deadline), Ok(n) if n > 0) {}
     }
 
     /// Read until `deadline`, then fail with `TimedOut`.
-    pub fn read_until(&mut self, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
+    pub fn read_until(&self, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(io::ErrorKind::TimedOut.into());
             }
             self.set_read_timeout(Some(left))?;
-            match self.read(buf) {
+            match (&mut &*self).read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_timeout(&e) => return Err(io::ErrorKind::TimedOut.into()),
                 other => return other,
@@ -112,19 +104,30 @@ pub fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-impl Read for Stream {
+// Reader and writer threads share one socket (one descriptor per client, not
+// two): reads and writes go through shared references, as std allows.
+impl Read for &Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        both!(self, s => s.read(buf))
+        match self {
+            Stream::Tcp(s) => (&mut &*s).read(buf),
+            Stream::Unix(s) => (&mut &*s).read(buf),
+        }
     }
 }
 
-impl Write for Stream {
+impl Write for &Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        both!(self, s => s.write(buf))
+        match self {
+            Stream::Tcp(s) => (&mut &*s).write(buf),
+            Stream::Unix(s) => (&mut &*s).write(buf),
+        }
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        both!(self, s => s.write_vectored(bufs))
+        match self {
+            Stream::Tcp(s) => (&mut &*s).write_vectored(bufs),
+            Stream::Unix(s) => (&mut &*s).write_vectored(bufs),
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
