@@ -307,6 +307,32 @@ fn receive(
     r
 }
 
+/// `n` clients on `path`, each reading in a thread of its own once `barrier`
+/// opens.
+#[allow(clippy::too_many_arguments)]
+fn receivers(
+    addr: SocketAddr,
+    path: &str,
+    n: usize,
+    epoch: Instant,
+    expected: u64,
+    done: &Arc<AtomicBool>,
+    progress: &Arc<AtomicU64>,
+    barrier: &Arc<Barrier>,
+) -> Vec<thread::JoinHandle<Received>> {
+    (0..n)
+        .map(|_| {
+            let ws = connect(addr, path);
+            let (done, progress, barrier) =
+                (Arc::clone(done), Arc::clone(progress), Arc::clone(barrier));
+            spawn_small(move || {
+                barrier.wait();
+                receive(ws, epoch, expected, &done, &progress)
+            })
+        })
+        .collect()
+}
+
 fn spawn_small<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> thread::JoinHandle<T> {
     thread::Builder::new()
         .stack_size(128 * 1024)
@@ -388,20 +414,16 @@ fn fanout(kind: Kind, size: usize) -> Row {
     let done = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicU64::new(0));
     let barrier = Arc::new(Barrier::new(SUBSCRIBERS + 1));
-    let subscribers: Vec<_> = (0..SUBSCRIBERS)
-        .map(|_| {
-            let ws = connect(server.addr, &path);
-            let (done, progress, barrier) = (
-                Arc::clone(&done),
-                Arc::clone(&progress),
-                Arc::clone(&barrier),
-            );
-            spawn_small(move || {
-                barrier.wait();
-                receive(ws, epoch, MESSAGES, &done, &progress)
-            })
-        })
-        .collect();
+    let subscribers = receivers(
+        server.addr,
+        &path,
+        SUBSCRIBERS,
+        epoch,
+        MESSAGES,
+        &done,
+        &progress,
+        &barrier,
+    );
     let mut publisher = connect(server.addr, &path);
     barrier.wait();
     let cpu = Cpu::start(&[server.pid()]);
@@ -707,20 +729,16 @@ fn relay(per_instance: usize) -> Option<Row> {
     let done = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicU64::new(0));
     let barrier = Arc::new(Barrier::new(per_instance + 1));
-    let receivers: Vec<_> = (0..per_instance)
-        .map(|_| {
-            let ws = connect(two.addr, &path);
-            let (done, progress, barrier) = (
-                Arc::clone(&done),
-                Arc::clone(&progress),
-                Arc::clone(&barrier),
-            );
-            spawn_small(move || {
-                barrier.wait();
-                receive(ws, epoch, MESSAGES, &done, &progress)
-            })
-        })
-        .collect();
+    let receivers = receivers(
+        two.addr,
+        &path,
+        per_instance,
+        epoch,
+        MESSAGES,
+        &done,
+        &progress,
+        &barrier,
+    );
     let _locals: Vec<Ws> = (1..per_instance)
         .map(|_| connect(one.addr, &path))
         .collect();

@@ -399,10 +399,10 @@ fn survive(
     assert!(line.contains("relay=up"), "{line}");
 }
 
-#[test]
-fn the_relay_survives_a_broker_restart() {
+/// Two instances through a broker fault: skipped without a broker or rabbitmqctl.
+fn survive_fault(test: &str, break_broker: impl FnOnce(), mend_broker: impl FnOnce()) {
     if skip(
-        "the_relay_survives_a_broker_restart",
+        test,
         no_broker().or_else(|| needs_program("rabbitmqctl", "rabbitmq-server")),
     ) {
         return;
@@ -410,9 +410,13 @@ fn the_relay_survives_a_broker_restart() {
     let _lock = exclusive();
     let exchange = Exchange::new();
     let mut staps = [instance(&exchange, ""), instance(&exchange, "")];
-    survive(
-        &mut staps,
-        &exchange,
+    survive(&mut staps, &exchange, break_broker, mend_broker);
+}
+
+#[test]
+fn the_relay_survives_a_broker_restart() {
+    survive_fault(
+        "the_relay_survives_a_broker_restart",
         || rabbitmqctl(&["stop_app"]),
         || rabbitmqctl(&["start_app"]),
     );
@@ -420,18 +424,8 @@ fn the_relay_survives_a_broker_restart() {
 
 #[test]
 fn the_relay_survives_a_closed_connection() {
-    if skip(
+    survive_fault(
         "the_relay_survives_a_closed_connection",
-        no_broker().or_else(|| needs_program("rabbitmqctl", "rabbitmq-server")),
-    ) {
-        return;
-    }
-    let _lock = exclusive();
-    let exchange = Exchange::new();
-    let mut staps = [instance(&exchange, ""), instance(&exchange, "")];
-    survive(
-        &mut staps,
-        &exchange,
         || rabbitmqctl(&["close_all_connections", "staps test"]),
         || {},
     );
