@@ -27,6 +27,13 @@ fn shared() -> RwLockReadGuard<'static, ()> {
     BROKER_LOCK.read().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The shared lock, or `None` (after a loud skip) when there is no broker.
+/// Locked first: while a test has the broker stopped, it is not missing.
+fn shared_broker(test: &str) -> Option<RwLockReadGuard<'static, ()>> {
+    let lock = shared();
+    (!skip(test, no_broker())).then_some(lock)
+}
+
 fn exclusive() -> RwLockWriteGuard<'static, ()> {
     BROKER_LOCK.write().unwrap_or_else(|e| e.into_inner())
 }
@@ -96,10 +103,9 @@ fn wait_bound(exchange: &Exchange, key: &str, n: usize) {
 
 #[test]
 fn two_instances_share_a_channel_exactly_once_in_order() {
-    if skip("two_instances_share_a_channel", no_broker()) {
+    let Some(_lock) = shared_broker("two_instances_share_a_channel") else {
         return;
-    }
-    let _lock = shared();
+    };
     let exchange = Exchange::new();
     let one = instance(&exchange, "");
     let two = instance(&exchange, "");
@@ -135,10 +141,9 @@ fn two_instances_share_a_channel_exactly_once_in_order() {
 
 #[test]
 fn three_instances_every_client_gets_each_message_once() {
-    if skip("three_instances", no_broker()) {
+    let Some(_lock) = shared_broker("three_instances") else {
         return;
-    }
-    let _lock = shared();
+    };
     let exchange = Exchange::new();
     let instances: Vec<Staps> = (0..3).map(|_| instance(&exchange, "")).collect();
     let ch = channel();
@@ -173,10 +178,9 @@ fn three_instances_every_client_gets_each_message_once() {
 
 #[test]
 fn bindings_follow_local_channels() {
-    if skip("bindings_follow_local_channels", no_broker()) {
+    let Some(_lock) = shared_broker("bindings_follow_local_channels") else {
         return;
-    }
-    let _lock = shared();
+    };
     let exchange = Exchange::new();
     let mut staps = instance(&exchange, "");
     let ch = channel();
@@ -213,10 +217,9 @@ fn publish_plain(exchange: &Exchange, key: &str, body: &[u8]) {
 
 #[test]
 fn a_0_1_x_publisher_reaches_clients_and_a_plain_consumer_sees_staps() {
-    if skip("a_0_1_x_publisher_reaches_clients", no_broker()) {
+    let Some(_lock) = shared_broker("a_0_1_x_publisher_reaches_clients") else {
         return;
-    }
-    let _lock = shared();
+    };
     let exchange = Exchange::new();
     let staps = instance(&exchange, "");
     let ch = channel();
@@ -401,13 +404,14 @@ fn survive(
 
 /// Two instances through a broker fault: skipped without a broker or rabbitmqctl.
 fn survive_fault(test: &str, break_broker: impl FnOnce(), mend_broker: impl FnOnce()) {
+    // The lock first: while another test has the broker stopped, it is not missing.
+    let _lock = exclusive();
     if skip(
         test,
         no_broker().or_else(|| needs_program("rabbitmqctl", "rabbitmq-server")),
     ) {
         return;
     }
-    let _lock = exclusive();
     let exchange = Exchange::new();
     let mut staps = [instance(&exchange, ""), instance(&exchange, "")];
     survive(&mut staps, &exchange, break_broker, mend_broker);
