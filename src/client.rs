@@ -72,7 +72,7 @@ pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot) {
 
 /// Send `response` and close. Failures mean the client is gone: nothing to do.
 fn respond(stream: &Stream, response: &http::Response) {
-    let _ = (&mut &*stream).write_all(&response.to_bytes());
+    let _ = stream.send_all(&response.to_bytes());
     let _ = stream.shutdown(Shutdown::Write);
     // Read what the client still sends until it closes, so that closing does not
     // reset the connection and destroy the response before the client reads it.
@@ -277,8 +277,8 @@ fn write_loop(
         2 * ping
     };
     let _ = out.set_write_timeout(Some(stall));
-    let result = (&mut &*out)
-        .write_all(handshake)
+    let result = out
+        .send_all(handshake)
         .and_then(|()| write_batches(&out, queue, peer, ping));
     let close = match result {
         Ok(()) => peer.close_reason().unwrap_or(Close::ABORT),
@@ -290,8 +290,8 @@ fn write_loop(
     };
     if close.send {
         let _ = out.set_write_timeout(Some(CLOSE_TIMEOUT));
-        if (&mut &*out)
-            .write_all(Frame::close(close.code, close.reason).as_bytes())
+        if out
+            .send_all(Frame::close(close.code, close.reason).as_bytes())
             .is_ok()
         {
             let _ = out.shutdown(Shutdown::Write);

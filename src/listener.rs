@@ -59,6 +59,12 @@ impl Stream {
         both!(self, s => s.set_write_timeout(t))
     }
 
+    /// Write all of `buf` through a shared reference (reader and writer share
+    /// the socket).
+    pub fn send_all(&self, buf: &[u8]) -> io::Result<()> {
+        (&mut &*self).write_all(buf)
+    }
+
     /// Write every slice, however many calls it takes (`write_all` for iovecs).
     pub fn write_all_vectored(&self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
         IoSlice::advance_slices(&mut bufs, 0);
@@ -108,26 +114,17 @@ pub fn is_timeout(e: &io::Error) -> bool {
 // two): reads and writes go through shared references, as std allows.
 impl Read for &Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => (&mut &*s).read(buf),
-            Stream::Unix(s) => (&mut &*s).read(buf),
-        }
+        both!(self, s => (&mut &*s).read(buf))
     }
 }
 
 impl Write for &Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => (&mut &*s).write(buf),
-            Stream::Unix(s) => (&mut &*s).write(buf),
-        }
+        both!(self, s => (&mut &*s).write(buf))
     }
 
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => (&mut &*s).write_vectored(bufs),
-            Stream::Unix(s) => (&mut &*s).write_vectored(bufs),
-        }
+        both!(self, s => (&mut &*s).write_vectored(bufs))
     }
 
     fn flush(&mut self) -> io::Result<()> {
