@@ -66,7 +66,7 @@ impl Server {
             max_sockets: if max == 0 {
                 usize::MAX
             } else {
-                max + (max / 8).max(64)
+                max.saturating_add((max / 8).max(64))
             },
             settings,
             stats: Stats::default(),
@@ -94,33 +94,37 @@ impl Server {
     /// its guard page, the signal stack and its guard), and one descriptor.
     /// Quiet when all is well.
     pub fn check_system_limits(&self) {
-        let clients = self.max_sockets.min(1 << 24) as u64;
         if self.settings.limits.max_connections == 0 {
             return;
         }
+        let clients = self.max_sockets as u64;
         let read = |path: &str| {
             std::fs::read_to_string(path)
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
         };
-        let check = |what: &str, have: Option<u64>, need: u64, fix: &str| {
+        // `per_client` of the resource for each client, `reserve` for the rest.
+        let check = |what: &str, have: Option<u64>, per_client: u64, reserve: u64, fix: &str| {
+            let need = clients.saturating_mul(per_client).saturating_add(reserve);
             if let Some(have) = have.filter(|have| *have < need) {
                 log::warn!(
                     "{what} is {have}, about {} clients' worth; max_connections needs {need}: {fix}",
-                    have * clients / need.max(1)
+                    have.saturating_sub(reserve) / per_client
                 );
             }
         };
         check(
             "vm.max_map_count",
             read("/proc/sys/vm/max_map_count"),
-            8 * clients + 1024,
+            8,
+            1024,
             "raise it (the Debian package ships /usr/lib/sysctl.d/50-staps.conf)",
         );
         check(
             "kernel.pid_max",
             read("/proc/sys/kernel/pid_max"),
-            2 * clients + 1024,
+            2,
+            1024,
             "raise kernel.pid_max",
         );
         let mut nofile = libc::rlimit {
@@ -133,7 +137,8 @@ impl Server {
         check(
             "the open files limit",
             have,
-            clients + 64,
+            1,
+            64,
             "raise it (LimitNOFILE= under systemd, ulimit -n elsewhere)",
         );
     }

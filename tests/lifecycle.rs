@@ -314,6 +314,9 @@ fn system_limits_short_of_max_connections_are_reported() {
         "{line}"
     );
     big.wait_log("the open files limit is");
+    // The largest value the key takes must not overflow anything.
+    let mut huge = Staps::start(&tcp_config("max_connections = 18446744073709551615"), &[]);
+    huge.wait_log("kernel.pid_max is");
     let small = Staps::start(&tcp_config("max_connections = 10"), &[]);
     assert!(
         !small.lines().iter().any(|l| l.contains("clients' worth")),
