@@ -9,12 +9,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::{LazyLock, OnceLock};
 use std::thread::{self, Thread};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use parking_lot::{Condvar, Mutex};
 
@@ -24,8 +23,11 @@ use crate::stats::{self, Stats};
 
 /// One encoded server frame, header and payload, shared by all its receivers.
 /// Server frames are not masked, so the same bytes fit every connection.
+///
+/// An `Arc<[u8]>`, 16 bytes: every queue slot and every writer's batch holds
+/// these, so their size is paid per idle connection (`Bytes` is 32).
 #[derive(Clone, Debug)]
-pub struct Frame(Bytes);
+pub struct Frame(Arc<[u8]>);
 
 /// The kind of a data message; staps never changes it on the way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,9 +83,10 @@ impl Frame {
         Frame::encode(OP_CLOSE, &[&code.to_be_bytes(), reason.as_bytes()])
     }
 
-    /// A ping with an empty payload (static: pinging allocates nothing).
+    /// A ping with an empty payload (one for all: pinging allocates nothing).
     pub fn ping() -> Frame {
-        Frame(Bytes::from_static(&[0x80 | OP_PING, 0]))
+        static PING: LazyLock<Frame> = LazyLock::new(|| Frame::encode(OP_PING, &[]));
+        PING.clone()
     }
 
     /// The answer to a ping.
@@ -104,14 +107,14 @@ impl Frame {
         }
     }
 
-    /// The payload, sharing the frame's memory.
-    pub fn payload(&self) -> Bytes {
+    /// The payload.
+    pub fn payload(&self) -> &[u8] {
         let header = match self.0[1] & 0x7f {
             126 => 4,
             127 => 10,
             _ => 2,
         };
-        self.0.slice(header..)
+        &self.0[header..]
     }
 }
 
@@ -169,6 +172,8 @@ pub struct Peer {
     close: Mutex<Option<Close>>,
     writer: OnceLock<Thread>,
     idle: AtomicBool,
+    /// The reader thread is finished with the connection.
+    reader_done: AtomicBool,
 }
 
 impl Peer {
@@ -182,6 +187,7 @@ impl Peer {
             close: Mutex::new(None),
             writer: OnceLock::new(),
             idle: AtomicBool::new(false),
+            reader_done: AtomicBool::new(false),
         };
         (Arc::new(peer), rx)
     }
@@ -203,6 +209,26 @@ impl Peer {
     /// For the writer thread, once, before it reads its queue: who to unpark.
     pub fn attach_writer(&self) {
         let _ = self.writer.set(thread::current());
+    }
+
+    /// For the reader thread: it is done with the connection.
+    pub fn reader_finished(&self) {
+        self.reader_done.store(true, Ordering::Release);
+        if let Some(writer) = self.writer.get() {
+            writer.unpark();
+        }
+    }
+
+    /// For the writer thread: wait until the reader is done, at most `timeout`.
+    pub fn wait_for_reader(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.reader_done.load(Ordering::Acquire) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            thread::park_timeout(left);
+        }
     }
 
     /// The writer's next item, waiting until `deadline` (or forever).

@@ -33,10 +33,27 @@ const BATCH: usize = 64;
 
 /// What tungstenite reads from the socket at a time; it grows the buffer only
 /// for a frame that needs it, so idle connections keep this much.
-const READ_BUFFER: usize = 4096;
+const READ_BUFFER: usize = 1024;
 
 /// Serve one accepted connection from its handshake to its end.
+///
+/// Three steps in functions of their own, each called from this shallow frame:
+/// the deepest moment of a reader thread's life sets how many stack pages
+/// stay resident for as long as its connection is idle. Measured with the
+/// handshake, writer start and read loop in one frame: 8.7 KiB deep, three
+/// pages; split like this, two.
 pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot) {
+    let Some((mut joined, queue)) = handshake(stream, &server) else {
+        return;
+    };
+    if joined.start_writer(&server, slot, queue) {
+        joined.run(&server);
+    }
+}
+
+/// Read the request and answer it; for a websocket upgrade, join its channel.
+#[inline(never)]
+fn handshake(stream: Stream, server: &Server) -> Option<(Joined, Receiver<Out>)> {
     let limits = &server.settings.limits;
     let deadline = Instant::now() + limits.handshake_timeout;
     // A client that does not read its answer must not hold the thread forever.
@@ -51,12 +68,12 @@ pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot) {
                 }
                 HeadError::Closed | HeadError::TimedOut => {
                     log::debug!("connection closed before a complete request: {e:?}");
-                    return;
+                    return None;
                 }
             };
             server.refuse();
             respond(&stream, &response);
-            return;
+            return None;
         }
     };
     match http::route(&request, &server.settings) {
@@ -65,8 +82,9 @@ pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot) {
                 server.refuse();
             }
             respond(&stream, &response);
+            None
         }
-        Route::Upgrade { path, accept } => websocket(stream, &server, slot, path, accept, rest),
+        Route::Upgrade { path, accept } => join(stream, server, path, accept, rest),
     }
 }
 
@@ -79,19 +97,32 @@ fn respond(stream: &Stream, response: &http::Response) {
     stream.drain(Instant::now() + Duration::from_secs(1));
 }
 
-fn websocket(
+/// A client that has joined its channel, before its writer starts.
+struct Joined {
+    /// Shared by reader and writer: one descriptor per client.
+    stream: Arc<Stream>,
+    path: Arc<str>,
+    channel: Arc<Channel>,
+    peer: Arc<Peer>,
+    /// `Sec-WebSocket-Accept`, for the writer's first write (then emptied).
+    accept: String,
+    /// Bytes the client sent after its request head.
+    rest: Vec<u8>,
+}
+
+/// Join the channel at `path`, or refuse with 503. Returns the client and
+/// its queue, for its writer.
+fn join(
     stream: Stream,
-    server: &Arc<Server>,
-    slot: Slot,
+    server: &Server,
     path: String,
     accept: String,
     rest: Vec<u8>,
-) {
-    let limits = &server.settings.limits;
+) -> Option<(Joined, Receiver<Out>)> {
     let id = server.next_id();
     let path: Arc<str> = path.into();
     let (peer, queue) = Peer::new(id);
-    let channel = match server.registry.join(&path, &peer, limits) {
+    let channel = match server.registry.join(&path, &peer, &server.settings.limits) {
         Ok(channel) => channel,
         Err(e) => {
             server.refuse();
@@ -104,49 +135,71 @@ fn websocket(
             };
             log::debug!("client {id} refused on {path}: {e:?}");
             respond(&stream, &response);
-            return;
+            return None;
         }
     };
-    let fp = fingerprint(&path);
-    log::debug!("client {id} joined channel {fp} ({path})");
+    log::debug!("client {id} joined channel {} ({path})", fingerprint(&path));
     stats::add(&server.stats.connections_total, 1);
+    let joined = Joined {
+        stream: Arc::new(stream),
+        path,
+        channel,
+        peer,
+        accept,
+        rest,
+    };
+    Some((joined, queue))
+}
 
-    // Reader and writer share the socket: one descriptor per client.
-    let stream = Arc::new(stream);
-    let started = {
-        let out = Arc::clone(&stream);
+impl Joined {
+    /// Start the writer thread, which answers the handshake; false if none
+    /// could start (the client has been answered 503).
+    #[inline(never)]
+    fn start_writer(&mut self, server: &Arc<Server>, slot: Slot, queue: Receiver<Out>) -> bool {
+        let out = Arc::clone(&self.stream);
         let server2 = Arc::clone(server);
-        let peer = Arc::clone(&peer);
-        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
-        server
-            .writers
-            .run(move || {
-                let _slot = slot;
-                let handshake = http::switching_protocols(&accept);
-                write_loop(out, &queue, &peer, &handshake, &server2, &done_rx)
-            })
-            .map(|()| done_tx)
-    };
-    let done = match started {
-        Ok(done) => done,
-        Err(e) => {
-            log::warn!("cannot start a writer thread: {e}");
-            server.registry.leave(&path, &channel, &peer);
-            server.refuse();
-            respond(&stream, &http::Response::error(503, "server is busy"));
-            return;
+        let peer = Arc::clone(&self.peer);
+        let handshake = http::switching_protocols(&std::mem::take(&mut self.accept));
+        let started = server.writers.run(move || {
+            let _slot = slot;
+            write_loop(out, &queue, &peer, handshake, &server2)
+        });
+        match started {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("cannot start a writer thread: {e}");
+                server.registry.leave(&self.path, &self.channel, &self.peer);
+                server.refuse();
+                respond(&self.stream, &http::Response::error(503, "server is busy"));
+                false
+            }
         }
-    };
+    }
 
-    let (close, stream) = read_loop(stream, rest, server, &peer, &channel, &path);
-    peer.close(close);
-    server.registry.leave(&path, &channel, &peer);
-    log::debug!("client {id} left channel {fp}: {close:?}");
-    // Read what is left until the client closes (it has our close frame, or the
-    // connection failed) or the writer cuts the connection after CLOSE_TIMEOUT.
-    stream.drain(Instant::now() + CLOSE_TIMEOUT + Duration::from_secs(1));
-    // Dropping `done` tells the writer the reader is finished.
-    drop(done);
+    /// Read and publish until the connection ends, then leave the channel.
+    #[inline(never)]
+    fn run(self, server: &Server) {
+        let Joined {
+            stream,
+            path,
+            channel,
+            peer,
+            rest,
+            ..
+        } = self;
+        let (close, stream) = read_loop(stream, rest, server, &peer, &channel, &path);
+        peer.close(close);
+        server.registry.leave(&path, &channel, &peer);
+        log::debug!(
+            "client {} left channel {}: {close:?}",
+            peer.id,
+            fingerprint(&path)
+        );
+        // Read what is left until the client closes (it has our close frame, or the
+        // connection failed) or the writer cuts the connection after CLOSE_TIMEOUT.
+        stream.drain(Instant::now() + CLOSE_TIMEOUT + Duration::from_secs(1));
+        peer.reader_finished();
+    }
 }
 
 /// The reader's half of the socket. tungstenite wants to write pongs itself;
@@ -264,9 +317,8 @@ fn write_loop(
     out: Arc<Stream>,
     queue: &Receiver<Out>,
     peer: &Peer,
-    handshake: &[u8],
+    handshake: Vec<u8>,
     server: &Server,
-    reader_done: &Receiver<()>,
 ) {
     peer.attach_writer();
     let ping = server.settings.limits.ping_interval;
@@ -277,9 +329,9 @@ fn write_loop(
         2 * ping
     };
     let _ = out.set_write_timeout(Some(stall));
-    let result = out
-        .send_all(handshake)
-        .and_then(|()| write_batches(&out, queue, peer, ping));
+    let sent = out.send_all(&handshake);
+    drop(handshake);
+    let result = sent.and_then(|()| write_batches(&out, queue, peer, ping));
     let close = match result {
         Ok(()) => peer.close_reason().unwrap_or(Close::ABORT),
         Err(e) => {
@@ -295,7 +347,7 @@ fn write_loop(
             .is_ok()
         {
             let _ = out.shutdown(Shutdown::Write);
-            let _ = reader_done.recv_timeout(CLOSE_TIMEOUT);
+            peer.wait_for_reader(CLOSE_TIMEOUT);
         }
     }
     let _ = out.shutdown(Shutdown::Both);
@@ -309,11 +361,16 @@ fn write_batches(
     ping: Duration,
 ) -> io::Result<()> {
     let mut next_ping = (!ping.is_zero()).then(|| Instant::now() + ping);
-    let mut batch: Vec<Frame> = Vec::with_capacity(BATCH);
+    // Allocated with the first frame: a connection that never receives a
+    // message does not pay for it.
+    let mut batch: Vec<Frame> = Vec::new();
     loop {
         let first = peer.next(queue, next_ping);
         match first {
-            Ok(Out::Frame(frame)) => batch.push(frame),
+            Ok(Out::Frame(frame)) => {
+                batch.reserve_exact(BATCH);
+                batch.push(frame);
+            }
             Ok(Out::Wake) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
         }

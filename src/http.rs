@@ -63,9 +63,13 @@ pub enum HeadError {
 
 /// Read one request head, by `deadline`. Returns it and the bytes that came after it.
 pub fn read_head(stream: &Stream, deadline: Instant) -> Result<(Request, Vec<u8>), HeadError> {
-    let mut buf = vec![0u8; MAX_HEAD];
+    // Most heads are a few hundred bytes: start small, grow up to MAX_HEAD.
+    let mut buf = vec![0u8; 1024];
     let mut filled = 0;
     loop {
+        if filled == buf.len() {
+            buf.resize((2 * buf.len()).min(MAX_HEAD), 0);
+        }
         let n = match stream.read_until(&mut buf[filled..], deadline) {
             Ok(0) => return Err(HeadError::Closed),
             Ok(n) => n,
@@ -73,7 +77,9 @@ pub fn read_head(stream: &Stream, deadline: Instant) -> Result<(Request, Vec<u8>
             Err(_) => return Err(HeadError::Closed),
         };
         filled += n;
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        // On the heap: 2 KiB on the stack would stay resident in every reader
+        // thread for the life of its connection.
+        let mut headers = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf[..filled]) {
             Ok(httparse::Status::Complete(len)) => {
@@ -94,7 +100,7 @@ pub fn read_head(stream: &Stream, deadline: Instant) -> Result<(Request, Vec<u8>
                 };
                 return Ok((request, buf[len..filled].to_vec()));
             }
-            Ok(httparse::Status::Partial) if filled == buf.len() => {
+            Ok(httparse::Status::Partial) if filled == MAX_HEAD => {
                 return Err(HeadError::TooLarge);
             }
             Ok(httparse::Status::Partial) => {}

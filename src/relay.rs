@@ -25,7 +25,6 @@ use amiquip::{
     ConsumerMessage, ConsumerOptions, Delivery, ExchangeDeclareOptions, ExchangeType, FieldTable,
     Publish, QueueDeclareOptions,
 };
-use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 use uuid::Uuid;
 
@@ -55,8 +54,7 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A message a local client published, on its way to the broker.
 struct Outbound {
     path: Arc<str>,
-    kind: Kind,
-    payload: Bytes,
+    frame: Frame,
     sender: Uuid,
 }
 
@@ -130,8 +128,7 @@ impl Relay {
         }
         let message = Outbound {
             path: Arc::clone(path),
-            kind: frame.kind(),
-            payload: frame.payload(),
+            frame: frame.clone(),
             sender,
         };
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
@@ -485,7 +482,7 @@ impl<'c> Session<'c> {
     }
 
     fn publish(&self, message: Outbound) -> amiquip::Result<()> {
-        let content_type = match message.kind {
+        let content_type = match message.frame.kind() {
             Kind::Text => TEXT,
             Kind::Binary => BINARY,
         };
@@ -495,7 +492,11 @@ impl<'c> Session<'c> {
             .with_content_type(content_type.to_owned());
         self.channel.basic_publish(
             self.exchange.as_str(),
-            Publish::with_properties(&message.payload, routing_key(&message.path), properties),
+            Publish::with_properties(
+                message.frame.payload(),
+                routing_key(&message.path),
+                properties,
+            ),
         )?;
         stats::add(&self.server.stats.relay_published, 1);
         Ok(())
