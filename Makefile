@@ -7,7 +7,7 @@ LISTEN ?= 127.0.0.1:8080
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: all build run test lint unit bench deb install uninstall clean
+.PHONY: all build run test lint unit bench conformance deb install uninstall clean
 
 all: build
 
@@ -35,6 +35,24 @@ RUNS ?= 3
 bench:
 	command -v wsbroad > /dev/null || $(CARGO) install wsbroad --locked
 	$(CARGO) bench --locked --bench load -- $(SCENARIOS) --runs $(RUNS)
+
+# RFC 6455 conformance: the Autobahn|Testsuite fuzzing client (PyPI, Python
+# 2.7 only; pyenv's 2.7.18 or PYTHON27=...) in a virtualenv under target/,
+# against staps with a mirror client (examples/mirror.rs). Reports in
+# target/autobahn-reports/index.html. CASES="1.* 2.*" picks some.
+PYTHON27 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/2.7*/bin/python) python2.7)
+AUTOBAHN ?= target/autobahn
+CASES ?= 1.* 2.* 3.* 4.* 5.* 6.* 7.* 9.* 10.*
+conformance:
+	$(CARGO) build --release --locked --bin staps --example mirror
+	[ -x $(AUTOBAHN)/bin/wstest ] || { \
+		$(PYTHON27) -m virtualenv --version > /dev/null 2>&1 \
+			|| $(PYTHON27) -m pip install -q 'virtualenv<20.22' \
+		&& $(PYTHON27) -m virtualenv -q $(AUTOBAHN) \
+		&& $(AUTOBAHN)/bin/pip install -q autobahntestsuite==25.10.1; }
+	python3 tests/conformance/run.py --staps target/release/staps \
+		--mirror target/release/examples/mirror --wstest $(AUTOBAHN)/bin/wstest \
+		--cases "$(shell echo $(CASES) | tr ' ' ,)" --out target/autobahn-reports
 
 # target/debian/staps_<version>_<arch>.deb; installs cargo-deb when missing.
 deb: build
