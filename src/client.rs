@@ -89,7 +89,7 @@ fn handshake(stream: Stream, server: &Server) -> Option<(Joined, Receiver<Out>)>
 }
 
 /// Send `response` and close. Failures mean the client is gone: nothing to do.
-fn respond(stream: &Stream, response: &http::Response) {
+pub fn respond(stream: &Stream, response: &http::Response) {
     let _ = stream.send_all(&response.to_bytes());
     let _ = stream.shutdown(Shutdown::Write);
     // Read what the client still sends until it closes, so that closing does not
@@ -242,53 +242,89 @@ fn read_loop(
     let limits = &server.settings.limits;
     let ping = limits.ping_interval;
     let _ = stream.set_read_timeout((!ping.is_zero()).then_some(ping));
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .max_message_size(Some(limits.max_message_size))
-        .max_frame_size(Some(limits.max_message_size));
     let half = ReadHalf {
         stream,
         last_rx: Instant::now(),
     };
-    let mut ws = WebSocket::from_partially_read(half, rest, Role::Server, Some(config));
+    let mut ws = websocket(half, rest, limits.max_message_size);
     // Other instances learn who sent a message (0.1.x's correlation_id).
     let sender = server.relay.as_ref().map(|_| Uuid::new_v4());
     let close = loop {
-        let message = ws.read();
+        let event = next_event(ws.read(), peer.id);
         if peer.is_closing() {
             // Closed by someone else (shutdown, slow consumer): the writer has sent
             // the close frame; whatever arrived now is not published.
             break Close::ABORT;
         }
-        let (kind, payload) = match message {
-            Ok(Message::Text(text)) => (Kind::Text, text.into()),
-            Ok(Message::Binary(data)) => (Kind::Binary, data),
-            Ok(Message::Ping(data)) => {
-                peer.send_control(Frame::pong(&data), limits);
+        let frame = match event {
+            Event::Message(frame) => frame,
+            Event::Ping(pong) => {
+                peer.send_control(pong, limits);
                 continue;
             }
-            Ok(Message::Pong(_) | Message::Frame(_)) => continue,
-            Ok(Message::Close(frame)) => {
-                // Echo the client's status code, as RFC 6455 suggests.
-                break Close::with(frame.map_or(0, |f| f.code.into()), "");
-            }
-            Err(WsError::Io(e)) if is_timeout(&e) => {
+            Event::Nothing => continue,
+            Event::Quiet => {
                 if ws.get_ref().last_rx.elapsed() >= 2 * ping {
                     break Close::with(1001, "ping timeout");
                 }
                 continue;
             }
-            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => break close_for(&e, peer.id),
+            Event::End(close) => break close,
         };
         stats::add(&server.stats.messages_in, 1);
-        let frame = Frame::message(kind, &payload);
         channel.publish(peer.id, &frame, limits, &server.stats);
         if let (Some(relay), Some(sender)) = (&server.relay, sender) {
             relay.publish(path, &frame, sender, &server.stats);
         }
     };
     (close, ws.into_inner().stream)
+}
+
+/// The server side of a websocket over `stream`, whose first bytes `rest`
+/// were read with the request head, with staps' buffer and size limits.
+pub fn websocket<S: Read + Write>(
+    stream: S,
+    rest: Vec<u8>,
+    max_message_size: usize,
+) -> WebSocket<S> {
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(Some(max_message_size))
+        .max_frame_size(Some(max_message_size));
+    WebSocket::from_partially_read(stream, rest, Role::Server, Some(config))
+}
+
+/// What the reader does with the result of one read.
+#[derive(Debug)]
+pub enum Event {
+    /// A message, encoded for the channel.
+    Message(Frame),
+    /// A ping: queue this pong.
+    Ping(Frame),
+    /// Nothing to do (a pong, an interrupted read).
+    Nothing,
+    /// The read timed out: time to check the client's liveness.
+    Quiet,
+    /// The connection ends: tell the client this.
+    End(Close),
+}
+
+/// Turn what tungstenite read into what the reader does; `id` names the
+/// client in debug logs.
+pub fn next_event(read: tungstenite::Result<Message>, id: u64) -> Event {
+    match read {
+        Ok(Message::Text(text)) => Event::Message(Frame::message(Kind::Text, text.as_bytes())),
+        Ok(Message::Binary(data)) => Event::Message(Frame::message(Kind::Binary, &data)),
+        Ok(Message::Ping(data)) => Event::Ping(Frame::pong(&data)),
+        Ok(Message::Pong(_) | Message::Frame(_)) => Event::Nothing,
+        // Echo the client's status code, as RFC 6455 suggests.
+        Ok(Message::Close(frame)) => {
+            Event::End(Close::with(frame.map_or(0, |f| f.code.into()), ""))
+        }
+        Err(WsError::Io(e)) if is_timeout(&e) => Event::Quiet,
+        Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => Event::Nothing,
+        Err(e) => Event::End(close_for(&e, id)),
+    }
 }
 
 /// The close code for a failed read: RFC 6455 section 7.4.1.

@@ -270,6 +270,17 @@ pub fn load(cli: &Cli) -> Result<Loaded, ConfigError> {
     Ok(Loaded { settings, warnings })
 }
 
+/// The settings of one file's text alone, checked as `--check-config` checks
+/// them (the fuzz target's entry).
+pub fn from_text(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
+    let mut settings = Settings::default();
+    let mut warnings = Vec::new();
+    apply_file(&mut settings, &mut warnings, path, text)?;
+    settings.files.push(path.to_owned());
+    validate(&settings)?;
+    Ok(Loaded { settings, warnings })
+}
+
 /// Parse one file's text into `settings`.
 pub fn apply_file(
     settings: &mut Settings,

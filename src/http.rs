@@ -77,36 +77,44 @@ pub fn read_head(stream: &Stream, deadline: Instant) -> Result<(Request, Vec<u8>
             Err(_) => return Err(HeadError::Closed),
         };
         filled += n;
-        // On the heap: 2 KiB on the stack would stay resident in every reader
-        // thread for the life of its connection.
-        let mut headers = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf[..filled]) {
-            Ok(httparse::Status::Complete(len)) => {
-                let request = Request {
-                    method: req.method.unwrap_or_default().to_owned(),
-                    target: req.path.unwrap_or_default().to_owned(),
-                    version: req.version.unwrap_or(1),
-                    headers: req
-                        .headers
-                        .iter()
-                        .map(|h| {
-                            (
-                                h.name.to_owned(),
-                                String::from_utf8_lossy(h.value).into_owned(),
-                            )
-                        })
-                        .collect(),
-                };
-                return Ok((request, buf[len..filled].to_vec()));
-            }
-            Ok(httparse::Status::Partial) if filled == MAX_HEAD => {
-                return Err(HeadError::TooLarge);
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
-            Err(e) => return Err(HeadError::Malformed(e.to_string())),
+        match parse_head(&buf[..filled]) {
+            Ok(Some((request, len))) => return Ok((request, buf[len..filled].to_vec())),
+            Ok(None) if filled == MAX_HEAD => return Err(HeadError::TooLarge),
+            Ok(None) => {}
+            Err(e) => return Err(e),
         }
+    }
+}
+
+/// Parse the request head at the start of `bytes`: the request and the length
+/// of its head, or `None` while it is incomplete.
+pub fn parse_head(bytes: &[u8]) -> Result<Option<(Request, usize)>, HeadError> {
+    // On the heap: 2 KiB on the stack would stay resident in every reader
+    // thread for the life of its connection.
+    let mut headers = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) => {
+            let request = Request {
+                method: req.method.unwrap_or_default().to_owned(),
+                target: req.path.unwrap_or_default().to_owned(),
+                version: req.version.unwrap_or(1),
+                headers: req
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_owned(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect(),
+            };
+            Ok(Some((request, len)))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
+        Err(e) => Err(HeadError::Malformed(e.to_string())),
     }
 }
 

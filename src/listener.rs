@@ -1,6 +1,7 @@
 //! Listening sockets (unix and TCP) and the accept loop that gives every
 //! connection its own thread.
 
+use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -83,6 +84,21 @@ impl Stream {
     pub fn drain(&self, deadline: Instant) {
         let mut sink = [0u8; 512];
         while matches!(self.read_until(&mut sink, deadline), Ok(n) if n > 0) {}
+    }
+
+    /// Answer `response` and close without waiting for anything: for the
+    /// accept loop, which must not block. What the client already sent is read
+    /// first, so that closing does not reset the connection and destroy the
+    /// answer; a client that sends more afterwards may still see a reset.
+    pub fn refuse_now(&self, response: &[u8]) {
+        let mut sink = [0u8; 512];
+        if both!(self, s => s.set_nonblocking(true)).is_err() {
+            return;
+        }
+        while matches!((&mut &*self).read(&mut sink), Ok(n) if n > 0) {}
+        let _ = (&mut &*self).write(response);
+        let _ = self.shutdown(Shutdown::Write);
+        while matches!((&mut &*self).read(&mut sink), Ok(n) if n > 0) {}
     }
 
     /// Read until `deadline`, then fail with `TimedOut`.
@@ -373,6 +389,22 @@ pub fn spawn_accept_loop(listener: Arc<Listener>, server: Arc<Server>) -> io::Re
         .map(drop)
 }
 
+/// Answer a connection taken with the spare descriptor, on a connection
+/// thread (answering waits for the client to read it).
+fn refuse_out_of_fds(stream: Stream, server: &Arc<Server>) {
+    server.refuse();
+    let refused = server.readers.run(move || {
+        crate::client::respond(
+            &stream,
+            &crate::http::Response::error(503, "server is out of file descriptors")
+                .with("Retry-After", "5"),
+        );
+    });
+    if let Err(e) = refused {
+        log::debug!("cannot start a thread to refuse a connection: {e}");
+    }
+}
+
 fn accept_loop(listener: &Listener, server: &Arc<Server>) {
     let mut last_complaint: Option<Instant> = None;
     let mut complain = |what: &str, e: &dyn std::fmt::Display| {
@@ -382,6 +414,13 @@ fn accept_loop(listener: &Listener, server: &Arc<Server>) {
             last_complaint = Some(Instant::now());
         }
     };
+    // A descriptor held in reserve: when the process runs out, it is given up
+    // to take the waiting connection and answer it 503, so that clients learn
+    // at once instead of hanging in the backlog.
+    let mut spare = File::open("/dev/null").ok();
+    let full = crate::http::Response::error(503, "server is full")
+        .with("Retry-After", "5")
+        .to_bytes();
     loop {
         let accepted = listener.accept();
         if server.is_stopping() {
@@ -391,13 +430,30 @@ fn accept_loop(listener: &Listener, server: &Arc<Server>) {
             Ok(stream) => stream,
             Err(e) => {
                 match e.raw_os_error() {
-                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                    Some(libc::EMFILE | libc::ENFILE) => {
                         complain(
-                            "cannot accept, refusing connections until resources free up",
+                            "out of file descriptors, refusing connections until some are free",
                             &e,
                         );
-                        // The pending connection stays in the backlog; try again soon
-                        // instead of spinning on the same error.
+                        match spare.take() {
+                            Some(file) => {
+                                drop(file);
+                                if let Ok(stream) = listener.accept() {
+                                    refuse_out_of_fds(stream, server);
+                                }
+                            }
+                            // The spare is in use (by the last refusal): wait
+                            // instead of spinning on the same error.
+                            None => thread::sleep(Duration::from_millis(100)),
+                        }
+                        // Succeeds once a descriptor is free again.
+                        spare = spare.or_else(|| File::open("/dev/null").ok());
+                    }
+                    Some(libc::ENOBUFS | libc::ENOMEM) => {
+                        complain(
+                            "cannot accept, refusing connections until memory frees up",
+                            &e,
+                        );
                         thread::sleep(Duration::from_millis(100));
                     }
                     _ => log::debug!("{listener}: accept: {e}"),
@@ -406,7 +462,10 @@ fn accept_loop(listener: &Listener, server: &Arc<Server>) {
             }
         };
         let Some(slot) = server.admit() else {
+            // More sockets than max_connections and the handshakes' slack:
+            // no thread for this one, just the answer.
             server.refuse();
+            stream.refuse_now(&full);
             continue;
         };
         let server2 = Arc::clone(server);

@@ -1,27 +1,12 @@
-//! staps: Simple Throw-Away Publish/Subscribe.
-//!
-//! Websocket clients that connect to the same URL path form a channel; each
-//! message one of them sends goes to all the others. This file only wires the
-//! modules together; a message's way through them is told in [`client`].
-
-mod channels;
-mod cli;
-mod client;
-mod config;
-mod daemon;
-mod http;
-mod listener;
-mod logging;
-mod relay;
-mod server;
-mod signals;
-mod stats;
-mod threads;
+//! The staps daemon. This file only wires the modules of the library
+//! together (see `lib.rs`); a message's way through them is told in
+//! [`staps::client`].
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use staps::{cli, config, daemon, listener, logging, relay, server, signals};
 
 /// Exit code for a command line that cannot be parsed (`EX_USAGE`).
 const EX_USAGE: u8 = 64;

@@ -3,7 +3,6 @@
 mod common;
 
 use std::io::Write;
-use std::net::TcpStream;
 use std::sync::mpsc;
 use std::thread;
 
@@ -110,17 +109,6 @@ fn a_full_server_gets_503() {
     let line = staps.stats();
     assert_eq!(counter(&line, "connections"), 2);
     assert!(counter(&line, "refused") >= 1);
-}
-
-/// A client that connects with a tiny receive buffer and never reads.
-fn stalled_client(staps: &Staps, ch: &str) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&staps.addr().into()).unwrap();
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    let (ws, _) = tungstenite::client(format!("ws://{}{ch}", staps.addr()), stream).unwrap();
-    ws.into_inner()
 }
 
 /// Publish `n` messages of 16 KiB with a window on the fast receiver, so that

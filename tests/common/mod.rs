@@ -242,6 +242,35 @@ pub fn try_connect(addr: SocketAddr, path: &str) -> Result<Ws, tungstenite::Erro
     }
 }
 
+/// A client with a tiny receive buffer that never reads: its raw socket, after
+/// the handshake.
+pub fn stalled_client(staps: &Staps, ch: &str) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&staps.addr().into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let (ws, _) = tungstenite::client(format!("ws://{}{ch}", staps.addr()), stream).unwrap();
+    ws.into_inner()
+}
+
+/// A field of `/proc/PID/status` (`VmRSS`, `VmHWM` in KiB, `Threads`).
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// How many file descriptors process `pid` has open.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("proc fd")
+        .count()
+}
+
 /// A websocket client over a unix socket.
 pub fn connect_unix(socket: &Path, path: &str) -> WebSocket<UnixStream> {
     let stream = UnixStream::connect(socket).expect("unix connect");

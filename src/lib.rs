@@ -1,0 +1,21 @@
+//! staps: Simple Throw-Away Publish/Subscribe.
+//!
+//! Websocket clients that connect to the same URL path form a channel; each
+//! message one of them sends goes to all the others. The daemon (`main.rs`)
+//! wires these modules together; a message's way through them is told in
+//! [`client`]. The crate is a library too so that the fuzz targets (`fuzz/`)
+//! reach the parsers the daemon runs on what the network and files give it.
+
+pub mod channels;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod http;
+pub mod listener;
+pub mod logging;
+pub mod relay;
+pub mod server;
+pub mod signals;
+pub mod stats;
+pub mod threads;
