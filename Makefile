@@ -7,7 +7,7 @@ LISTEN ?= 127.0.0.1:8080
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: all build run test lint unit bench conformance deb install uninstall clean
+.PHONY: all build run test lint unit bench soak fuzz conformance deb install uninstall clean
 
 all: build
 
@@ -35,6 +35,12 @@ RUNS ?= 3
 bench:
 	command -v wsbroad > /dev/null || $(CARGO) install wsbroad --locked
 	$(CARGO) bench --locked --bench load -- $(SCENARIOS) --runs $(RUNS)
+
+# 10 000 connections held, 100 000 connect/exchange/disconnect cycles, and
+# whether threads and descriptors return to the baseline (a few minutes; needs
+# `ulimit -n` above 20 000 and vm.max_map_count above ~100 000, see README).
+soak:
+	$(CARGO) bench --locked --bench load -- soak
 
 # RFC 6455 conformance: the Autobahn|Testsuite fuzzing client (PyPI, Python
 # 2.7 only; pyenv's 2.7.18 or PYTHON27=...) in a virtualenv under target/,

@@ -16,6 +16,10 @@
 //! - `relay` (staps only): two instances on RabbitMQ, one channel with 1 and
 //!   with 5 clients on each: relayed msg/s, latency, staps CPU per message.
 //!
+//! - `soak` (staps only, not part of the default run; `make soak`): 10 000
+//!   connections held, 100 000 connect/exchange/disconnect cycles, and that
+//!   threads and descriptors return to the baseline.
+//!
 //! Every measurement reports the CPU of the server, of this generator, and of
 //! everything else on the machine, so a noisy run shows.
 //! Usage: `cargo bench --bench load -- [SCENARIO...] [--runs N]`.
@@ -711,6 +715,121 @@ fn churn(kind: Kind) -> Row {
     row
 }
 
+fn open_fds(pid: u32) -> f64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()) as f64
+}
+
+/// `make soak` (staps only): 10 000 connections held, then 100 000
+/// connect/exchange/disconnect cycles while 50 of the held pairs keep
+/// exchanging numbered messages; then everything closes. Threads, descriptors
+/// and RSS at each stage; the run fails if anything leaks, a stayer's message
+/// is lost or reordered, or the counts do not return to the baseline.
+fn soak() {
+    const HELD: usize = 10_000;
+    const CYCLES: u64 = 100_000;
+    const STAYERS: usize = 50;
+    const WORKERS: usize = 16;
+    // The raw clients never answer pings: pinging would close the held ones.
+    let server = Server::start(
+        Kind::Staps,
+        "[limits]\nmax_connections = 0\nping_interval = 0\n",
+    );
+    let (pid, addr) = (server.pid(), server.addr);
+    let sample = |stage: &str| {
+        let row = (
+            status_field(pid, "Threads") as f64,
+            open_fds(pid),
+            status_field(pid, "VmRSS") as f64 / 1024.0,
+        );
+        println!("| {stage} | {} | {} | {:.1} |", row.0, row.1, row.2);
+        row
+    };
+    println!("\n### soak: {HELD} held, {CYCLES} cycles, {STAYERS} pairs exchanging throughout\n");
+    println!("| stage | threads | open fds | RSS (MiB) |\n| --- | ---: | ---: | ---: |");
+    let base = sample("started");
+    let mut held = Vec::with_capacity(HELD);
+    for _ in 0..HELD / 2 {
+        let path = format!("/{}", uuid::Uuid::new_v4());
+        held.push(raw_connect(addr, &path).expect("connect a held client"));
+        held.push(raw_connect(addr, &path).expect("connect a held client"));
+    }
+    let loaded = sample(&format!("{HELD} held"));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let stayers: Vec<TcpStream> = held.drain(..2 * STAYERS).collect();
+    let stayer = {
+        let stop = Arc::clone(&stop);
+        spawn_small(move || {
+            let mut pairs = stayers;
+            let (mut sent, mut bad) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                for pair in pairs.chunks_mut(2) {
+                    let message = sent.to_string();
+                    pair[0]
+                        .write_all(&raw_frame(message.as_bytes()))
+                        .expect("stayer send");
+                    let got = raw_read(&mut pair[1]).expect("stayer receive");
+                    bad += u64::from(got != message.as_bytes());
+                    sent += 1;
+                }
+            }
+            (sent, bad, pairs)
+        })
+    };
+    let next = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let (next, failed) = (Arc::clone(&next), Arc::clone(&failed));
+            spawn_small(move || {
+                while next.fetch_add(1, Ordering::Relaxed) < CYCLES {
+                    let path = format!("/{}", uuid::Uuid::new_v4());
+                    let ok = match (raw_connect(addr, &path), raw_connect(addr, &path)) {
+                        (Ok(mut a), Ok(mut b)) => {
+                            a.write_all(&raw_frame(b"cycle")).is_ok()
+                                && raw_read(&mut b).is_ok_and(|p| p == b"cycle")
+                        }
+                        _ => false,
+                    };
+                    failed.fetch_add(u64::from(!ok), Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let took = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let (sent, bad, stayers) = stayer.join().unwrap();
+    let cycled = sample(&format!("after {CYCLES} cycles ({took:.0} s)"));
+    drop((held, stayers));
+    // Cached connection threads wait 10 s for new work before they exit.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (status_field(pid, "Threads") as f64 > base.0 || open_fds(pid) > base.1)
+        && Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(200));
+    }
+    let closed = sample("all closed, threads lingered out");
+    let failed = failed.load(Ordering::Relaxed);
+    println!(
+        "\ncycles: {CYCLES} in {took:.1} s ({:.0}/s), failed {failed}; stayers: {sent} \
+         messages, {bad} lost or out of order",
+        CYCLES as f64 / took
+    );
+    let leaked = closed.0 > base.0 || closed.1 > base.1;
+    // With the held connections still open, cycling must not have left
+    // threads or descriptors behind beyond the thread cache (64 per kind).
+    let grew = cycled.1 > loaded.1 || cycled.0 > loaded.0 + 128.0;
+    if failed > 0 || bad > 0 || leaked || grew {
+        println!("SOAK FAILED: failed={failed} bad={bad} leaked={leaked} grew={grew}");
+        std::process::exit(1);
+    }
+    println!("soak passed: threads and descriptors back to the baseline");
+}
+
 /// `per_instance` clients on each of two instances: one publishes on the
 /// first, every client of the second receives.
 fn relay(per_instance: usize) -> Option<Row> {
@@ -819,6 +938,10 @@ fn main() {
         .filter(|a| !a.starts_with('-') && a.parse::<usize>().is_err())
         .collect();
     let wanted = |name: &str| names.is_empty() || names.iter().any(|a| *a == name);
+    if names.iter().any(|a| *a == "soak") {
+        soak();
+        return;
+    }
     let with_wsbroad = wsbroad().is_some();
     if !with_wsbroad {
         println!("NOTE: wsbroad is not on the PATH (`cargo install wsbroad`); staps alone.");
