@@ -1,6 +1,7 @@
 # staps: the commands a newcomer needs. `make run` serves on 127.0.0.1:8080 in
 # the foreground; `make test` is what CI runs.
 
+SHELL := /bin/bash
 CARGO ?= cargo
 LISTEN ?= 127.0.0.1:8080
 
@@ -41,6 +42,22 @@ bench:
 # `ulimit -n` above 20 000 and vm.max_map_count above ~100 000, see README).
 soak:
 	$(CARGO) bench --locked --bench load -- soak
+
+# cargo fuzz (nightly toolchain, cargo-fuzz installed when missing): each
+# target for FUZZ_TIME seconds from its corpus in fuzz/corpus/, which it grows.
+# The long run reported in the README is FUZZ_TIME=600.
+FUZZ_TIME ?= 30
+FUZZ_TARGETS ?= head path config frames
+fuzz:
+	rustup run nightly rustc --version > /dev/null \
+		|| { echo "make fuzz needs the nightly toolchain (rustup toolchain install nightly)" >&2; exit 1; }
+	command -v cargo-fuzz > /dev/null || $(CARGO) install cargo-fuzz --locked
+	for t in $(FUZZ_TARGETS); do \
+		$(CARGO) +nightly fuzz run $$t fuzz/corpus/$$t -- \
+			-max_total_time=$(FUZZ_TIME) -print_final_stats=1 2>&1 \
+			| grep -E '^(Done|stat::number_of_executed_units|==|SUMMARY)|panicked' ; \
+		[ "$${PIPESTATUS[0]}" -eq 0 ] || exit 1; \
+	done
 
 # RFC 6455 conformance: the Autobahn|Testsuite fuzzing client (PyPI, Python
 # 2.7 only; pyenv's 2.7.18 or PYTHON27=...) in a virtualenv under target/,
