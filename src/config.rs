@@ -730,6 +730,16 @@ mod tests {
         Ok((s, w))
     }
 
+    /// Found by the `config` fuzz target: a file with no listener was
+    /// reported as a command-line error.
+    #[test]
+    fn whole_file_errors_name_the_file() {
+        let Err(e) = from_text(Path::new("t.conf"), "") else {
+            panic!("a file without listeners was accepted");
+        };
+        assert_eq!(e.to_string().split(':').next(), Some("t.conf"), "{e}");
+    }
+
     #[test]
     fn legacy_keys_and_inline_comments() {
         let (s, w) = parse(
