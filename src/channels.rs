@@ -7,7 +7,7 @@
 //! (`queue_length`) is enforced here, not by crossbeam: a bounded crossbeam
 //! channel allocates all its slots up front, which idle connections should not pay.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::sync::{LazyLock, OnceLock};
@@ -167,6 +167,8 @@ impl Close {
 pub struct Peer {
     /// Unique for the life of the process.
     pub id: u64,
+    /// Receives its own messages too (`echo=1`).
+    echo: bool,
     tx: Sender<Out>,
     closing: AtomicBool,
     close: Mutex<Option<Close>>,
@@ -178,10 +180,11 @@ pub struct Peer {
 
 impl Peer {
     /// A new peer and the receiving end of its queue, for its writer thread.
-    pub fn new(id: u64) -> (Arc<Peer>, Receiver<Out>) {
+    pub fn new(id: u64, echo: bool) -> (Arc<Peer>, Receiver<Out>) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let peer = Peer {
             id,
+            echo,
             tx,
             closing: AtomicBool::new(false),
             close: Mutex::new(None),
@@ -326,20 +329,58 @@ impl Peer {
     }
 }
 
+/// What a client asks of its channel in the handshake's query string
+/// (SPEC §10). Options never change which channel it joins.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// `echo=1`: the client also receives its own messages.
+    pub echo: bool,
+    /// `replay=N`: on joining, first the channel's last N messages (at most
+    /// `replay_length`).
+    pub replay: usize,
+    /// `max=N`: a channel this client creates takes at most N members.
+    pub max: Option<usize>,
+}
+
 /// The members of one channel path.
 #[derive(Debug)]
 pub struct Channel {
+    state: Mutex<State>,
+    /// Most members, set by the client that created the channel (`max=N`).
+    cap: Option<usize>,
+}
+
+#[derive(Debug, Default)]
+struct State {
     /// Copy-on-write: publishing clones the `Arc` and sends without holding the lock;
     /// joins and leaves (rare next to messages) build a new list.
-    members: Mutex<Arc<[Arc<Peer>]>>,
+    members: Arc<[Arc<Peer>]>,
+    /// The last `replay_length` messages, local and relayed, for clients that
+    /// join with `replay=N`; gone with the channel.
+    recent: VecDeque<Frame>,
 }
 
 impl Channel {
-    /// Send `frame` to every member but `from`. Never blocks.
+    /// How many members the channel has here.
+    pub fn clients(&self) -> usize {
+        self.state.lock().members.len()
+    }
+
+    /// Send `frame` to every member but `from` (unless it asked for its own
+    /// messages). Never blocks.
     pub fn publish(&self, from: u64, frame: &Frame, limits: &Limits, stats: &Stats) {
-        let members = Arc::clone(&self.members.lock());
+        let members = {
+            let mut state = self.state.lock();
+            if limits.replay_length > 0 {
+                if state.recent.len() >= limits.replay_length {
+                    state.recent.pop_front();
+                }
+                state.recent.push_back(frame.clone());
+            }
+            Arc::clone(&state.members)
+        };
         let (mut queued, mut dropped, mut kicked) = (0, 0, 0);
-        for peer in members.iter().filter(|p| p.id != from) {
+        for peer in members.iter().filter(|p| p.id != from || p.echo) {
             match peer.deliver(frame, limits) {
                 Delivery::Queued => queued += 1,
                 Delivery::Dropped => dropped += 1,
@@ -414,6 +455,7 @@ impl Registry {
         &self,
         path: &Arc<str>,
         peer: &Arc<Peer>,
+        options: &Options,
         limits: &Limits,
     ) -> Result<Arc<Channel>, JoinError> {
         let mut inner = self.inner.lock();
@@ -427,7 +469,8 @@ impl Registry {
             Some(channel) => Arc::clone(channel),
             None => {
                 let channel = Arc::new(Channel {
-                    members: Mutex::new(Arc::new([])),
+                    state: Mutex::default(),
+                    cap: options.max,
                 });
                 inner
                     .channels
@@ -436,13 +479,26 @@ impl Registry {
                 channel
             }
         };
-        let mut members = channel.members.lock();
-        if limits.max_clients_per_channel > 0 && members.len() >= limits.max_clients_per_channel {
-            // Only a cap above zero gets here, so the channel already had members.
+        let mut state = channel.state.lock();
+        let members = state.members.len();
+        if (limits.max_clients_per_channel > 0 && members >= limits.max_clients_per_channel)
+            || channel.cap.is_some_and(|cap| members >= cap)
+        {
+            // Caps are at least 1, so the channel already had members.
             return Err(JoinError::ChannelFull);
         }
-        *members = members.iter().cloned().chain([Arc::clone(peer)]).collect();
-        drop(members);
+        state.members = state
+            .members
+            .iter()
+            .cloned()
+            .chain([Arc::clone(peer)])
+            .collect();
+        // Under the channel's lock: the replayed messages come before any new one.
+        let skip = state.recent.len().saturating_sub(options.replay);
+        for frame in state.recent.iter().skip(skip) {
+            peer.deliver(frame, limits);
+        }
+        drop(state);
         inner.clients += 1;
         Ok(channel)
     }
@@ -450,22 +506,23 @@ impl Registry {
     /// Remove `peer` from channel `path`; the channel goes with its last member.
     pub fn leave(&self, path: &str, channel: &Arc<Channel>, peer: &Peer) {
         let mut inner = self.inner.lock();
-        let mut members = channel.members.lock();
-        let before = members.len();
-        *members = members
+        let mut state = channel.state.lock();
+        let before = state.members.len();
+        state.members = state
+            .members
             .iter()
             .filter(|p| p.id != peer.id)
             .cloned()
             .collect();
-        if members.len() == before {
+        if state.members.len() == before {
             return;
         }
-        if members.is_empty() {
+        if state.members.is_empty() {
             if let Some((path, _)) = inner.channels.remove_entry(path) {
                 self.tell_relay(|| Control::Unbind(path));
             }
         }
-        drop(members);
+        drop(state);
         inner.clients -= 1;
         if inner.clients == 0 {
             self.empty.notify_all();
@@ -483,7 +540,7 @@ impl Registry {
         let mut inner = self.inner.lock();
         inner.stopping = true;
         for channel in inner.channels.values() {
-            for peer in channel.members.lock().iter() {
+            for peer in channel.state.lock().members.iter() {
                 peer.close(close);
             }
         }
@@ -527,16 +584,23 @@ mod tests {
             max_connections: 3,
             ..Limits::default()
         };
-        let peers: Vec<_> = (0..4).map(|i| Peer::new(i).0).collect();
-        let a = reg.join(&"/a".into(), &peers[0], &limits).unwrap();
-        reg.join(&"/a".into(), &peers[1], &limits).unwrap();
+        let peers: Vec<_> = (0..4).map(|i| Peer::new(i, false).0).collect();
+        let a = reg
+            .join(&"/a".into(), &peers[0], &Options::default(), &limits)
+            .unwrap();
+        reg.join(&"/a".into(), &peers[1], &Options::default(), &limits)
+            .unwrap();
         assert_eq!(
-            reg.join(&"/a".into(), &peers[2], &limits).unwrap_err(),
+            reg.join(&"/a".into(), &peers[2], &Options::default(), &limits)
+                .unwrap_err(),
             JoinError::ChannelFull
         );
-        let b = reg.join(&"/b".into(), &peers[2], &limits).unwrap();
+        let b = reg
+            .join(&"/b".into(), &peers[2], &Options::default(), &limits)
+            .unwrap();
         assert_eq!(
-            reg.join(&"/c".into(), &peers[3], &limits).unwrap_err(),
+            reg.join(&"/c".into(), &peers[3], &Options::default(), &limits)
+                .unwrap_err(),
             JoinError::ServerFull
         );
         assert_eq!(reg.counts(), (3, 2));
@@ -558,10 +622,13 @@ mod tests {
                 slow_client: policy,
                 ..Limits::default()
             };
-            let (sender, _) = Peer::new(10);
-            let (slow, rx) = Peer::new(11);
-            let ch = reg.join(&"/s".into(), &sender, &limits).unwrap();
-            reg.join(&"/s".into(), &slow, &limits).unwrap();
+            let (sender, _) = Peer::new(10, false);
+            let (slow, rx) = Peer::new(11, false);
+            let ch = reg
+                .join(&"/s".into(), &sender, &Options::default(), &limits)
+                .unwrap();
+            reg.join(&"/s".into(), &slow, &Options::default(), &limits)
+                .unwrap();
             let frame = Frame::message(Kind::Text, b"x");
             for _ in 0..5 {
                 ch.publish(sender.id, &frame, &limits, &stats);

@@ -18,7 +18,7 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 use uuid::Uuid;
 
-use crate::channels::{Channel, Close, Frame, JoinError, Kind, Out, Peer};
+use crate::channels::{Channel, Close, Frame, JoinError, Kind, Options, Out, Peer};
 use crate::http::{self, HeadError, Route};
 use crate::listener::{Stream, is_timeout};
 use crate::logging::fingerprint;
@@ -84,7 +84,16 @@ fn handshake(stream: Stream, server: &Server) -> Option<(Joined, Receiver<Out>)>
             respond(&stream, &response);
             None
         }
-        Route::Upgrade { path, accept } => join(stream, server, path, accept, rest),
+        Route::Stats { path, head_only } => {
+            let clients = server.registry.get(&path).map_or(0, |c| c.clients());
+            respond(&stream, &http::stats_response(clients, head_only));
+            None
+        }
+        Route::Upgrade {
+            path,
+            accept,
+            options,
+        } => join(stream, server, path, accept, options, rest),
     }
 }
 
@@ -117,12 +126,16 @@ fn join(
     server: &Server,
     path: String,
     accept: String,
+    options: Options,
     rest: Vec<u8>,
 ) -> Option<(Joined, Receiver<Out>)> {
     let id = server.next_id();
     let path: Arc<str> = path.into();
-    let (peer, queue) = Peer::new(id);
-    let channel = match server.registry.join(&path, &peer, &server.settings.limits) {
+    let (peer, queue) = Peer::new(id, options.echo);
+    let channel = match server
+        .registry
+        .join(&path, &peer, &options, &server.settings.limits)
+    {
         Ok(channel) => channel,
         Err(e) => {
             server.refuse();

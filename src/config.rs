@@ -75,6 +75,8 @@ pub struct Limits {
     pub max_path_length: usize,
     /// Accept only UUID4 channel paths.
     pub uuid_only: bool,
+    /// Messages each channel keeps for clients that join with `replay=N`; 0: none.
+    pub replay_length: usize,
 }
 
 impl Default for Limits {
@@ -89,6 +91,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             max_path_length: 255,
             uuid_only: false,
+            replay_length: 16,
         }
     }
 }
@@ -235,6 +238,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "handshake_timeout",
             "max_path_length",
             "uuid_only",
+            "replay_length",
         ],
     ),
 ];
@@ -448,6 +452,7 @@ fn set_limit(l: &mut Limits, key: &str, value: &str) -> Result<(), String> {
         "handshake_timeout" => l.handshake_timeout = parse_seconds(value, false)?,
         "max_path_length" => l.max_path_length = parse_count(value, 1)?,
         "uuid_only" => l.uuid_only = parse_bool(value)?,
+        "replay_length" => l.replay_length = parse_count(value, 0)?,
         _ => unreachable!("limit {key} is in KNOWN but not handled"),
     }
     Ok(())

@@ -8,7 +8,8 @@
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use crate::config::Settings;
+use crate::channels::Options;
+use crate::config::{Limits, Settings};
 use crate::listener::Stream;
 
 /// Largest request head staps reads; a larger one is answered 431.
@@ -206,6 +207,15 @@ pub enum Route {
         path: String,
         /// The `Sec-WebSocket-Accept` value.
         accept: String,
+        /// What the query string asks for.
+        options: Options,
+    },
+    /// `GET /P?stats`: how many clients channel `path` has here.
+    Stats {
+        /// The channel: the decoded path.
+        path: String,
+        /// Answer `HEAD`: headers only.
+        head_only: bool,
     },
     /// Anything else: answer and close.
     Respond(Response),
@@ -220,6 +230,15 @@ pub fn route(req: &Request, settings: &Settings) -> Route {
         );
     }
     if !req.has_token("Upgrade", "websocket") {
+        if query_keys(&req.target).any(|(key, _)| key == "stats") {
+            return match channel_path(req, settings) {
+                Ok(path) => Route::Stats {
+                    path,
+                    head_only: !get,
+                },
+                Err(response) => Route::Respond(response),
+            };
+        }
         let mut page = usage(req, settings);
         page.head_only = !get;
         return Route::Respond(page);
@@ -252,6 +271,18 @@ fn check_upgrade(req: &Request, settings: &Settings) -> Result<Route, Response> 
     if !is_valid_key(key) {
         return Err(bad("Sec-WebSocket-Key is not 16 bytes in base64"));
     }
+    let path = channel_path(req, settings)?;
+    let options = parse_options(&req.target, &settings.limits).map_err(|e| bad(&e))?;
+    Ok(Route::Upgrade {
+        path,
+        accept: tungstenite::handshake::derive_accept_key(key.as_bytes()),
+        options,
+    })
+}
+
+/// The channel a request names, checked as a websocket upgrade's is.
+fn channel_path(req: &Request, settings: &Settings) -> Result<String, Response> {
+    let bad = |reason: &str| Response::error(400, reason);
     if !req.target.starts_with('/') {
         return Err(bad("the request target must be a path"));
     }
@@ -273,10 +304,61 @@ fn check_upgrade(req: &Request, settings: &Settings) -> Result<Route, Response> 
             &format!("channel path longer than {} bytes", limits.max_path_length),
         ));
     }
-    Ok(Route::Upgrade {
-        path,
-        accept: tungstenite::handshake::derive_accept_key(key.as_bytes()),
-    })
+    Ok(path)
+}
+
+/// Read the channel options (SPEC §10) of request target `target`; unknown
+/// keys are ignored, a malformed value is an error saying which.
+pub fn parse_options(target: &str, limits: &Limits) -> Result<Options, String> {
+    let mut options = Options::default();
+    let number = |key: &str, value: &str| {
+        value
+            .parse::<usize>()
+            .ok()
+            .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
+            .ok_or_else(|| format!("{key}={value}: a number is expected"))
+    };
+    for (key, value) in query_keys(target) {
+        match key {
+            "echo" => {
+                options.echo = match value {
+                    "1" => true,
+                    "0" => false,
+                    _ => return Err(format!("echo={value}: 1 or 0 is expected")),
+                }
+            }
+            "replay" => options.replay = number(key, value)?.min(limits.replay_length),
+            "max" => match number(key, value)? {
+                0 => return Err("max=0: at least 1 is expected".into()),
+                n => options.max = Some(n),
+            },
+            _ => {}
+        }
+    }
+    Ok(options)
+}
+
+/// The `key=value` pairs of a request target's query string (`key` alone
+/// gives an empty value).
+fn query_keys(target: &str) -> impl Iterator<Item = (&str, &str)> {
+    target
+        .split_once('?')
+        .map_or("", |(_, query)| query)
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
+/// The answer to `GET /P?stats`.
+pub fn stats_response(clients: usize, head_only: bool) -> Response {
+    let mut response = Response::new(
+        200,
+        "application/json",
+        format!("{{\"clients\": {clients}}}\n"),
+    )
+    .with("Cache-Control", "no-store");
+    response.head_only = head_only;
+    response
 }
 
 /// A key is the base64 of 16 bytes: 22 characters and `==`.

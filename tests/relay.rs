@@ -434,3 +434,35 @@ fn the_relay_survives_a_closed_connection() {
         || {},
     );
 }
+
+#[test]
+fn echo_replay_and_stats_with_the_relay() {
+    let Some(_lock) = shared_broker("echo_replay_and_stats_with_the_relay") else {
+        return;
+    };
+    let exchange = Exchange::new();
+    let one = instance(&exchange, "");
+    let two = instance(&exchange, "");
+    let ch = channel();
+    let mut a = connect(one.addr(), &format!("{ch}?echo=1"));
+    let mut b = connect(two.addr(), &ch);
+    wait_bound(&exchange, &ch[1..], 2);
+    // An echo client gets its own message once (not again from the broker).
+    a.send(Message::text("first")).unwrap();
+    assert_eq!(recv(&mut a), Message::text("first"));
+    assert_eq!(recv(&mut b), Message::text("first"));
+    a.send(Message::text("second")).unwrap();
+    assert_eq!(recv(&mut b), Message::text("second"));
+    b.send(Message::text("from two")).unwrap();
+    assert_eq!(recv(&mut a), Message::text("second"));
+    assert_eq!(recv(&mut a), Message::text("from two"));
+    // Remote messages enter the replay ring of the instance they reach.
+    let mut late = connect(two.addr(), &format!("{ch}?replay=3"));
+    for m in ["first", "second", "from two"] {
+        assert_eq!(recv(&mut late), Message::text(m));
+    }
+    // stats counts this instance's clients only.
+    let body = |addr| get(addr, &format!("{ch}?stats"), "");
+    assert!(body(one.addr()).ends_with("{\"clients\": 1}\n"));
+    assert!(body(two.addr()).ends_with("{\"clients\": 2}\n"));
+}
