@@ -389,6 +389,7 @@ impl Channel {
             }
         }
         stats::add(&stats.messages_out, queued);
+        stats::add(&stats.bytes_out, queued * frame.payload().len() as u64);
         if dropped > 0 {
             stats::add(&stats.dropped, dropped);
         }

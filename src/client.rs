@@ -285,6 +285,7 @@ fn read_loop(
             Event::End(close) => break close,
         };
         stats::add(&server.stats.messages_in, 1);
+        stats::add(&server.stats.bytes_in, frame.payload().len() as u64);
         channel.publish(peer.id, &frame, limits, &server.stats);
         if let (Some(relay), Some(sender)) = (&server.relay, sender) {
             relay.publish(path, &frame, sender, &server.stats);

@@ -36,6 +36,24 @@ pub enum SlowClient {
     Drop,
 }
 
+/// Where the metrics listener is: an address or a unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `ADDRESS:PORT`.
+    Tcp(SocketAddr),
+    /// A path (anything with a `/`).
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => write!(f, "{addr}"),
+            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
 /// A TCP listener as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TcpSpec {
@@ -129,6 +147,8 @@ pub struct Settings {
     pub umask: u32,
     /// Where stdout and stderr go; reopened on SIGHUP.
     pub log_file: Option<PathBuf>,
+    /// The metrics listener (`/metrics`, `/healthz`), apart from the public ones.
+    pub metrics: Option<Endpoint>,
     /// The `[limits]` section.
     pub limits: Limits,
     /// The files that were read, in order.
@@ -153,6 +173,7 @@ impl Default for Settings {
             pid_file: None,
             umask: 0o022,
             log_file: None,
+            metrics: None,
             limits: Limits::default(),
             files: Vec::new(),
         }
@@ -220,6 +241,7 @@ const KNOWN: &[(&str, &[&str])] = &[
             "exchange",
             "public_url",
             "log_level",
+            "metrics",
         ],
     ),
     (
@@ -422,6 +444,15 @@ fn set(
                     "'{value}' is not a log level (off, error, warn, info, debug, trace)"
                 ))
             })?)
+        }
+        ("staps", "metrics") => {
+            s.metrics = match value {
+                "" => None,
+                v if v.contains('/') => Some(Endpoint::Unix(PathBuf::from(v))),
+                v => Some(Endpoint::Tcp(
+                    parse_listen(v).map_err(|e| err(format!("{e}, or a unix socket path")))?,
+                )),
+            }
         }
         ("daemon", "user") => s.user = optional(value),
         ("daemon", "group") => s.group = optional(value),
@@ -679,13 +710,13 @@ impl Settings {
             "; files read: {files}\n\
              [staps]\n\
              socket = {}\nmode = {:04o}\nsocket_group = {}\nport = {}\nlisten = {}\n\
-             amqp = {}\nexchange = {}\npublic_url = {}\nlog_level = {}\n\n\
+             amqp = {}\nexchange = {}\npublic_url = {}\nlog_level = {}\nmetrics = {}\n\n\
              [daemon]\n\
              user = {}\ngroup = {}\ndir = {}\npid_file = {}\numask = {:04o}\nlog_file = {}\n\n\
              [limits]\n\
              max_message_size = {}\nmax_clients_per_channel = {}\nmax_connections = {}\n\
              queue_length = {}\nslow_client = {}\nping_interval = {}\nhandshake_timeout = {}\n\
-             max_path_length = {}\nuuid_only = {}\n",
+             max_path_length = {}\nuuid_only = {}\nreplay_length = {}\n",
             list(
                 self.sockets
                     .iter()
@@ -701,6 +732,13 @@ impl Settings {
             opt(&self.public_url),
             self.log_level
                 .map(|l| l.to_string().to_lowercase())
+                .unwrap_or_default(),
+            self.metrics
+                .as_ref()
+                .map(|m| match m {
+                    Endpoint::Tcp(addr) => addr.to_string(),
+                    Endpoint::Unix(path) => path.display().to_string(),
+                })
                 .unwrap_or_default(),
             opt(&self.user),
             opt(&self.group),
@@ -720,6 +758,7 @@ impl Settings {
             l.handshake_timeout.as_secs_f64(),
             l.max_path_length,
             l.uuid_only,
+            l.replay_length,
         )
     }
 }

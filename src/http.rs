@@ -145,6 +145,12 @@ impl Response {
         Response::new(status, "text/plain; charset=utf-8", format!("{reason}\n"))
     }
 
+    /// Answer a `HEAD` request: the headers only.
+    pub fn head_only(mut self, head_only: bool) -> Response {
+        self.head_only = head_only;
+        self
+    }
+
     /// Add a header.
     pub fn with(mut self, name: &'static str, value: impl Into<String>) -> Response {
         self.headers.push((name, value.into()));
@@ -239,9 +245,7 @@ pub fn route(req: &Request, settings: &Settings) -> Route {
                 Err(response) => Route::Respond(response),
             };
         }
-        let mut page = usage(req, settings);
-        page.head_only = !get;
-        return Route::Respond(page);
+        return Route::Respond(usage(req, settings).head_only(!get));
     }
     match check_upgrade(req, settings) {
         Ok(route) => route,
@@ -351,14 +355,13 @@ fn query_keys(target: &str) -> impl Iterator<Item = (&str, &str)> {
 
 /// The answer to `GET /P?stats`.
 pub fn stats_response(clients: usize, head_only: bool) -> Response {
-    let mut response = Response::new(
+    Response::new(
         200,
         "application/json",
         format!("{{\"clients\": {clients}}}\n"),
     )
-    .with("Cache-Control", "no-store");
-    response.head_only = head_only;
-    response
+    .with("Cache-Control", "no-store")
+    .head_only(head_only)
 }
 
 /// A key is the base64 of 16 bytes: 22 characters and `==`.

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod http;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod relay;
 pub mod server;
 pub mod signals;

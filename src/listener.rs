@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
 
-use crate::config::{Settings, TcpSpec};
+use crate::config::{Endpoint, Settings, TcpSpec};
 use crate::daemon;
 use crate::server::Server;
 
@@ -175,7 +175,8 @@ impl std::fmt::Display for Listener {
 }
 
 impl Listener {
-    fn accept(&self) -> io::Result<Stream> {
+    /// The next connection.
+    pub fn accept(&self) -> io::Result<Stream> {
         match self {
             Listener::Tcp(l, _) => {
                 let (s, _) = l.accept()?;
@@ -283,6 +284,20 @@ pub fn bind_all(settings: &Settings) -> Result<Vec<Listener>, String> {
         }
     }
     Ok(listeners)
+}
+
+/// Bind the metrics listener, when one is configured.
+pub fn bind_metrics(settings: &Settings) -> Result<Option<Listener>, String> {
+    let Some(endpoint) = &settings.metrics else {
+        return Ok(None);
+    };
+    let bound = match endpoint {
+        Endpoint::Tcp(addr) => bind_tcp(&TcpSpec::Addr(*addr)),
+        Endpoint::Unix(path) => bind_unix(path, settings),
+    };
+    bound
+        .map(Some)
+        .map_err(|e| format!("cannot listen for metrics on {endpoint}: {e}"))
 }
 
 fn bind_unix(path: &Path, settings: &Settings) -> Result<Listener, String> {

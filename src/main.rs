@@ -6,26 +6,40 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use staps::{cli, config, daemon, listener, logging, relay, server, signals};
+use staps::{cli, config, daemon, listener, logging, metrics, relay, server, signals};
 
 /// Exit code for a command line that cannot be parsed (`EX_USAGE`).
 const EX_USAGE: u8 = 64;
 
+/// The public listeners and the metrics listener, if any.
+type Bound = (
+    Vec<Arc<listener::Listener>>,
+    Option<Arc<listener::Listener>>,
+);
+
 /// The privileged step: take systemd's sockets or bind the configured ones,
-/// then drop privileges; on failure nothing is left behind.
-fn bind_and_drop_privileges(
-    settings: &config::Settings,
-) -> Result<Vec<Arc<listener::Listener>>, String> {
+/// and the metrics listener, then drop privileges; on failure nothing is left
+/// behind.
+fn bind_and_drop_privileges(settings: &config::Settings) -> Result<Bound, String> {
     let listeners = if listener::socket_activated() {
         listener::take_activated()?
     } else {
         listener::bind_all(settings)?
     };
-    if let Err(e) = daemon::drop_privileges(settings) {
-        listeners.iter().for_each(listener::Listener::remove_file);
-        return Err(e);
+    let metrics = listener::bind_metrics(settings).and_then(|metrics| {
+        daemon::drop_privileges(settings)?;
+        Ok(metrics)
+    });
+    match metrics {
+        Ok(metrics) => Ok((
+            listeners.into_iter().map(Arc::new).collect(),
+            metrics.map(Arc::new),
+        )),
+        Err(e) => {
+            listeners.iter().for_each(listener::Listener::remove_file);
+            Err(e)
+        }
     }
-    Ok(listeners.into_iter().map(Arc::new).collect())
 }
 
 fn main() -> ExitCode {
@@ -85,11 +99,11 @@ fn main() -> ExitCode {
         let settings = settings.clone();
         move || bind_and_drop_privileges(&settings)
     };
-    let (listeners, mut readiness) = if settings.daemon {
+    let ((listeners, metrics), mut readiness) = if settings.daemon {
         daemon::detach(&settings, bind)
     } else {
         match bind() {
-            Ok(listeners) => (listeners, daemon::Readiness::foreground()),
+            Ok(bound) => (bound, daemon::Readiness::foreground()),
             Err(e) => {
                 log::error!("{e}");
                 return ExitCode::FAILURE;
@@ -119,6 +133,14 @@ fn main() -> ExitCode {
             server.remove_files(&listeners);
             readiness.fail(1, &e);
         }
+    }
+    if let Some(m) = metrics {
+        let _ = server.metrics.set(Arc::clone(&m));
+        if let Err(e) = metrics::spawn(Arc::clone(&m), Arc::clone(&server)) {
+            server.remove_files(&listeners);
+            readiness.fail(1, &format!("cannot start the metrics thread: {e}"));
+        }
+        log::info!("metrics on {m}");
     }
     for l in &listeners {
         if let Err(e) = listener::spawn_accept_loop(Arc::clone(l), Arc::clone(&server)) {

@@ -1,7 +1,7 @@
 //! The state one running instance shares among its threads, and its shutdown.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::channels::{Close, Registry};
@@ -37,6 +37,8 @@ pub struct Server {
     pub readers: Arc<Pool>,
     /// Threads that write to connections.
     pub writers: Arc<Pool>,
+    /// The metrics listener, whose socket file goes with the others at exit.
+    pub metrics: OnceLock<Arc<Listener>>,
     next_id: AtomicU64,
     sockets: AtomicUsize,
     max_sockets: usize,
@@ -61,6 +63,7 @@ impl Server {
             relay,
             readers: Pool::new("staps-client", READER_STACK, IDLE_THREADS),
             writers: Pool::new("staps-writer", WRITER_STACK, IDLE_THREADS),
+            metrics: OnceLock::new(),
             // Sockets still in their handshake need room beyond the websocket
             // clients, or a full server could not even answer 503.
             max_sockets: if max == 0 {
@@ -185,7 +188,7 @@ impl Server {
 
     /// Remove the socket files and the pid file, where they are still ours.
     pub fn remove_files(&self, listeners: &[Arc<Listener>]) {
-        for listener in listeners {
+        for listener in listeners.iter().chain(self.metrics.get()) {
             listener.remove_file();
         }
         daemon::remove_pid_file(&self.settings);

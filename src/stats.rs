@@ -13,6 +13,10 @@ pub struct Stats {
     pub messages_in: AtomicU64,
     /// Deliveries queued to receivers (one message to ten receivers counts ten).
     pub messages_out: AtomicU64,
+    /// Payload bytes of the messages received from clients.
+    pub bytes_in: AtomicU64,
+    /// Payload bytes of the deliveries queued to receivers.
+    pub bytes_out: AtomicU64,
     /// Deliveries dropped under `slow_client = drop`.
     pub dropped: AtomicU64,
     /// Receivers closed under `slow_client = disconnect`.

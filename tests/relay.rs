@@ -441,7 +441,7 @@ fn echo_replay_and_stats_with_the_relay() {
         return;
     };
     let exchange = Exchange::new();
-    let one = instance(&exchange, "");
+    let mut one = instance(&exchange, "metrics = 127.0.0.1:0");
     let two = instance(&exchange, "");
     let ch = channel();
     let mut a = connect(one.addr(), &format!("{ch}?echo=1"));
@@ -465,4 +465,16 @@ fn echo_replay_and_stats_with_the_relay() {
     let body = |addr| get(addr, &format!("{ch}?stats"), "");
     assert!(body(one.addr()).ends_with("{\"clients\": 1}\n"));
     assert!(body(two.addr()).ends_with("{\"clients\": 2}\n"));
+    // The metrics tell the relay's state and counters.
+    let line = one.wait_log("metrics on ");
+    let at: std::net::SocketAddr = line.split("metrics on ").nth(1).unwrap().parse().unwrap();
+    let metrics = get(at, "/metrics", "");
+    for sample in [
+        "staps_relay_up 1\n",
+        "staps_relay_published_total 2\n",
+        "staps_relay_received_total 1\n",
+    ] {
+        assert!(metrics.contains(sample), "{sample} in {metrics}");
+    }
+    assert!(get(at, "/healthz", "").ends_with("ok\nrelay: up\n"));
 }

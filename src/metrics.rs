@@ -1,0 +1,216 @@
+//! The metrics listener (`[staps] metrics`): `/metrics` in the Prometheus
+//! text format and `/healthz`, on an address or socket of its own, never on
+//! the public listeners. It counts and never names a channel: channel paths
+//! are the only secret staps has.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::http::{self, Request, Response};
+use crate::listener::{Listener, Stream};
+use crate::relay::State;
+use crate::server::Server;
+
+/// How long a scraper has to send its request and read the answer.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serve `listener` on a thread of its own until the process exits; it keeps
+/// answering during a shutdown, so that `/healthz` can say so.
+pub fn spawn(listener: Arc<Listener>, server: Arc<Server>) -> std::io::Result<()> {
+    thread::Builder::new()
+        .name("staps-metrics".into())
+        .spawn(move || {
+            loop {
+                let stream = match listener.accept() {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        // Out of descriptors, most likely: the public side logs that.
+                        log::debug!("metrics: accept: {e}");
+                        thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                let server2 = Arc::clone(&server);
+                if let Err(e) = server.readers.run(move || answer(&stream, &server2)) {
+                    log::debug!("metrics: cannot start a thread: {e}");
+                }
+            }
+        })
+        .map(drop)
+}
+
+fn answer(stream: &Stream, server: &Server) {
+    let _ = stream.set_write_timeout(Some(TIMEOUT));
+    if let Ok((request, _)) = http::read_head(stream, Instant::now() + TIMEOUT) {
+        crate::client::respond(stream, &respond_to(&request, server));
+    }
+}
+
+/// What a request to the metrics listener gets.
+pub fn respond_to(request: &Request, server: &Server) -> Response {
+    let head_only = match request.method.as_str() {
+        "GET" => false,
+        "HEAD" => true,
+        _ => {
+            return Response::error(405, "only GET and HEAD are allowed")
+                .with("Allow", "GET, HEAD");
+        }
+    };
+    let path = request.target.split('?').next().unwrap_or("");
+    let response = match path {
+        "/metrics" => Response::new(
+            200,
+            "text/plain; version=0.0.4; charset=utf-8",
+            exposition(server),
+        ),
+        "/healthz" => {
+            let relay = relay_state(server);
+            if server.is_stopping() {
+                Response::new(
+                    503,
+                    "text/plain; charset=utf-8",
+                    format!("stopping\nrelay: {relay}\n"),
+                )
+            } else {
+                Response::new(
+                    200,
+                    "text/plain; charset=utf-8",
+                    format!("ok\nrelay: {relay}\n"),
+                )
+            }
+        }
+        _ => Response::error(404, "/metrics and /healthz are served here"),
+    };
+    response
+        .with("Cache-Control", "no-store")
+        .head_only(head_only)
+}
+
+fn relay_state(server: &Server) -> &'static str {
+    match server.relay.as_ref().map(|r| r.state()) {
+        None => "off",
+        Some(State::Down) => "down",
+        Some(State::Up) => "up",
+    }
+}
+
+/// The metrics, in the Prometheus text exposition format 0.0.4.
+pub fn exposition(server: &Server) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (clients, channels) = server.registry.counts();
+    let s = &server.stats;
+    let mut out = String::with_capacity(4096);
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP staps_{name} {help}");
+        let _ = writeln!(out, "# TYPE staps_{name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "staps_{name}{labels} {value}");
+        }
+    };
+    let version = format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"));
+    family(
+        "build_info",
+        "gauge",
+        "The running staps' version.",
+        &[(&version, 1)],
+    );
+    family(
+        "connections",
+        "gauge",
+        "Websocket clients connected now.",
+        &[("", clients as u64)],
+    );
+    family(
+        "channels",
+        "gauge",
+        "Channels with clients on this instance.",
+        &[("", channels as u64)],
+    );
+    family(
+        "stopping",
+        "gauge",
+        "1 while shutting down.",
+        &[("", u64::from(server.is_stopping()))],
+    );
+    let counters = [
+        (
+            "connections_total",
+            "Websocket clients accepted.",
+            &s.connections_total,
+        ),
+        (
+            "refused_total",
+            "Connections turned away: limits, bad requests, shutdown, no descriptors.",
+            &s.refused,
+        ),
+        (
+            "messages_in_total",
+            "Messages received from clients.",
+            &s.messages_in,
+        ),
+        (
+            "messages_out_total",
+            "Deliveries queued to receivers (a message to ten receivers counts ten).",
+            &s.messages_out,
+        ),
+        (
+            "bytes_in_total",
+            "Payload bytes received from clients.",
+            &s.bytes_in,
+        ),
+        (
+            "bytes_out_total",
+            "Payload bytes of the deliveries queued to receivers.",
+            &s.bytes_out,
+        ),
+        (
+            "slow_disconnects_total",
+            "Receivers closed with 1008 under slow_client = disconnect.",
+            &s.slow_disconnects,
+        ),
+    ];
+    for (name, help, counter) in counters {
+        family(name, "counter", help, &[("", counter.load(Relaxed))]);
+    }
+    family(
+        "dropped_total",
+        "counter",
+        "Messages not delivered, by reason: slow_client (a full queue under \
+         slow_client = drop; per receiver), relay (not handed to the broker).",
+        &[
+            ("{reason=\"slow_client\"}", s.dropped.load(Relaxed)),
+            ("{reason=\"relay\"}", s.relay_dropped.load(Relaxed)),
+        ],
+    );
+    if server.relay.is_some() {
+        family(
+            "relay_up",
+            "gauge",
+            "1 when the relay is connected to the broker.",
+            &[("", u64::from(relay_state(server) == "up"))],
+        );
+        let relay = [
+            (
+                "relay_published_total",
+                "Messages published to the broker.",
+                &s.relay_published,
+            ),
+            (
+                "relay_received_total",
+                "Messages from other instances delivered here.",
+                &s.relay_received,
+            ),
+            (
+                "relay_reconnects_total",
+                "Times the relay connected again after losing the broker.",
+                &s.relay_reconnects,
+            ),
+        ];
+        for (name, help, counter) in relay {
+            family(name, "counter", help, &[("", counter.load(Relaxed))]);
+        }
+    }
+    out
+}
