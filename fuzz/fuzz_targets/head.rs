@@ -1,0 +1,27 @@
+//! The request head as a client sends it: parsed, then routed (usage page,
+//! HTTP errors, upgrade checks, path decoding) and answered.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use staps::config::Settings;
+use staps::http::{self, Route};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(Some((request, len))) = http::parse_head(data) else {
+        return;
+    };
+    assert!(len <= data.len());
+    let mut settings = Settings::default();
+    // Both path policies, chosen by the input so the fuzzer explores each.
+    settings.limits.uuid_only = len % 2 == 1;
+    match http::route(&request, &settings) {
+        Route::Respond(response) => {
+            let bytes = response.to_bytes();
+            assert!(bytes.starts_with(b"HTTP/1.1 "));
+        }
+        Route::Upgrade { path, accept } => {
+            assert!(path.starts_with('/') && path.len() <= settings.limits.max_path_length);
+            assert_eq!(accept.len(), 28);
+        }
+    }
+});
