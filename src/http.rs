@@ -513,7 +513,11 @@ whom it concerns.</p>
 <pre>const ws = new WebSocket("{url}");
 ws.onmessage = (e) =&gt; console.log(e.data);
 ws.onopen = () =&gt; ws.send("hello");</pre>
-<p>Text stays text and binary stays binary. <code>curl</code> on this page prints just a channel URL.</p>
+<p>Text stays text and binary stays binary. Options go in the query string and keep the
+channel the same: <code>?echo=1</code> to get your own messages too, <code>?replay=5</code> to
+start with the channel's last five messages, <code>?max=2</code> (when you create the channel)
+to let no more than two in. Over HTTP, <code>?stats</code> tells how many are connected.
+<code>curl</code> on this page prints just a channel URL.</p>
 </body>
 </html>
 "#

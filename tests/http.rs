@@ -330,3 +330,52 @@ fn bytes_right_after_the_head_are_the_first_frames() {
     stream.read_exact(&mut head).unwrap();
     assert_eq!(&head, b"HTTP/1.1 101");
 }
+
+#[test]
+fn a_real_browser_shows_the_channel_url_and_an_example_without_external_resources() {
+    if skip(
+        "a_real_browser_shows_the_usage_page",
+        needs_program("chromium", "chromium"),
+    ) {
+        return;
+    }
+    let staps = Staps::start(&tcp_config(""), &[]);
+    let profile = tempfile::tempdir().unwrap();
+    // The flags that keep headless Chromium off the network (closed here).
+    let dom = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("http://{}/", staps.addr()))
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("run chromium");
+    assert!(dom.status.success());
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    // The rendered page names a fresh channel URL and shows how to use it.
+    let prefix = format!("ws://{}/", staps.addr());
+    let start = dom
+        .find(&format!("<p id=\"url\"><code>{prefix}"))
+        .expect(&dom);
+    let url: String = dom[start..]
+        .trim_start_matches("<p id=\"url\"><code>")
+        .chars()
+        .take_while(|&c| c != '<')
+        .collect();
+    uuid_of(&url);
+    assert!(dom.contains(&format!("websocat {url}")), "{dom}");
+    assert!(dom.contains(&format!("new WebSocket(\"{url}\")")), "{dom}");
+    // Nothing loaded from elsewhere: no scripts, images, styles or frames by URL.
+    for tag in ["<script", "<img", "<link", "<iframe", "src=", "url("] {
+        assert!(!dom.contains(tag), "{tag} in {dom}");
+    }
+}
