@@ -5,6 +5,8 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -98,43 +100,39 @@ fn relay_state(server: &Server) -> &'static str {
 
 /// The metrics, in the Prometheus text exposition format 0.0.4.
 pub fn exposition(server: &Server) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
     let (clients, channels) = server.registry.counts();
     let s = &server.stats;
     let mut out = String::with_capacity(4096);
-    let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
-        let _ = writeln!(out, "# HELP staps_{name} {help}");
-        let _ = writeln!(out, "# TYPE staps_{name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "staps_{name}{labels} {value}");
-        }
-    };
     let version = format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"));
     family(
+        &mut out,
         "build_info",
         "gauge",
         "The running staps' version.",
         &[(&version, 1)],
     );
     family(
+        &mut out,
         "connections",
         "gauge",
         "Websocket clients connected now.",
         &[("", clients as u64)],
     );
     family(
+        &mut out,
         "channels",
         "gauge",
         "Channels with clients on this instance.",
         &[("", channels as u64)],
     );
     family(
+        &mut out,
         "stopping",
         "gauge",
         "1 while shutting down.",
         &[("", u64::from(server.is_stopping()))],
     );
-    let counters = [
+    let local = [
         (
             "connections_total",
             "Websocket clients accepted.",
@@ -171,10 +169,9 @@ pub fn exposition(server: &Server) -> String {
             &s.slow_disconnects,
         ),
     ];
-    for (name, help, counter) in counters {
-        family(name, "counter", help, &[("", counter.load(Relaxed))]);
-    }
+    counters(&mut out, &local);
     family(
+        &mut out,
         "dropped_total",
         "counter",
         "Messages not delivered, by reason: slow_client (a full queue under \
@@ -186,6 +183,7 @@ pub fn exposition(server: &Server) -> String {
     );
     if server.relay.is_some() {
         family(
+            &mut out,
             "relay_up",
             "gauge",
             "1 when the relay is connected to the broker.",
@@ -208,9 +206,23 @@ pub fn exposition(server: &Server) -> String {
                 &s.relay_reconnects,
             ),
         ];
-        for (name, help, counter) in relay {
-            family(name, "counter", help, &[("", counter.load(Relaxed))]);
-        }
+        counters(&mut out, &relay);
     }
     out
+}
+
+/// One metric family: HELP, TYPE and its samples (`labels` may be empty).
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
+    let _ = writeln!(out, "# HELP staps_{name} {help}");
+    let _ = writeln!(out, "# TYPE staps_{name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "staps_{name}{labels} {value}");
+    }
+}
+
+/// Counter families without labels: name, help, counter.
+fn counters(out: &mut String, list: &[(&str, &str, &AtomicU64)]) {
+    for (name, help, counter) in list {
+        family(out, name, "counter", help, &[("", counter.load(Relaxed))]);
+    }
 }

@@ -9,6 +9,14 @@ use std::os::unix::net::UnixStream;
 use common::*;
 use tungstenite::Message;
 
+/// staps with its metrics listener at `at` (`{dir}` for the temporary directory).
+fn with_metrics(at: &str) -> Staps {
+    Staps::start(
+        &tcp_config("").replace("[limits]", &format!("metrics = {at}\n[limits]")),
+        &[],
+    )
+}
+
 /// Where the metrics listener is, from its log line.
 fn metrics_at(staps: &mut Staps) -> String {
     let line = staps.wait_log("metrics on ");
@@ -102,10 +110,7 @@ fn parse_exposition(text: &str) -> HashMap<String, f64> {
 
 #[test]
 fn metrics_are_prometheus_text_and_count_traffic() {
-    let mut staps = Staps::start(
-        &tcp_config("").replace("[limits]", "metrics = 127.0.0.1:0\n[limits]"),
-        &[],
-    );
+    let mut staps = with_metrics("127.0.0.1:0");
     let at = metrics_at(&mut staps);
     let before = parse_exposition(&fetch(&at, "/metrics").1);
     assert_eq!(before["staps_connections"], 0.0);
@@ -139,10 +144,7 @@ fn metrics_are_prometheus_text_and_count_traffic() {
 
 #[test]
 fn no_channel_path_appears_in_metrics_or_healthz() {
-    let mut staps = Staps::start(
-        &tcp_config("").replace("[limits]", "metrics = {dir}/metrics.sock\n[limits]"),
-        &[],
-    );
+    let mut staps = with_metrics("{dir}/metrics.sock");
     let at = metrics_at(&mut staps);
     assert!(at.starts_with("unix:"), "{at}");
     let paths: Vec<String> = (0..100).map(|_| channel()).collect();
@@ -176,10 +178,7 @@ fn no_channel_path_appears_in_metrics_or_healthz() {
 
 #[test]
 fn healthz_is_200_when_serving_and_503_during_shutdown() {
-    let mut staps = Staps::start(
-        &tcp_config("").replace("[limits]", "metrics = 127.0.0.1:0\n[limits]"),
-        &[],
-    );
+    let mut staps = with_metrics("127.0.0.1:0");
     let at = metrics_at(&mut staps);
     assert_eq!(fetch(&at, "/healthz"), (200, "ok\nrelay: off\n".to_owned()));
     // A client that never answers the close frame holds the shutdown open.
