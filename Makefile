@@ -53,6 +53,7 @@ fuzz:
 		|| { echo "make fuzz needs the nightly toolchain (rustup toolchain install nightly)" >&2; exit 1; }
 	command -v cargo-fuzz > /dev/null || $(CARGO) install cargo-fuzz --locked
 	for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t; \
 		$(CARGO) +nightly fuzz run $$t fuzz/corpus/$$t -- \
 			-max_total_time=$(FUZZ_TIME) -print_final_stats=1 2>&1 \
 			| grep -E '^(Done|stat::number_of_executed_units|==|SUMMARY)|panicked' ; \
