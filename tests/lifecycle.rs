@@ -103,7 +103,8 @@ fn sigusr1_logs_the_counters() {
         recv(&mut b);
         recv(&mut c);
     }
-    let line = staps.stats();
+    // Counters are added after the deliveries are queued.
+    let line = staps.wait_stats(|l| counter(l, "messages_out") == 6);
     assert_eq!(counter(&line, "connections"), 3);
     assert_eq!(counter(&line, "connections_total"), 3);
     assert_eq!(counter(&line, "channels"), 1);

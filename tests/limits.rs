@@ -184,7 +184,9 @@ fn with_drop_a_stalled_receiver_misses_messages_counted_and_stays() {
     let ch = channel();
     let stalled = stalled_client(&staps, &ch);
     assert_eq!(publish_past_a_stalled_client(&staps, &ch, 2000), 2000);
-    let line = staps.stats();
+    // Counters are added after the deliveries are queued: wait until all
+    // 4 000 (two receivers) are accounted for, queued or dropped.
+    let line = staps.wait_stats(|l| counter(l, "messages_out") + counter(l, "dropped") == 4000);
     assert_eq!(counter(&line, "slow_disconnects"), 0);
     let dropped = counter(&line, "dropped");
     assert!(dropped > 0, "{line}");
