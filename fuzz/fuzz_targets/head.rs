@@ -1,5 +1,6 @@
 //! The request head as a client sends it: parsed, then routed (usage page,
-//! HTTP errors, upgrade checks, path decoding) and answered.
+//! HTTP errors, upgrade checks, path decoding, channel options, stats) and
+//! answered.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -19,9 +20,18 @@ fuzz_target!(|data: &[u8]| {
             let bytes = response.to_bytes();
             assert!(bytes.starts_with(b"HTTP/1.1 "));
         }
-        Route::Upgrade { path, accept } => {
+        Route::Upgrade {
+            path,
+            accept,
+            options,
+        } => {
             assert!(path.starts_with('/') && path.len() <= settings.limits.max_path_length);
             assert_eq!(accept.len(), 28);
+            assert!(options.replay <= settings.limits.replay_length);
+            assert_ne!(options.max, Some(0));
+        }
+        Route::Stats { path, .. } => {
+            assert!(path.starts_with('/') && path.len() <= settings.limits.max_path_length);
         }
     }
 });
