@@ -308,6 +308,7 @@ enum Delivery {
 }
 
 impl Peer {
+    #[inline(always)]
     fn deliver(&self, frame: &Frame, limits: &Limits) -> Delivery {
         if self.is_closing() {
             return Delivery::Skipped;
