@@ -506,7 +506,8 @@ impl Registry {
     }
 
     /// Remove `peer` from channel `path`; the channel goes with its last member.
-    pub fn leave(&self, path: &str, channel: &Arc<Channel>, peer: &Peer) {
+    /// Returns whether that was the instance's last client.
+    pub fn leave(&self, path: &str, channel: &Arc<Channel>, peer: &Peer) -> bool {
         let mut inner = self.inner.lock();
         let mut state = channel.state.lock();
         let before = state.members.len();
@@ -517,7 +518,7 @@ impl Registry {
             .cloned()
             .collect();
         if state.members.len() == before {
-            return;
+            return false;
         }
         if state.members.is_empty() {
             if let Some((path, _)) = inner.channels.remove_entry(path) {
@@ -529,6 +530,7 @@ impl Registry {
         if inner.clients == 0 {
             self.empty.notify_all();
         }
+        inner.clients == 0
     }
 
     /// Clients and channels now.

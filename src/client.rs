@@ -22,7 +22,7 @@ use crate::channels::{Channel, Close, Frame, JoinError, Kind, Options, Out, Peer
 use crate::http::{self, HeadError, Route};
 use crate::listener::{Stream, is_timeout};
 use crate::logging::fingerprint;
-use crate::server::{CLOSE_TIMEOUT, Server, Slot};
+use crate::server::{self, CLOSE_TIMEOUT, Server, Slot};
 use crate::stats;
 
 /// Stack of a writer thread: it only moves bytes from its queue to the socket.
@@ -202,7 +202,9 @@ impl Joined {
         } = self;
         let (close, stream) = read_loop(stream, rest, server, &peer, &channel, &path);
         peer.close(close);
-        server.registry.leave(&path, &channel, &peer);
+        if server.registry.leave(&path, &channel, &peer) {
+            server::release_free_memory();
+        }
         log::debug!(
             "client {} left channel {}: {close:?}",
             peer.id,
