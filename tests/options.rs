@@ -130,7 +130,10 @@ fn the_replay_ring_goes_with_its_channel_and_replay_length_0_turns_it_off() {
     let off = Staps::start(&tcp_config("replay_length = 0"), &[]);
     let ch = channel();
     let mut a = connect(off.addr(), &ch);
+    let mut b = connect(off.addr(), &ch);
     a.send(text("unkept")).unwrap();
+    // Published (and, were replay on, kept) before the late client joins.
+    next_is(&mut b, text("unkept"));
     let mut late = connect(off.addr(), &format!("{ch}?replay=5"));
     a.send(text("kept")).unwrap();
     next_is(&mut late, text("kept"));
