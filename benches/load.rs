@@ -311,30 +311,68 @@ fn receive(
     r
 }
 
-/// `n` clients on `path`, each reading in a thread of its own once `barrier`
-/// opens.
-#[allow(clippy::too_many_arguments)]
-fn receivers(
-    addr: SocketAddr,
-    path: &str,
-    n: usize,
+/// Receivers on one channel and what they share: the clock of the stamps,
+/// the flag that ends a lossy run, their progress, and the barrier that lets
+/// them start reading with the sender (its last party).
+struct Audience {
     epoch: Instant,
-    expected: u64,
-    done: &Arc<AtomicBool>,
-    progress: &Arc<AtomicU64>,
-    barrier: &Arc<Barrier>,
-) -> Vec<thread::JoinHandle<Received>> {
-    (0..n)
-        .map(|_| {
-            let ws = connect(addr, path);
-            let (done, progress, barrier) =
-                (Arc::clone(done), Arc::clone(progress), Arc::clone(barrier));
-            spawn_small(move || {
-                barrier.wait();
-                receive(ws, epoch, expected, &done, &progress)
+    done: Arc<AtomicBool>,
+    progress: Arc<AtomicU64>,
+    start: Arc<Barrier>,
+    threads: Vec<thread::JoinHandle<Received>>,
+}
+
+impl Audience {
+    /// `n` clients on `path`, each reading `expected` messages in a thread of
+    /// its own once [`Audience::go`] is called.
+    fn join(addr: SocketAddr, path: &str, n: usize, expected: u64) -> Audience {
+        let epoch = Instant::now();
+        let done = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(AtomicU64::new(0));
+        let start = Arc::new(Barrier::new(n + 1));
+        let threads = (0..n)
+            .map(|_| {
+                let ws = connect(addr, path);
+                let (done, progress, start) =
+                    (Arc::clone(&done), Arc::clone(&progress), Arc::clone(&start));
+                spawn_small(move || {
+                    start.wait();
+                    receive(ws, epoch, expected, &done, &progress)
+                })
             })
-        })
-        .collect()
+            .collect();
+        Audience {
+            epoch,
+            done,
+            progress,
+            start,
+            threads,
+        }
+    }
+
+    /// Let the receivers read.
+    fn go(&self) {
+        self.start.wait();
+    }
+
+    /// The sender is done: collect what each receiver saw.
+    fn finish(self) -> Vec<Received> {
+        self.done.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect()
+    }
+}
+
+/// Every receiver's latencies, sorted.
+fn latencies(results: &[Received]) -> Vec<u64> {
+    let mut lat: Vec<u64> = results
+        .iter()
+        .flat_map(|r| r.latencies.iter().copied())
+        .collect();
+    lat.sort_unstable();
+    lat
 }
 
 fn spawn_small<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> thread::JoinHandle<T> {
@@ -414,22 +452,10 @@ fn fanout(kind: Kind, size: usize) -> Row {
         &format!("[limits]\nqueue_length = {MESSAGES}\nmax_clients_per_channel = 0\n"),
     );
     let path = format!("/{}", uuid::Uuid::new_v4());
-    let epoch = Instant::now();
-    let done = Arc::new(AtomicBool::new(false));
-    let progress = Arc::new(AtomicU64::new(0));
-    let barrier = Arc::new(Barrier::new(SUBSCRIBERS + 1));
-    let subscribers = receivers(
-        server.addr,
-        &path,
-        SUBSCRIBERS,
-        epoch,
-        MESSAGES,
-        &done,
-        &progress,
-        &barrier,
-    );
+    let subscribers = Audience::join(server.addr, &path, SUBSCRIBERS, MESSAGES);
+    let epoch = subscribers.epoch;
     let mut publisher = connect(server.addr, &path);
-    barrier.wait();
+    subscribers.go();
     let cpu = Cpu::start(&[server.pid()]);
     let mut payload = vec![0u8; size];
     for seq in 0..MESSAGES {
@@ -440,8 +466,7 @@ fn fanout(kind: Kind, size: usize) -> Row {
         }
     }
     publisher.flush().unwrap();
-    done.store(true, Ordering::Relaxed);
-    let results: Vec<Received> = subscribers.into_iter().map(|t| t.join().unwrap()).collect();
+    let results = subscribers.finish();
     let mut cpu = cpu.stop();
     // The receivers' quiet wait is not the server's time.
     let lossy = results.iter().any(|r| r.count < MESSAGES);
@@ -449,11 +474,7 @@ fn fanout(kind: Kind, size: usize) -> Row {
         cpu.wall -= QUIET.as_secs_f64();
     }
     let delivered: u64 = results.iter().map(|r| r.count).sum();
-    let mut lat: Vec<u64> = results
-        .iter()
-        .flat_map(|r| r.latencies.iter().copied())
-        .collect();
-    lat.sort_unstable();
+    let lat = latencies(&results);
     let expected = (MESSAGES * SUBSCRIBERS as u64) as f64;
     let mut row = vec![
         ("delivered msg/s", delivered as f64 / cpu.wall),
@@ -541,11 +562,7 @@ fn many(kind: Kind) -> Row {
     let mut cpu = cpu.stop();
     cpu.wall -= QUIET.as_secs_f64();
     let delivered: u64 = results.iter().map(|r| r.count).sum();
-    let mut lat: Vec<u64> = results
-        .iter()
-        .flat_map(|r| r.latencies.iter().copied())
-        .collect();
-    lat.sort_unstable();
+    let lat = latencies(&results);
     let expected = (2 * CHANNELS as u64 * RATE * SECONDS) as f64;
     let mut row = vec![
         (
@@ -844,20 +861,7 @@ fn relay(per_instance: usize) -> Option<Row> {
     let one = Server::start(Kind::Staps, &config);
     let two = Server::start(Kind::Staps, &config);
     let path = format!("/{}", uuid::Uuid::new_v4());
-    let epoch = Instant::now();
-    let done = Arc::new(AtomicBool::new(false));
-    let progress = Arc::new(AtomicU64::new(0));
-    let barrier = Arc::new(Barrier::new(per_instance + 1));
-    let receivers = receivers(
-        two.addr,
-        &path,
-        per_instance,
-        epoch,
-        MESSAGES,
-        &done,
-        &progress,
-        &barrier,
-    );
+    let receivers = Audience::join(two.addr, &path, per_instance, MESSAGES);
     let _locals: Vec<Ws> = (1..per_instance)
         .map(|_| connect(one.addr, &path))
         .collect();
@@ -877,28 +881,23 @@ fn relay(per_instance: usize) -> Option<Row> {
         assert!(Instant::now() < deadline, "the relay never carried a probe");
     }
     drop(probe);
-    barrier.wait();
+    receivers.go();
     let cpu = Cpu::start(&[one.pid(), two.pid()]);
     let mut payload = vec![0u8; 64];
     let n = per_instance as u64;
     for seq in 0..MESSAGES {
         // A window on what has crossed: the sustained rate, not how fast the
         // relay's queue fills up and drops.
-        while seq * n > progress.load(Ordering::Relaxed) + WINDOW * n {
+        while seq * n > receivers.progress.load(Ordering::Relaxed) + WINDOW * n {
             thread::sleep(Duration::from_micros(100));
         }
-        stamp(epoch, &mut payload, seq);
+        stamp(receivers.epoch, &mut payload, seq);
         publisher.send(Message::binary(payload.clone())).unwrap();
     }
-    done.store(true, Ordering::Relaxed);
-    let results: Vec<Received> = receivers.into_iter().map(|t| t.join().unwrap()).collect();
+    let results = receivers.finish();
     let cpu = cpu.stop();
     let crossed: u64 = results.iter().map(|r| r.count).sum();
-    let mut lat: Vec<u64> = results
-        .iter()
-        .flat_map(|r| r.latencies.iter().copied())
-        .collect();
-    lat.sort_unstable();
+    let lat = latencies(&results);
     let mut row = vec![
         ("relayed msg/s", MESSAGES as f64 / cpu.wall),
         (
