@@ -43,17 +43,17 @@ const READ_BUFFER: usize = 1024;
 /// handshake, writer start and read loop in one frame: 8.7 KiB deep, three
 /// pages; split like this, two.
 pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot) {
-    let Some((mut joined, queue)) = handshake(stream, &server) else {
+    let Some((joined, writer)) = handshake(stream, &server) else {
         return;
     };
-    if joined.start_writer(&server, slot, queue) {
+    if joined.start_writer(&server, slot, writer) {
         joined.run(&server);
     }
 }
 
 /// Read the request and answer it; for a websocket upgrade, join its channel.
 #[inline(never)]
-fn handshake(stream: Stream, server: &Server) -> Option<(Joined, Receiver<Out>)> {
+fn handshake(stream: Stream, server: &Server) -> Option<(Joined, WriterStart)> {
     let limits = &server.settings.limits;
     let deadline = Instant::now() + limits.handshake_timeout;
     // A client that does not read its answer must not hold the thread forever.
@@ -113,14 +113,19 @@ struct Joined {
     path: Arc<str>,
     channel: Arc<Channel>,
     peer: Arc<Peer>,
-    /// `Sec-WebSocket-Accept`, for the writer's first write (then emptied).
-    accept: String,
     /// Bytes the client sent after its request head.
     rest: Vec<u8>,
 }
 
+/// What the writer thread starts with: the client's queue and the `101`
+/// answer, its first write.
+struct WriterStart {
+    queue: Receiver<Out>,
+    handshake: Vec<u8>,
+}
+
 /// Join the channel at `path`, or refuse with 503. Returns the client and
-/// its queue, for its writer.
+/// what its writer starts with.
 fn join(
     stream: Stream,
     server: &Server,
@@ -128,7 +133,7 @@ fn join(
     accept: String,
     options: Options,
     rest: Vec<u8>,
-) -> Option<(Joined, Receiver<Out>)> {
+) -> Option<(Joined, WriterStart)> {
     let id = server.next_id();
     let path: Arc<str> = path.into();
     let (peer, queue) = Peer::new(id, options.echo);
@@ -158,21 +163,24 @@ fn join(
         path,
         channel,
         peer,
-        accept,
         rest,
     };
-    Some((joined, queue))
+    let writer = WriterStart {
+        queue,
+        handshake: http::switching_protocols(&accept),
+    };
+    Some((joined, writer))
 }
 
 impl Joined {
     /// Start the writer thread, which answers the handshake; false if none
     /// could start (the client has been answered 503).
     #[inline(never)]
-    fn start_writer(&mut self, server: &Arc<Server>, slot: Slot, queue: Receiver<Out>) -> bool {
+    fn start_writer(&self, server: &Arc<Server>, slot: Slot, writer: WriterStart) -> bool {
         let out = Arc::clone(&self.stream);
         let server2 = Arc::clone(server);
         let peer = Arc::clone(&self.peer);
-        let handshake = http::switching_protocols(&std::mem::take(&mut self.accept));
+        let WriterStart { queue, handshake } = writer;
         let started = server.writers.run(move || {
             let _slot = slot;
             write_loop(out, &queue, &peer, handshake, &server2)
@@ -198,7 +206,6 @@ impl Joined {
             channel,
             peer,
             rest,
-            ..
         } = self;
         let (close, stream) = read_loop(stream, rest, server, &peer, &channel, &path);
         peer.close(close);

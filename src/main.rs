@@ -26,11 +26,14 @@ fn bind_and_drop_privileges(settings: &config::Settings) -> Result<Bound, String
     } else {
         listener::bind_all(settings)?
     };
-    let metrics = listener::bind_metrics(settings).and_then(|metrics| {
-        daemon::drop_privileges(settings)?;
+    let bound = listener::bind_metrics(settings).and_then(|metrics| {
+        if let Err(e) = daemon::drop_privileges(settings) {
+            metrics.iter().for_each(listener::Listener::remove_file);
+            return Err(e);
+        }
         Ok(metrics)
     });
-    match metrics {
+    match bound {
         Ok(metrics) => Ok((
             listeners.into_iter().map(Arc::new).collect(),
             metrics.map(Arc::new),
