@@ -49,12 +49,16 @@ fn ticks() -> f64 {
 fn process_cpu(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<f64> = after
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // utime and stime are fields 14 and 15 of stat: 11 and 12 after the ')'.
-    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / ticks()
+    let field = |i: usize| -> f64 {
+        after
+            .split_whitespace()
+            .nth(i)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat: 11 and 12 after the ')'
+    // (the first one after it, the state, is a letter).
+    (field(11) + field(12)) / ticks()
 }
 
 /// Busy CPU seconds of the whole machine, and of them the kernel's softirq
@@ -156,6 +160,8 @@ enum Kind {
 struct Server {
     child: Child,
     addr: SocketAddr,
+    /// staps' configuration, removed with the server.
+    _dir: Option<tempfile::TempDir>,
 }
 
 fn free_port() -> u16 {
@@ -177,14 +183,18 @@ impl Server {
     fn start(kind: Kind, extra: &str) -> Server {
         let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut dir = None;
         let mut cmd = match kind {
             Kind::Staps => {
-                let dir =
-                    std::env::temp_dir().join(format!("staps-bench-{}", uuid::Uuid::new_v4()));
-                std::fs::create_dir_all(&dir).unwrap();
-                let conf = dir.join("staps.conf");
+                let conf = dir
+                    .insert(tempfile::tempdir().expect("a temporary directory"))
+                    .path()
+                    .join("staps.conf");
                 std::fs::write(&conf, format!("[staps]\nlisten = {addr}\n{extra}")).unwrap();
-                let mut cmd = Command::new(env!("CARGO_BIN_EXE_staps"));
+                // STAPS_BIN: another build to compare (the default is this one).
+                let bin = std::env::var("STAPS_BIN")
+                    .unwrap_or_else(|_| env!("CARGO_BIN_EXE_staps").to_owned());
+                let mut cmd = Command::new(bin);
                 cmd.arg("-c").arg(conf).arg("-q");
                 cmd
             }
@@ -201,7 +211,11 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the server");
-        let server = Server { child, addr };
+        let server = Server {
+            child,
+            addr,
+            _dir: dir,
+        };
         let deadline = Instant::now() + DEADLINE;
         while TcpStream::connect(addr).is_err() {
             assert!(Instant::now() < deadline, "{kind:?} did not start");
@@ -958,13 +972,15 @@ fn main() {
         )
         .trim()
     );
-    if wanted("fanout") {
+    if wanted("fanout") || wanted("fanout-64") {
         compare(
             "fan-out, 64 B, 1 -> 100, 20 000 messages",
             runs,
             with_wsbroad,
             |k| fanout(k, 64),
         );
+    }
+    if wanted("fanout") || wanted("fanout-4k") {
         compare(
             "fan-out, 4 KiB, 1 -> 100, 20 000 messages",
             runs,
