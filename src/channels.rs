@@ -195,18 +195,25 @@ impl Peer {
         (Arc::new(peer), rx)
     }
 
-    /// Queue `out` and wake the writer if it sleeps. The queue is never
-    /// disconnected while the peer exists, so sending cannot fail.
+    /// Queue `out` and wake the writer if it sleeps.
     fn push(&self, out: Out) {
-        let _ = self.tx.send(out);
-        // Pairs with the fence in `next`: either the writer sees the message
-        // before it parks, or we see it idle and unpark it.
-        fence(Ordering::SeqCst);
-        if self.idle.load(Ordering::Relaxed) && self.idle.swap(false, Ordering::AcqRel) {
+        if self.queue(out) {
             if let Some(writer) = self.writer.get() {
                 writer.unpark();
             }
         }
+    }
+
+    /// Queue `out`; true if the writer sleeps and this call must wake it
+    /// (then no other call will). The queue is never disconnected while the
+    /// peer exists, so sending cannot fail.
+    #[inline(always)]
+    fn queue(&self, out: Out) -> bool {
+        let _ = self.tx.send(out);
+        // Pairs with the fence in `next`: either the writer sees the message
+        // before it parks, or we see it idle and wake it.
+        fence(Ordering::SeqCst);
+        self.idle.load(Ordering::Relaxed) && self.idle.swap(false, Ordering::AcqRel)
     }
 
     /// For the writer thread, once, before it reads its queue: who to unpark.
@@ -307,9 +314,35 @@ enum Delivery {
     Skipped,
 }
 
+/// Writers to wake before the publishing thread waits for anything.
+///
+/// A reader that publishes several messages from one socket read wakes each
+/// sleeping writer once for all of them instead of once per message, and the
+/// writer then finds them all in its queue for one write: a wake-up (a futex
+/// call, often a context switch) costs more than a 64 B delivery does. The
+/// writers are woken by [`Wakes::flush`], at the latest when this is dropped;
+/// until then no one else wakes them.
+#[derive(Debug, Default)]
+pub struct Wakes(Vec<Thread>);
+
+impl Wakes {
+    /// Wake every writer owed a wake-up.
+    pub fn flush(&mut self) {
+        for writer in self.0.drain(..) {
+            writer.unpark();
+        }
+    }
+}
+
+impl Drop for Wakes {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 impl Peer {
     #[inline(always)]
-    fn deliver(&self, frame: &Frame, limits: &Limits) -> Delivery {
+    fn deliver(&self, frame: &Frame, limits: &Limits, wakes: &mut Wakes) -> Delivery {
         if self.is_closing() {
             return Delivery::Skipped;
         }
@@ -325,7 +358,11 @@ impl Peer {
                 }
             };
         }
-        self.push(Out::Frame(frame.clone()));
+        if self.queue(Out::Frame(frame.clone())) {
+            if let Some(writer) = self.writer.get() {
+                wakes.0.push(writer.clone());
+            }
+        }
         Delivery::Queued
     }
 }
@@ -368,8 +405,15 @@ impl Channel {
     }
 
     /// Send `frame` to every member but `from` (unless it asked for its own
-    /// messages). Never blocks.
-    pub fn publish(&self, from: u64, frame: &Frame, limits: &Limits, stats: &Stats) {
+    /// messages). Never blocks. The writers it must wake go to `wakes`.
+    pub fn publish(
+        &self,
+        from: u64,
+        frame: &Frame,
+        limits: &Limits,
+        stats: &Stats,
+        wakes: &mut Wakes,
+    ) {
         let members = {
             let mut state = self.state.lock();
             if limits.replay_length > 0 {
@@ -382,7 +426,7 @@ impl Channel {
         };
         let (mut queued, mut dropped, mut kicked) = (0, 0, 0);
         for peer in members.iter().filter(|p| p.id != from || p.echo) {
-            match peer.deliver(frame, limits) {
+            match peer.deliver(frame, limits, wakes) {
                 Delivery::Queued => queued += 1,
                 Delivery::Dropped => dropped += 1,
                 Delivery::Disconnected => kicked += 1,
@@ -497,8 +541,10 @@ impl Registry {
             .collect();
         // Under the channel's lock: the replayed messages come before any new one.
         let skip = state.recent.len().saturating_sub(options.replay);
+        // Its writer has not started yet: nothing to wake.
+        let mut wakes = Wakes::default();
         for frame in state.recent.iter().skip(skip) {
-            peer.deliver(frame, limits);
+            peer.deliver(frame, limits, &mut wakes);
         }
         drop(state);
         inner.clients += 1;
@@ -635,7 +681,7 @@ mod tests {
                 .unwrap();
             let frame = Frame::message(Kind::Text, b"x");
             for _ in 0..5 {
-                ch.publish(sender.id, &frame, &limits, &stats);
+                ch.publish(sender.id, &frame, &limits, &stats, &mut Wakes::default());
             }
             let queued = rx.try_iter().filter(|o| matches!(o, Out::Frame(_))).count();
             assert_eq!(queued, 2);

@@ -101,6 +101,20 @@ impl Stream {
         while matches!((&mut &*self).read(&mut sink), Ok(n) if n > 0) {}
     }
 
+    /// Read what has already arrived without waiting for more: `WouldBlock`
+    /// when nothing has.
+    pub fn read_ready(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let fd = both!(self, s => s.as_raw_fd());
+        // SAFETY: `buf` is valid for `buf.len()` bytes of writes and `fd` is
+        // open for as long as `self` is.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
     /// Read until `deadline`, then fail with `TimedOut`.
     pub fn read_until(&self, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
         loop {

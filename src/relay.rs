@@ -28,7 +28,7 @@ use amiquip::{
 use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 use uuid::Uuid;
 
-use crate::channels::{Frame, Kind};
+use crate::channels::{Frame, Kind, Wakes};
 use crate::http::percent_decode;
 use crate::server::Server;
 use crate::stats;
@@ -532,7 +532,13 @@ impl<'c> Session<'c> {
         if let Some(channel) = self.server.registry.get(&path) {
             let frame = Frame::message(kind, &delivery.body);
             // No local client sent it: every local member receives it.
-            channel.publish(0, &frame, &self.server.settings.limits, &self.server.stats);
+            channel.publish(
+                0,
+                &frame,
+                &self.server.settings.limits,
+                &self.server.stats,
+                &mut Wakes::default(),
+            );
         }
     }
 }

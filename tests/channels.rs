@@ -84,6 +84,49 @@ fn order_per_sender_is_kept() {
     }
 }
 
+/// A reader that publishes a burst wakes the receivers' writers once it has
+/// read what its client sent (or after a bounded number of messages), not per
+/// message: whatever the burst's size, and however its end falls against the
+/// reader's 1 KiB reads, the receivers get all of it while the sender stays
+/// connected and silent. Without pings nothing else would wake a writer.
+#[test]
+fn bursts_arrive_whole_while_the_sender_stays_silent() {
+    let staps = Staps::start(&tcp_config("ping_interval = 0\nqueue_length = 5000"), &[]);
+    let ch = channel();
+    let mut receivers: Vec<_> = (0..3).map(|_| connect(staps.addr(), &ch)).collect();
+    let mut sender = raw_ws(staps.addr(), &ch);
+    let mut seq = 0u32;
+    // 122 B payloads make 128 B frames: 8 of them fill a read exactly.
+    for (count, size) in [
+        (1, 10),
+        (8, 122),
+        (16, 122),
+        (15, 60),
+        (64, 60),
+        (65, 60),
+        (1000, 122),
+    ] {
+        let mut burst = Vec::new();
+        let first = seq;
+        for _ in 0..count {
+            let mut payload = vec![b'.'; size];
+            payload[..4].copy_from_slice(&seq.to_be_bytes());
+            burst.extend(client_frame(true, 0x2, &payload));
+            seq += 1;
+        }
+        sender.write_all(&burst).unwrap();
+        for r in &mut receivers {
+            for want in first..seq {
+                let Message::Binary(data) = recv(r) else {
+                    panic!("not binary")
+                };
+                assert_eq!(data.len(), size);
+                assert_eq!(u32::from_be_bytes(data[..4].try_into().unwrap()), want);
+            }
+        }
+    }
+}
+
 #[test]
 fn fragmented_messages_are_delivered_whole() {
     let staps = Staps::start(&tcp_config(""), &[]);
