@@ -129,12 +129,13 @@ fn receivers_that_never_read_hold_bounded_memory_and_readers_keep_up() {
         r.join().expect("reader");
     }
     // The documented bound (README, "Reliability"): each receiver holds at
-    // most queue_length + 64 messages (its queue and its writer's batch), and
-    // messages are shared, so receivers stalled together hold them once. The
-    // slack is for the readers' and publisher's buffers and allocator slack.
+    // most queue_length + 32 messages of this size (its queue and its
+    // writer's batch) and a 64 KiB copy of small frames, and messages are
+    // shared, so receivers stalled together hold them once. The slack is for
+    // the readers' and publisher's buffers and allocator slack.
     let peak = proc_status(pid, "VmHWM");
     let held = peak.saturating_sub(before);
-    let bound = ((QUEUE + 64) * SIZE * 2 + STALLED * 64 * 1024 + (16 << 20)) as u64 / 1024;
+    let bound = ((QUEUE + 32) * SIZE * 2 + STALLED * 64 * 1024 + (16 << 20)) as u64 / 1024;
     assert!(
         held <= bound,
         "peak RSS grew by {held} KiB (bound {bound} KiB; {} KiB were published)",
