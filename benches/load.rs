@@ -61,6 +61,25 @@ fn process_cpu(pid: u32) -> f64 {
     (field(11) + field(12)) / ticks()
 }
 
+/// Context switches of a process's live threads (voluntary and not): each is
+/// a thread that slept and was woken, the main cost of a thread-per-connection
+/// server at low rates, and countable where CPU time is noisy.
+fn context_switches(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 /// Busy CPU seconds of the whole machine, and of them the kernel's softirq
 /// time (loopback TCP is processed there, charged to no process).
 fn machine_cpu() -> (f64, f64) {
@@ -104,6 +123,7 @@ fn status_field(pid: u32, field: &str) -> u64 {
 struct Cpu {
     pids: Vec<u32>,
     at: (f64, f64, (f64, f64)),
+    switches: f64,
     started: Instant,
 }
 
@@ -113,6 +133,8 @@ struct CpuUse {
     generator: f64,
     softirq: f64,
     others: f64,
+    /// The servers' context switches.
+    switches: f64,
     wall: f64,
 }
 
@@ -121,6 +143,7 @@ impl Cpu {
         Cpu {
             pids: pids.to_vec(),
             at: Cpu::now(pids),
+            switches: pids.iter().map(|p| context_switches(*p)).sum(),
             started: Instant::now(),
         }
     }
@@ -143,6 +166,7 @@ impl Cpu {
             generator,
             softirq,
             others: (machine - self.at.2.0 - server - generator - softirq).max(0.0),
+            switches: self.pids.iter().map(|p| context_switches(*p)).sum::<f64>() - self.switches,
             wall: self.started.elapsed().as_secs_f64(),
         }
     }
@@ -442,6 +466,10 @@ fn cpu_rows(row: &mut Row, cpu: CpuUse, units: f64) {
     row.push((
         "server CPU per unit (ns)",
         cpu.server * 1e9 / units.max(1.0),
+    ));
+    row.push((
+        "server context switches per unit",
+        cpu.switches / units.max(1.0),
     ));
     row.push(("server CPU (% of a core)", 100.0 * cpu.server / cpu.wall));
     row.push((
