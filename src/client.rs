@@ -2,9 +2,10 @@
 //!
 //! The way of a message: the sender's **reader** ([`read_loop`]) gets it whole
 //! from tungstenite, encodes it once into a [`Frame`] and hands it to
-//! [`Channel::publish`], which queues it for every other member. Each member's
-//! **writer** ([`write_loop`]) drains its queue and writes the batch with one
-//! vectored write. The writer owns every write to the socket: pongs and close
+//! [`Channel::publish`], which queues it for every other member; writers that
+//! sleep are woken once the reader has published what its last socket read
+//! brought ([`ReadHalf`]). Each member's **writer** ([`write_loop`]) drains
+//! its queue and writes the batch with one vectored write. The writer owns every write to the socket: pongs and close
 //! frames that the reader decides on go through the same queue, so frames can
 //! never interleave.
 
@@ -242,11 +243,13 @@ struct ReadHalf {
 /// at fan-out 100 with 64 B messages (`make bench`), wake-ups (the publisher's
 /// futex calls, the writers' context switches) and one small write per
 /// wake-up were most of the cost: server CPU per delivery went from 370 ns to
-/// 175 ns (32), 150 ns (64), 125 ns (128 and 512). This bounds the delay
-/// it adds to a receiver's first message: the fan-out of 64 messages. A
-/// client that sends one message at a time leaves the socket empty after
-/// each, so its messages are not delayed at all.
-const WAKE_AFTER: usize = 64;
+/// 175 ns (32), 150-240 ns (64), 125-145 ns (128), 125 ns (512), against
+/// wsbroad's 290-350. This bounds the delay it adds to a receiver's first
+/// message: the fan-out of 128 messages (at fan-out 100, about half a
+/// millisecond of the publisher's time). A client that sends one message at
+/// a time leaves the socket empty after each, so its messages are not delayed
+/// at all.
+const WAKE_AFTER: usize = 128;
 
 impl Read for ReadHalf {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
