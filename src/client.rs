@@ -251,9 +251,28 @@ struct ReadHalf {
 /// at all.
 const WAKE_AFTER: usize = 128;
 
+impl ReadHalf {
+    /// Publish `frame` to `channel` for client `from`; the writers it owes a
+    /// wake-up are woken with those of the messages before it, at the latest
+    /// with the [`WAKE_AFTER`]th.
+    fn publish(&mut self, channel: &Channel, from: u64, frame: &Frame, server: &Server) {
+        let limits = &server.settings.limits;
+        channel.publish(from, frame, limits, &server.stats, &mut self.wakes);
+        self.published += 1;
+        if self.published >= WAKE_AFTER {
+            self.wake_writers();
+        }
+    }
+
+    fn wake_writers(&mut self) {
+        self.wakes.flush();
+        self.published = 0;
+    }
+}
+
 impl Read for ReadHalf {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let ready = if self.full && self.published < WAKE_AFTER {
+        let ready = if self.full {
             self.stream.read_ready(buf)
         } else {
             Err(io::ErrorKind::WouldBlock.into())
@@ -261,8 +280,7 @@ impl Read for ReadHalf {
         let n = match ready {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // About to wait for the client: wake the writers first.
-                self.wakes.flush();
-                self.published = 0;
+                self.wake_writers();
                 (&mut &*self.stream).read(buf)?
             }
             other => other?,
@@ -332,9 +350,7 @@ fn read_loop(
         };
         stats::add(&server.stats.messages_in, 1);
         stats::add(&server.stats.bytes_in, frame.payload().len() as u64);
-        let half = ws.get_mut();
-        channel.publish(peer.id, &frame, limits, &server.stats, &mut half.wakes);
-        half.published += 1;
+        ws.get_mut().publish(channel, peer.id, &frame, server);
         if let (Some(relay), Some(sender)) = (&server.relay, sender) {
             relay.publish(path, &frame, sender, &server.stats);
         }
