@@ -31,7 +31,8 @@ unit:
 
 # The load generator (benches/load.rs): staps (release build) side by side
 # with wsbroad, installed when missing. SCENARIOS="fanout many idle churn
-# relay" picks some; RUNS=3 runs each.
+# relay" picks some (fanout-64 and fanout-4k one fan-out size); RUNS=3 runs
+# each; STAPS_BIN=path runs another staps build instead of this one.
 RUNS ?= 3
 bench:
 	command -v wsbroad > /dev/null || $(CARGO) install wsbroad --locked
