@@ -576,3 +576,50 @@ impl Batch {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    /// Small frames are copied and large ones written in place, so the order
+    /// on the wire must still be the queue's, whatever the mix.
+    #[test]
+    fn batches_keep_queue_order_across_copied_and_shared_frames() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let out = Stream::Unix(a);
+        let sizes = [10, 600, 20, 30, 4000, 5, COPY_MAX, COPY_MAX + 1, 0, 70_000];
+        let mut batch = Batch::default();
+        let mut expected = Vec::new();
+        for (i, size) in sizes.into_iter().enumerate() {
+            let frame = Frame::message(Kind::Binary, &vec![i as u8; size]);
+            expected.extend_from_slice(frame.as_bytes());
+            batch.push(frame);
+        }
+        // The 70 000-byte frame alone passes BATCH_BYTES.
+        assert!(batch.is_full());
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0; expected.len()];
+            b.read_exact(&mut got).unwrap();
+            assert_eq!(got, expected);
+        });
+        batch.write(&out).unwrap();
+        reader.join().unwrap();
+        // Emptied for the next batch, keeping its buffers.
+        assert_eq!(
+            (batch.size, batch.bytes.len(), batch.large.len()),
+            (0, 0, 0)
+        );
+        assert!(!batch.is_full());
+    }
+
+    #[test]
+    fn a_batch_is_full_at_its_count_of_large_frames() {
+        let mut batch = Batch::default();
+        for _ in 0..BATCH_LARGE {
+            assert!(!batch.is_full());
+            batch.push(Frame::message(Kind::Binary, &[0; COPY_MAX + 1]));
+        }
+        assert!(batch.is_full());
+    }
+}
