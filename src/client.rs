@@ -229,13 +229,14 @@ struct ReadHalf {
     last_rx: Instant,
     /// Receivers' writers owed a wake-up by what this reader has published.
     wakes: Wakes,
-    /// Messages published since those writers were last woken.
-    published: usize,
+    /// Messages published and reads done since those writers were last woken.
+    deferred: usize,
     /// The last read filled the buffer: more has probably arrived.
     full: bool,
 }
 
-/// Messages a reader publishes at most before it wakes the writers it owes.
+/// Messages a reader publishes (or reads it does) at most before it wakes the
+/// writers it owes.
 ///
 /// A publisher whose client sends faster than one read takes goes on with
 /// what is already in the socket before waking the receivers' writers, so
@@ -246,9 +247,10 @@ struct ReadHalf {
 /// 175 ns (32), 150-240 ns (64), 125-145 ns (128), 125 ns (512), against
 /// wsbroad's 290-350. This bounds the delay it adds to a receiver's first
 /// message: the fan-out of 128 messages (at fan-out 100, about half a
-/// millisecond of the publisher's time). A client that sends one message at
-/// a time leaves the socket empty after each, so its messages are not delayed
-/// at all.
+/// millisecond of the publisher's time). Reads count too, so that a large
+/// frame streaming in behind a message does not hold back its wake-ups until
+/// the frame is whole. A client that sends one message at a time leaves the
+/// socket empty after each, so its messages are not delayed at all.
 const WAKE_AFTER: usize = 128;
 
 impl ReadHalf {
@@ -258,15 +260,20 @@ impl ReadHalf {
     fn publish(&mut self, channel: &Channel, from: u64, frame: &Frame, server: &Server) {
         let limits = &server.settings.limits;
         channel.publish(from, frame, limits, &server.stats, &mut self.wakes);
-        self.published += 1;
-        if self.published >= WAKE_AFTER {
+        self.defer();
+    }
+
+    /// One more message or read since the writers were woken.
+    fn defer(&mut self) {
+        self.deferred += 1;
+        if self.deferred >= WAKE_AFTER {
             self.wake_writers();
         }
     }
 
     fn wake_writers(&mut self) {
         self.wakes.flush();
-        self.published = 0;
+        self.deferred = 0;
     }
 }
 
@@ -283,7 +290,11 @@ impl Read for ReadHalf {
                 self.wake_writers();
                 (&mut &*self.stream).read(buf)?
             }
-            other => other?,
+            ready => {
+                let n = ready?;
+                self.defer();
+                n
+            }
         };
         self.full = n == buf.len();
         if n > 0 {
@@ -320,7 +331,7 @@ fn read_loop(
         stream,
         last_rx: Instant::now(),
         wakes: Wakes::default(),
-        published: 0,
+        deferred: 0,
         full: false,
     };
     let mut ws = websocket(half, rest, limits.max_message_size);
