@@ -434,18 +434,41 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Print a Markdown table: each metric's median for staps and wsbroad, and the ratio.
+///
+/// The ratio is taken per pair of runs (each staps run and the wsbroad run
+/// right after it, so both saw the machine in the same state), then the
+/// median of those, with their range when there are several.
 fn table(title: &str, staps: &[Row], wsbroad: &[Row]) {
     println!("\n### {title}\n");
-    println!("| metric | staps | wsbroad | staps/wsbroad |");
+    println!("| metric | staps | wsbroad | staps/wsbroad per run pair |");
     println!("| --- | ---: | ---: | ---: |");
     let Some(first) = staps.first() else { return };
     for (i, (name, _)) in first.iter().enumerate() {
         let s = median(staps.iter().map(|r| r[i].1).collect());
         let w = median(wsbroad.iter().map(|r| r[i].1).collect());
-        let (w, ratio) = if wsbroad.is_empty() {
-            ("—".to_owned(), "—".to_owned())
+        let ratios: Vec<f64> = staps
+            .iter()
+            .zip(wsbroad)
+            .map(|(s, w)| s[i].1 / w[i].1)
+            .filter(|r| r.is_finite())
+            .collect();
+        let w = if wsbroad.is_empty() {
+            "—".to_owned()
         } else {
-            (fmt(w), format!("{:.2}", s / w))
+            fmt(w)
+        };
+        let ratio = match ratios.len() {
+            0 if wsbroad.is_empty() => "—".to_owned(),
+            0 => "n/a".to_owned(),
+            1 => format!("{:.2}", ratios[0]),
+            _ => {
+                let (lo, hi) = ratios
+                    .iter()
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
+                        (lo.min(*r), hi.max(*r))
+                    });
+                format!("{:.2} ({lo:.2}-{hi:.2})", median(ratios))
+            }
         };
         println!("| {name} | {} | {w} | {ratio} |", fmt(s));
     }
