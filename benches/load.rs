@@ -49,13 +49,8 @@ fn ticks() -> f64 {
 fn process_cpu(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
-    let field = |i: usize| -> f64 {
-        after
-            .split_whitespace()
-            .nth(i)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| -> f64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0.0) };
     // utime and stime are fields 14 and 15 of stat: 11 and 12 after the ')'
     // (the first one after it, the state, is a letter).
     (field(11) + field(12)) / ticks()

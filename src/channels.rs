@@ -197,23 +197,25 @@ impl Peer {
 
     /// Queue `out` and wake the writer if it sleeps.
     fn push(&self, out: Out) {
-        if self.queue(out) {
-            if let Some(writer) = self.writer.get() {
-                writer.unpark();
-            }
+        if let Some(writer) = self.queue(out) {
+            writer.unpark();
         }
     }
 
-    /// Queue `out`; true if the writer sleeps and this call must wake it
-    /// (then no other call will). The queue is never disconnected while the
-    /// peer exists, so sending cannot fail.
+    /// Queue `out`; the writer if it sleeps and this call must wake it (then
+    /// no other call will). The queue is never disconnected while the peer
+    /// exists, so sending cannot fail.
     #[inline(always)]
-    fn queue(&self, out: Out) -> bool {
+    fn queue(&self, out: Out) -> Option<&Thread> {
         let _ = self.tx.send(out);
         // Pairs with the fence in `next`: either the writer sees the message
         // before it parks, or we see it idle and wake it.
         fence(Ordering::SeqCst);
-        self.idle.load(Ordering::Relaxed) && self.idle.swap(false, Ordering::AcqRel)
+        if self.idle.load(Ordering::Relaxed) && self.idle.swap(false, Ordering::AcqRel) {
+            self.writer.get()
+        } else {
+            None
+        }
     }
 
     /// For the writer thread, once, before it reads its queue: who to unpark.
@@ -358,10 +360,8 @@ impl Peer {
                 }
             };
         }
-        if self.queue(Out::Frame(frame.clone())) {
-            if let Some(writer) = self.writer.get() {
-                wakes.0.push(writer.clone());
-            }
+        if let Some(writer) = self.queue(Out::Frame(frame.clone())) {
+            wakes.0.push(writer.clone());
         }
         Delivery::Queued
     }

@@ -5,9 +5,9 @@
 //! [`Channel::publish`], which queues it for every other member; writers that
 //! sleep are woken once the reader has published what its last socket read
 //! brought ([`ReadHalf`]). Each member's **writer** ([`write_loop`]) drains
-//! its queue and writes the batch with one vectored write. The writer owns every write to the socket: pongs and close
-//! frames that the reader decides on go through the same queue, so frames can
-//! never interleave.
+//! its queue and writes the batch with one vectored write. The writer owns
+//! every write to the socket: pongs and close frames that the reader decides
+//! on go through the same queue, so frames can never interleave.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
@@ -546,6 +546,7 @@ impl Batch {
         let data = frame.as_bytes();
         self.size += data.len();
         if data.len() <= COPY_MAX {
+            // A page to start with rather than growing from a few bytes.
             if self.bytes.capacity() == 0 {
                 self.bytes.reserve_exact(4096);
             }
