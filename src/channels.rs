@@ -163,6 +163,12 @@ impl Close {
 /// empty, which with thousands of writers cost more than the messages did.
 /// `idle` says the writer is (about to be) parked; a sender that finds it set
 /// unparks it, so a busy writer costs its senders no wake-up at all.
+///
+/// The writer thread starts when there is first something to write: the first
+/// frame queued, a close, or the first ping (`launch` holds how, once the
+/// `101` answer is out). A client that only sends and then leaves, the common
+/// short-lived one, never costs a second thread, and one that receives costs
+/// none of the writer's own wake-ups before its first frame.
 #[derive(Debug)]
 pub struct Peer {
     /// Unique for the life of the process.
@@ -176,6 +182,24 @@ pub struct Peer {
     idle: AtomicBool,
     /// The reader thread is finished with the connection.
     reader_done: AtomicBool,
+    /// How to start the writer while it has not started.
+    launch: Mutex<Option<Launch>>,
+}
+
+/// Starts a client's writer thread.
+pub struct Launch(Box<dyn FnOnce() + Send>);
+
+impl Launch {
+    /// A launch that runs `start`.
+    pub fn new(start: impl FnOnce() + Send + 'static) -> Launch {
+        Launch(Box::new(start))
+    }
+}
+
+impl std::fmt::Debug for Launch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Launch")
+    }
 }
 
 impl Peer {
@@ -191,6 +215,7 @@ impl Peer {
             writer: OnceLock::new(),
             idle: AtomicBool::new(false),
             reader_done: AtomicBool::new(false),
+            launch: Mutex::new(None),
         };
         (Arc::new(peer), rx)
     }
@@ -203,8 +228,9 @@ impl Peer {
     }
 
     /// Queue `out`; the writer if it sleeps and this call must wake it (then
-    /// no other call will). The queue is never disconnected while the peer
-    /// exists, so sending cannot fail.
+    /// no other call will). A writer that has not started is started. The
+    /// queue is never disconnected while the peer exists, so sending cannot
+    /// fail.
     #[inline(always)]
     fn queue(&self, out: Out) -> Option<&Thread> {
         let _ = self.tx.send(out);
@@ -214,8 +240,44 @@ impl Peer {
         if self.idle.load(Ordering::Relaxed) && self.idle.swap(false, Ordering::AcqRel) {
             self.writer.get()
         } else {
+            if self.writer.get().is_none() {
+                self.start_writer();
+            }
             None
         }
+    }
+
+    /// For the reader, once the `101` answer is out: how to start the writer,
+    /// which starts now if something is queued already (replayed messages,
+    /// messages that came during the handshake, a close).
+    pub fn ready_to_launch(&self, launch: Launch) {
+        *self.launch.lock() = Some(launch);
+        // The lock orders this against `queue`: a sender either queued before
+        // it took the lock (and the queue is not empty here) or finds `launch`.
+        if !self.tx.is_empty() {
+            self.start_writer();
+        }
+    }
+
+    /// Start the writer unless it has started (or cannot yet).
+    pub fn start_writer(&self) {
+        // Taken out first: starting may fail and close the peer, which comes back here.
+        let launch = self.launch.lock().take();
+        if let Some(Launch(start)) = launch {
+            start();
+        }
+    }
+
+    /// Whether the writer has been started.
+    pub fn writer_started(&self) -> bool {
+        self.writer.get().is_some() || self.launch.lock().is_none()
+    }
+
+    /// For the reader, when the connection failed: a writer that has not
+    /// started never will. Returns whether no writer ever started, so that
+    /// the reader closes the socket itself.
+    pub fn forgo_writer(&self) -> bool {
+        self.launch.lock().take().is_some()
     }
 
     /// For the writer thread, once, before it reads its queue: who to unpark.

@@ -6,8 +6,10 @@
 //! sleep are woken once the reader has published what its last socket read
 //! brought ([`ReadHalf`]). Each member's **writer** ([`write_loop`]) drains
 //! its queue and writes the batch with one vectored write. The writer owns
-//! every write to the socket: pongs and close frames that the reader decides
-//! on go through the same queue, so frames can never interleave.
+//! every websocket frame written to the socket: pongs and close frames that
+//! the reader decides on go through the same queue, so frames can never
+//! interleave. The reader writes only the `101` answer, before the writer
+//! exists; the writer starts when there is first something to write.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
@@ -19,7 +21,7 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 use uuid::Uuid;
 
-use crate::channels::{Channel, Close, Frame, JoinError, Kind, Options, Out, Peer, Wakes};
+use crate::channels::{Channel, Close, Frame, JoinError, Kind, Launch, Options, Out, Peer, Wakes};
 use crate::http::{self, HeadError, Route};
 use crate::listener::{Stream, is_timeout};
 use crate::logging::fingerprint;
@@ -44,8 +46,11 @@ pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot) {
     let Some((joined, writer)) = handshake(stream, &server) else {
         return;
     };
-    if joined.start_writer(&server, slot, writer) {
-        joined.run(&server);
+    let ping = server.settings.limits.ping_interval;
+    // Pings are due from the handshake on, whenever the writer starts.
+    let first_ping = (!ping.is_zero()).then(|| Instant::now() + ping);
+    if joined.answer(&server, slot, writer, first_ping) {
+        joined.run(&server, first_ping);
     }
 }
 
@@ -115,8 +120,8 @@ struct Joined {
     rest: Vec<u8>,
 }
 
-/// What the writer thread starts with: the client's queue and the `101`
-/// answer, its first write.
+/// What the reader needs to let a writer start: the `101` answer to send
+/// first and the client's queue for the writer.
 struct WriterStart {
     queue: Receiver<Out>,
     handshake: Vec<u8>,
@@ -171,54 +176,81 @@ fn join(
 }
 
 impl Joined {
-    /// Start the writer thread, which answers the handshake; false if none
-    /// could start (the client has been answered 503).
+    /// Send the `101` answer, then let the writer start when there is first
+    /// something to write ([`Peer`]); false if the client is gone already.
+    ///
+    /// The reader writes the answer, as it writes every other HTTP answer:
+    /// no writer exists yet, so nothing can interleave with it, and every
+    /// websocket frame still goes through the writer.
     #[inline(never)]
-    fn start_writer(&self, server: &Arc<Server>, slot: Slot, writer: WriterStart) -> bool {
-        let out = Arc::clone(&self.stream);
-        let server2 = Arc::clone(server);
-        let peer = Arc::clone(&self.peer);
+    fn answer(
+        &self,
+        server: &Arc<Server>,
+        slot: Slot,
+        writer: WriterStart,
+        first_ping: Option<Instant>,
+    ) -> bool {
         let WriterStart { queue, handshake } = writer;
-        let started = server.writers.run(move || {
-            let _slot = slot;
-            write_loop(out, &queue, &peer, handshake, &server2)
-        });
-        match started {
-            Ok(()) => true,
-            Err(e) => {
+        if let Err(e) = self.stream.send_all(&handshake) {
+            log::debug!("client {}: cannot answer: {e}", self.peer.id);
+            self.leave(server);
+            return false;
+        }
+        let out = Arc::clone(&self.stream);
+        let server = Arc::clone(server);
+        // Weak: the peer holds this until it runs.
+        let peer = Arc::downgrade(&self.peer);
+        self.peer.ready_to_launch(Launch::new(move || {
+            let Some(peer) = peer.upgrade() else {
+                return;
+            };
+            let (cut, failed) = (Arc::clone(&out), Arc::clone(&peer));
+            let writers = Arc::clone(&server.writers);
+            let started = writers.run(move || {
+                let _slot = slot;
+                write_loop(out, &queue, &peer, first_ping, &server);
+            });
+            if let Err(e) = started {
+                // Past the 101 no answer is possible: cut the connection, which
+                // ends the reader.
                 log::warn!("cannot start a writer thread: {e}");
-                server.registry.leave(&self.path, &self.channel, &self.peer);
-                server.refuse();
-                respond(&self.stream, &http::Response::error(503, "server is busy"));
-                false
+                failed.close(Close::ABORT);
+                let _ = cut.shutdown(Shutdown::Both);
             }
+        }));
+        true
+    }
+
+    /// Leave the channel; the last client to leave gives memory back.
+    fn leave(&self, server: &Server) {
+        if server.registry.leave(&self.path, &self.channel, &self.peer) {
+            server::release_free_memory();
         }
     }
 
     /// Read and publish until the connection ends, then leave the channel.
     #[inline(never)]
-    fn run(self, server: &Server) {
-        let Joined {
-            stream,
-            path,
-            channel,
-            peer,
-            rest,
-        } = self;
-        let (close, stream) = read_loop(stream, rest, server, &peer, &channel, &path);
-        peer.close(close);
-        if server.registry.leave(&path, &channel, &peer) {
-            server::release_free_memory();
-        }
+    fn run(mut self, server: &Server, first_ping: Option<Instant>) {
+        let rest = std::mem::take(&mut self.rest);
+        let (close, stream) = read_loop(&self, rest, server, first_ping);
+        // A failed connection gets no close frame: a writer that has not
+        // started need not start for it.
+        let unwritten = !close.send && self.peer.forgo_writer();
+        self.peer.close(close);
+        self.leave(server);
         log::debug!(
             "client {} left channel {}: {close:?}",
-            peer.id,
-            fingerprint(&path)
+            self.peer.id,
+            fingerprint(&self.path)
         );
-        // Read what is left until the client closes (it has our close frame, or the
-        // connection failed) or the writer cuts the connection after CLOSE_TIMEOUT.
-        stream.drain(Instant::now() + CLOSE_TIMEOUT + Duration::from_secs(1));
-        peer.reader_finished();
+        if unwritten {
+            let _ = stream.shutdown(Shutdown::Both);
+        } else {
+            // Read what is left until the client closes (it has our close frame, or
+            // the connection failed) or the writer cuts it after CLOSE_TIMEOUT.
+            stream.drain(Instant::now() + CLOSE_TIMEOUT + Duration::from_secs(1));
+        }
+        self.peer.reader_finished();
     }
 }
 
@@ -226,6 +258,7 @@ impl Joined {
 /// staps queues them for the writer instead, so writes here go nowhere.
 struct ReadHalf {
     stream: Arc<Stream>,
+    peer: Arc<Peer>,
     last_rx: Instant,
     /// Receivers' writers owed a wake-up by what this reader has published.
     wakes: Wakes,
@@ -233,6 +266,11 @@ struct ReadHalf {
     deferred: usize,
     /// The last read filled the buffer: more has probably arrived.
     full: bool,
+    /// The first ping, while the writer has not started.
+    writer_due: Option<Instant>,
+    /// The ping interval, the read timeout (shortened while the first ping nears).
+    ping: Duration,
+    shortened: bool,
 }
 
 /// Messages a reader publishes (or reads it does) at most before it wakes the
@@ -275,6 +313,28 @@ impl ReadHalf {
         self.wakes.flush();
         self.deferred = 0;
     }
+
+    /// A writer that has not started still starts in time for the client's
+    /// first ping: the reader, which always runs, sees to it before it
+    /// waits. The timeout of that wait is shortened only when it would
+    /// otherwise end over an eighth of an interval past the first ping, so
+    /// that short connections pay no extra system call.
+    fn start_writer_when_due(&mut self) {
+        let Some(due) = self.writer_due else {
+            return;
+        };
+        let now = Instant::now();
+        if now >= due || self.peer.writer_started() {
+            self.peer.start_writer();
+            self.writer_due = None;
+            if self.shortened {
+                let _ = self.stream.set_read_timeout(Some(self.ping));
+            }
+        } else if due - now < self.ping - self.ping / 8 {
+            let _ = self.stream.set_read_timeout(Some(due - now));
+            self.shortened = true;
+        }
+    }
 }
 
 impl Read for ReadHalf {
@@ -288,6 +348,7 @@ impl Read for ReadHalf {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // About to wait for the client: wake the writers first.
                 self.wake_writers();
+                self.start_writer_when_due();
                 (&mut &*self.stream).read(buf)?
             }
             ready => {
@@ -317,22 +378,31 @@ impl Write for ReadHalf {
 /// Read messages and publish them until the connection ends; returns how it
 /// ends, and the socket for the last reads.
 fn read_loop(
-    stream: Arc<Stream>,
+    client: &Joined,
     rest: Vec<u8>,
     server: &Server,
-    peer: &Arc<Peer>,
-    channel: &Channel,
-    path: &Arc<str>,
+    first_ping: Option<Instant>,
 ) -> (Close, Arc<Stream>) {
+    let Joined {
+        stream,
+        path,
+        channel,
+        peer,
+        ..
+    } = client;
     let limits = &server.settings.limits;
     let ping = limits.ping_interval;
     let _ = stream.set_read_timeout((!ping.is_zero()).then_some(ping));
     let half = ReadHalf {
-        stream,
+        stream: Arc::clone(stream),
+        peer: Arc::clone(peer),
         last_rx: Instant::now(),
         wakes: Wakes::default(),
         deferred: 0,
         full: false,
+        writer_due: first_ping,
+        ping,
+        shortened: false,
     };
     let mut ws = websocket(half, rest, limits.max_message_size);
     // Other instances learn who sent a message (0.1.x's correlation_id).
@@ -435,14 +505,14 @@ fn close_for(e: &WsError, id: u64) -> Close {
     close
 }
 
-/// Write the handshake answer, then everything queued, in batches, until the
+/// Write everything queued, in batches, with a ping when one is due, until the
 /// connection closes; then the close frame, and cut the connection when the
 /// reader is done or after [`CLOSE_TIMEOUT`].
 fn write_loop(
     out: Arc<Stream>,
     queue: &Receiver<Out>,
     peer: &Peer,
-    handshake: Vec<u8>,
+    first_ping: Option<Instant>,
     server: &Server,
 ) {
     peer.attach_writer();
@@ -454,9 +524,7 @@ fn write_loop(
         2 * ping
     };
     let _ = out.set_write_timeout(Some(stall));
-    let sent = out.send_all(&handshake);
-    drop(handshake);
-    let result = sent.and_then(|()| write_batches(&out, queue, peer, ping));
+    let result = write_batches(&out, queue, peer, ping, first_ping);
     let close = match result {
         Ok(()) => peer.close_reason().unwrap_or(Close::ABORT),
         Err(e) => {
@@ -484,8 +552,9 @@ fn write_batches(
     queue: &Receiver<Out>,
     peer: &Peer,
     ping: Duration,
+    first_ping: Option<Instant>,
 ) -> io::Result<()> {
-    let mut next_ping = (!ping.is_zero()).then(|| Instant::now() + ping);
+    let mut next_ping = first_ping;
     let mut batch = Batch::default();
     loop {
         match peer.next(queue, next_ping) {

@@ -6,6 +6,8 @@ use std::io::Write;
 
 use common::*;
 use tungstenite::Message;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
 
 #[test]
 fn messages_reach_every_other_member_never_the_sender() {
@@ -236,4 +238,40 @@ fn a_client_that_leaves_mid_stream_does_not_disturb_the_rest() {
     for i in 0..100 {
         assert_eq!(recv(&mut b), Message::text(format!("{i}")));
     }
+}
+
+#[test]
+fn a_writer_thread_starts_only_for_a_client_with_something_to_receive() {
+    let staps = Staps::start(&tcp_config("ping_interval = 0"), &[]);
+    let pid = staps.pid();
+    // Senders alone in their channels: nothing to write to any of them.
+    let mut alone: Vec<_> = (0..10).map(|_| connect(staps.addr(), &channel())).collect();
+    for ws in &mut alone {
+        ws.send(Message::text("anyone?")).unwrap();
+    }
+    wait_until("ten connection threads", || {
+        threads_named(pid, "staps-client") >= 10
+    });
+    let ch = channel();
+    let mut a = connect(staps.addr(), &ch);
+    let mut b = connect(staps.addr(), &ch);
+    a.send(Message::text("for b")).unwrap();
+    assert_eq!(recv(&mut b), Message::text("for b"));
+    assert_eq!(
+        threads_named(pid, "staps-writer"),
+        1,
+        "only the receiver has a writer"
+    );
+    // Closing starts the writer that answers the close frame.
+    let mut first = alone.swap_remove(0);
+    first
+        .close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        }))
+        .unwrap();
+    assert_eq!(close_code(&mut first), 1000);
+    wait_until("a second writer", || {
+        threads_named(pid, "staps-writer") == 2
+    });
 }

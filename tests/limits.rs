@@ -2,9 +2,10 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{ErrorKind, Read, Write};
 use std::sync::mpsc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use common::*;
 use tungstenite::Message;
@@ -235,6 +236,34 @@ fn clients_are_pinged_and_silent_ones_closed_after_two_intervals() {
     let mut other = connect(staps.addr(), &ch);
     other.send(Message::text("alive")).unwrap();
     assert_eq!(recv(&mut alive), Message::text("alive"));
+}
+
+#[test]
+fn a_client_that_only_sends_is_pinged_too() {
+    // Nothing is ever queued for a client alone in its channel, so its writer
+    // starts for the first ping; the reader, never idle for a whole interval
+    // here, must see to that.
+    let staps = Staps::start(&tcp_config("ping_interval = 0.5"), &[]);
+    let mut raw = raw_ws(staps.addr(), &channel());
+    raw.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    let first = loop {
+        assert!(
+            Instant::now() < deadline,
+            "a sending client was never pinged"
+        );
+        raw.write_all(&client_frame(true, 0x1, b"still here"))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        match raw.read(&mut byte) {
+            Ok(1) => break byte[0],
+            Ok(_) => panic!("the server closed the connection"),
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    };
+    assert_eq!(first, 0x89, "the first frame is a ping");
 }
 
 #[test]
