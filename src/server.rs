@@ -73,8 +73,9 @@ impl Server {
         Server {
             registry: Registry::new(relay.as_ref().map(Relay::control)),
             relay,
-            readers: Pool::new("staps-client", READER_STACK, IDLE_THREADS),
-            writers: Pool::new("staps-writer", WRITER_STACK, IDLE_THREADS),
+            // Readers are started by the accept thread, whose stack is not per connection.
+            readers: Pool::new("staps-client", READER_STACK, IDLE_THREADS, false),
+            writers: Pool::new("staps-writer", WRITER_STACK, IDLE_THREADS, true),
             metrics: OnceLock::new(),
             // Sockets still in their handshake need room beyond the websocket
             // clients, or a full server could not even answer 503.
