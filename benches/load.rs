@@ -737,18 +737,38 @@ fn idle(kind: Kind, connections: usize) -> Row {
             crossed += 1;
         }
     }
+    // staps starts a connection's writer thread when there is first something
+    // to write (at the latest for the first ping, 30 s in): a message each way
+    // on every pair starts them all, for what a connection costs from then on.
+    for pair in held.chunks_exact_mut(2) {
+        for (from, to) in [(0, 1), (1, 0)] {
+            let _ = pair[from].write_all(&raw_frame(b"both ways"));
+            let _ = raw_read(&mut pair[to]);
+        }
+    }
+    thread::sleep(Duration::from_secs(1));
+    let rss_both = status_field(server.pid(), "VmRSS");
+    let threads_both = status_field(server.pid(), "Threads");
+    let per_connection = |now: u64, base: u64| now.saturating_sub(base) as f64 / connections as f64;
     vec![
         ("connections held", connections as f64),
         (
-            "RSS per connection (KiB)",
-            (rss.saturating_sub(base_rss)) as f64 / connections as f64,
+            "RSS per connection, before any frame (KiB)",
+            per_connection(rss, base_rss),
         ),
-        ("server RSS (MiB)", rss as f64 / 1024.0),
-        ("server threads", threads as f64),
         (
-            "threads per connection",
-            (threads.saturating_sub(base_threads)) as f64 / connections as f64,
+            "threads per connection, before any frame",
+            per_connection(threads, base_threads),
         ),
+        (
+            "RSS per connection, after a message each way (KiB)",
+            per_connection(rss_both, base_rss),
+        ),
+        (
+            "threads per connection, after a message each way",
+            per_connection(threads_both, base_threads),
+        ),
+        ("server RSS at the end (MiB)", rss_both as f64 / 1024.0),
         ("connections/s", connect_rate),
         ("pairs that crossed (of 10)", crossed as f64),
     ]
