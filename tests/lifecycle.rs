@@ -37,6 +37,26 @@ fn sigterm_sends_1001_to_everyone_removes_files_and_exits_0() {
 }
 
 #[test]
+fn sigterm_reaches_clients_whose_writers_never_started() {
+    // Nothing was ever sent to these clients and pings are off, so none has a
+    // writer thread: stopping starts 200 at once to send the close frames.
+    let mut staps = Staps::start(&tcp_config("ping_interval = 0"), &[]);
+    let mut clients: Vec<_> = (0..100)
+        .flat_map(|_| {
+            let ch = channel();
+            [connect(staps.addr(), &ch), connect(staps.addr(), &ch)]
+        })
+        .collect();
+    assert_eq!(threads_named(staps.pid(), "staps-writer"), 0);
+    staps.signal(libc::SIGTERM);
+    for ws in &mut clients {
+        assert_eq!(close_code(ws), 1001);
+    }
+    drop(clients);
+    assert_eq!(staps.wait_exit().code(), Some(0));
+}
+
+#[test]
 fn sigint_is_the_same_as_sigterm() {
     let mut staps = Staps::start(&tcp_config(""), &[]);
     let mut ws = connect(staps.addr(), &channel());
