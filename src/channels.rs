@@ -268,7 +268,9 @@ impl Peer {
         }
     }
 
-    /// Whether the writer has been started.
+    /// Whether the writer has been started (or forgone), once
+    /// [`Peer::ready_to_launch`] has been called; before that, with nothing
+    /// to launch yet, this says true as well.
     pub fn writer_started(&self) -> bool {
         self.writer.get().is_some() || self.launch.lock().is_none()
     }
