@@ -24,7 +24,7 @@ use uuid::Uuid;
 use crate::channels::{Channel, Close, Frame, JoinError, Kind, Launch, Options, Out, Peer, Wakes};
 use crate::http::{self, HeadError, Route};
 use crate::listener::{Stream, is_timeout};
-use crate::logging::fingerprint;
+use crate::logging::{escape, fingerprint};
 use crate::server::{self, CLOSE_TIMEOUT, Server, Slot};
 use crate::stats;
 
@@ -154,12 +154,16 @@ fn join(
                 JoinError::ServerFull => http::Response::error(503, "server is full"),
                 JoinError::ShuttingDown => http::Response::error(503, "server is shutting down"),
             };
-            log::debug!("client {id} refused on {path}: {e:?}");
+            log::debug!("client {id} refused on {}: {e:?}", escape(&path));
             respond(&stream, &response);
             return None;
         }
     };
-    log::debug!("client {id} joined channel {} ({path})", fingerprint(&path));
+    log::debug!(
+        "client {id} joined channel {} ({})",
+        fingerprint(&path),
+        escape(&path)
+    );
     stats::add(&server.stats.connections_total, 1);
     let joined = Joined {
         stream: Arc::new(stream),

@@ -49,7 +49,7 @@ impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoint::Tcp(addr) => write!(f, "{addr}"),
-            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+            Endpoint::Unix(path) => write!(f, "unix:{}", crate::logging::escape_path(path)),
         }
     }
 }
@@ -560,6 +560,14 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
     }
     if let Some(user) = &s.user {
         crate::daemon::lookup_user(user).map_err(|m| err("[daemon] user", m))?;
+    } else if s.group.is_some() {
+        // Root that switched only its group would still be root.
+        return Err(err(
+            "[daemon] group",
+            "group is set without user: set [daemon] user too (staps switches to both), \
+             or use socket_group to give only the socket files to a group"
+                .into(),
+        ));
     }
     for (key, group) in [
         ("[daemon] group", &s.group),

@@ -2,11 +2,14 @@
 //! detaching classic-style with a readiness pipe, the pid file, and systemd's
 //! notifications.
 //!
-//! `daemonize` 0.5 forks, detaches and locks the pid file; three gaps are closed
-//! here: supplementary groups are reset before switching user (it does not),
-//! the parent waits on a pipe for the child to be ready and exits with its
-//! error (its parent always exits 0), and the pid file is removed on a clean
-//! exit (it never is).
+//! `daemonize` 0.5 forks, detaches, sets the working directory and umask and
+//! redirects stdout and stderr; the rest is done here: supplementary groups
+//! are reset before switching user (it does not), the parent waits on a pipe
+//! for the child to be ready and exits with its error (its parent always
+//! exits 0), and the pid file is written by staps itself, never through a
+//! symlink ([`crate::files`]; daemonize opens and chowns the path as root,
+//! which in a directory the service user owns hands any file to that user),
+//! and removed on a clean exit.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -14,9 +17,11 @@ use std::io::{self, BufRead, Write};
 use std::os::fd::FromRawFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::path::Path;
+use std::sync::OnceLock;
 
 use crate::config::Settings;
-use crate::logging;
+use crate::{files, logging};
 
 /// A user's ids, as `getpwnam(3)` gives them.
 #[derive(Debug, Clone, Copy)]
@@ -196,24 +201,16 @@ pub fn detach<T: 'static>(
         },
         None => (daemonize::Stdio::devnull(), daemonize::Stdio::devnull()),
     };
-    let mut daemon = daemonize::Daemonize::new()
+    let daemon = daemonize::Daemonize::new()
         .working_directory(&settings.dir)
         .umask(settings.umask)
         .stdout(stdout)
         .stderr(stderr);
-    if let Some(pid_file) = &settings.pid_file {
-        daemon = daemon.pid_file(pid_file);
-    }
     let privileged = {
         let settings = settings.clone();
         move || -> Result<T, String> {
-            // The pid file is created as root: hand it to the user who will remove it.
-            if let (Some(pid_file), Some((uid, gid))) = (&settings.pid_file, target_ids(&settings)?)
-            {
-                if is_root() {
-                    std::os::unix::fs::chown(pid_file, Some(uid), Some(gid))
-                        .map_err(|e| format!("cannot hand the pid file to the user: {e}"))?;
-                }
+            if let Some(pid_file) = &settings.pid_file {
+                write_pid_file(pid_file, target_ids(&settings)?)?;
             }
             bind()
         }
@@ -234,17 +231,6 @@ pub fn detach<T: 'static>(
                         readiness.fail(1, &e)
                     }
                 },
-                Err(e) if e.to_string().contains("lock pid file") => readiness.fail(
-                    1,
-                    &format!(
-                        "pid file {} is locked: is staps already running?",
-                        settings
-                            .pid_file
-                            .as_deref()
-                            .unwrap_or(std::path::Path::new(""))
-                            .display()
-                    ),
-                ),
                 Err(e) => readiness.fail(1, &format!("cannot detach: {e}")),
             }
         }
@@ -280,6 +266,31 @@ fn pipe() -> io::Result<(File, File)> {
     }
     // SAFETY: the descriptors are fresh and owned by nothing else.
     Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
+/// The pid file, open and locked for the life of the process.
+static PID_FILE: OnceLock<File> = OnceLock::new();
+
+/// Create or take over the pid file at `path`, lock it, write this process's
+/// pid and hand it to `owner` (when root), all through one descriptor opened
+/// without following symlinks. Fails if another process holds the lock.
+fn write_pid_file(path: &Path, owner: Option<(libc::uid_t, libc::gid_t)>) -> Result<(), String> {
+    let context = |e: io::Error| format!("cannot write pid file {}: {e}", path.display());
+    let mut file = files::open_for_writing(path, files::Write::Keep, 0o644).map_err(context)?;
+    if !files::try_lock(&file).map_err(context)? {
+        return Err(format!(
+            "pid file {} is locked: is staps already running?",
+            path.display()
+        ));
+    }
+    file.set_len(0).map_err(context)?;
+    writeln!(file, "{}", std::process::id()).map_err(context)?;
+    if let Some((uid, gid)) = owner.filter(|_| is_root()) {
+        // The user it runs as removes it at exit.
+        files::chown(&file, Some(uid), Some(gid)).map_err(context)?;
+    }
+    let _ = PID_FILE.set(file);
+    Ok(())
 }
 
 /// Remove the pid file if it still holds this process's pid (daemon mode only).

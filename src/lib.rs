@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod files;
 pub mod http;
 pub mod listener;
 pub mod logging;

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use socket2::{Domain, Socket, Type};
 
 use crate::config::{Endpoint, Settings, TcpSpec};
 use crate::daemon;
+use crate::logging::escape_path;
 use crate::server::Server;
 
 /// Pending connections the kernel keeps for us while every thread is busy;
@@ -183,7 +184,7 @@ impl std::fmt::Display for Listener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Listener::Tcp(_, addr) => write!(f, "{addr}"),
-            Listener::Unix { path, .. } => write!(f, "unix:{}", path.display()),
+            Listener::Unix { path, .. } => write!(f, "unix:{}", escape_path(path)),
         }
     }
 }
@@ -284,7 +285,7 @@ pub fn bind_all(settings: &Settings) -> Result<Vec<Listener>, String> {
             Ok(l) => listeners.push(l),
             Err(e) => {
                 listeners.iter().for_each(Listener::remove_file);
-                return Err(format!("cannot listen on unix:{}: {e}", path.display()));
+                return Err(format!("cannot listen on unix:{}: {e}", escape_path(path)));
             }
         }
     }
@@ -314,7 +315,16 @@ pub fn bind_metrics(settings: &Settings) -> Result<Option<Listener>, String> {
         .map_err(|e| format!("cannot listen for metrics on {endpoint}: {e}"))
 }
 
+/// Bind a unix socket at `path` with the configured mode and owner.
+///
+/// The directory may belong to the service user (`/run/staps`), and staps
+/// may be root: a path changed between bind and chmod/chown could be swapped
+/// for a symlink to any file. So the socket is bound in a fresh directory of
+/// our own beside it (mode 0700: nobody else can enter it), its mode and
+/// owner are set there, and only then is it renamed into place; the file at
+/// `path` is checked to be the one we made.
 fn bind_unix(path: &Path, settings: &Settings) -> Result<Listener, String> {
+    let mut stale = false;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err("the path exists and is not a socket; remove it or choose another".into());
@@ -323,61 +333,226 @@ fn bind_unix(path: &Path, settings: &Settings) -> Result<Listener, String> {
             Ok(_) => {
                 return Err("another process is listening on it; refusing to take it over".into());
             }
-            // Nobody answers: a stale file left by a crash.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                std::fs::remove_file(path)
-                    .map_err(|e| format!("cannot remove stale socket: {e}"))?;
-                log::info!("replaced stale socket file {}", path.display());
-            }
+            // Nobody answers: a stale file left by a crash, replaced by the rename below.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => stale = true,
             Err(e) => return Err(format!("cannot check the existing socket file: {e}")),
         }
     }
-    let listener = {
-        let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(|e| e.to_string())?;
-        let addr = socket2::SockAddr::unix(path).map_err(|e| e.to_string())?;
-        socket.bind(&addr).map_err(|e| e.to_string())?;
-        socket.listen(BACKLOG).map_err(|e| e.to_string())?;
-        UnixListener::from(std::os::fd::OwnedFd::from(socket))
+    let owner = socket_owner(settings)?;
+    let name = path
+        .file_name()
+        .ok_or("the socket path names no file")?
+        .to_owned();
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
     };
-    let meta = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    let parent = Dir::open(parent).map_err(|e| format!("cannot open its directory: {e}"))?;
+    let private = parent.private_subdir().map_err(|e| {
+        format!("cannot create a private directory beside it (is its directory writable?): {e}")
+    })?;
+    let made = private.bind(&name).and_then(|listener| {
+        private.chmod(&name, settings.mode)?;
+        if owner != (None, None) {
+            private.chown_nofollow(&name, owner)?;
+        }
+        let id = private.id_of(&name)?;
+        private.rename_to(&name, &parent, &name)?;
+        Ok((listener, id))
+    });
+    private.remove(&name);
+    let (listener, id) = made.map_err(|e| e.to_string())?;
     let bound = Listener::Unix {
         listener,
         path: path.to_owned(),
-        id: Some((meta.dev(), meta.ino())),
+        id: Some(id),
     };
-    let finish = || -> Result<(), String> {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(settings.mode))
-            .map_err(|e| format!("cannot set mode {:04o}: {e}", settings.mode))?;
-        if daemon::is_root() {
-            let user = settings
-                .user
-                .as_deref()
-                .map(daemon::lookup_user)
-                .transpose()?;
-            let group = settings
-                .socket_group
-                .as_deref()
-                .or(settings.group.as_deref())
-                .map(daemon::lookup_group)
-                .transpose()?
-                .or(user.map(|u| u.gid));
-            if user.is_some() || group.is_some() {
-                std::os::unix::fs::chown(path, user.map(|u| u.uid), group)
-                    .map_err(|e| format!("cannot change owner: {e}"))?;
+    // The rename put our socket at `path`; anything else there now was put
+    // by someone else since, and is not ours to serve on or remove.
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if (meta.dev(), meta.ino()) == id => {
+            if stale {
+                log::info!("replaced stale socket file {}", escape_path(path));
             }
-        } else if let Some(group) = &settings.socket_group {
-            // An unprivileged user may still hand the socket to a group it belongs to.
-            let gid = daemon::lookup_group(group)?;
-            std::os::unix::fs::chown(path, None, Some(gid))
-                .map_err(|e| format!("cannot give the socket to group {group}: {e}"))?;
+            Ok(bound)
         }
-        Ok(())
-    };
-    match finish() {
-        Ok(()) => Ok(bound),
-        Err(e) => {
-            bound.remove_file();
-            Err(e)
+        _ => Err("the socket file was replaced while staps set it up; refusing it".into()),
+    }
+}
+
+/// Owner and group of the socket files: as root, `user` and `socket_group` (or
+/// `group`, or the user's group); as another user, only `socket_group`, a
+/// group it may belong to.
+fn socket_owner(settings: &Settings) -> Result<(Option<libc::uid_t>, Option<libc::gid_t>), String> {
+    let socket_group = settings.socket_group.as_deref().map(daemon::lookup_group);
+    if !daemon::is_root() {
+        return Ok((None, socket_group.transpose()?));
+    }
+    let user = settings
+        .user
+        .as_deref()
+        .map(daemon::lookup_user)
+        .transpose()?;
+    let group = socket_group
+        .or(settings.group.as_deref().map(daemon::lookup_group))
+        .transpose()?
+        .or(user.map(|u| u.gid));
+    Ok((user.map(|u| u.uid), group))
+}
+
+/// A directory held open, for changes relative to it that cannot be
+/// redirected by renaming or replacing what lies on the way.
+struct Dir {
+    fd: std::os::fd::OwnedFd,
+    /// For the private directory: its name in `parent`, to remove it after.
+    name: Option<(std::ffi::CString, libc::c_int)>,
+}
+
+/// `name` as a C string for the `*at` calls.
+fn c_name(name: &std::ffi::OsStr) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "the path contains a NUL byte"))
+}
+
+/// A libc result: -1 is the OS error.
+fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+impl Dir {
+    fn open(path: &Path) -> io::Result<Dir> {
+        let cpath = c_name(path.as_os_str())?;
+        // SAFETY: a valid C string; the descriptor is checked and then owned.
+        let fd = check(unsafe {
+            libc::open(
+                cpath.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        })?;
+        Ok(Dir {
+            // SAFETY: fresh descriptor, ours alone.
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+            name: None,
+        })
+    }
+
+    fn raw(&self) -> libc::c_int {
+        self.fd.as_raw_fd()
+    }
+
+    /// A new directory inside this one that only this process's user may enter.
+    fn private_subdir(&self) -> io::Result<Dir> {
+        let name = c_name(format!(".staps-{}", uuid::Uuid::new_v4().simple()).as_ref())?;
+        // SAFETY: valid descriptor and C string; results checked.
+        check(unsafe { libc::mkdirat(self.raw(), name.as_ptr(), 0o700) })?;
+        let fd = check(unsafe {
+            libc::openat(
+                self.raw(),
+                name.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        });
+        let dir = fd.map(|fd| Dir {
+            // SAFETY: fresh descriptor, ours alone.
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+            name: Some((name, self.raw())),
+        })?;
+        // Renamed away and replaced between mkdir and open: not ours.
+        let meta = File::from(dir.fd.try_clone()?).metadata()?;
+        // SAFETY: geteuid cannot fail.
+        if meta.uid() != unsafe { libc::geteuid() } || meta.mode() & 0o777 != 0o700 {
+            return Err(io::Error::other("the private directory was replaced"));
+        }
+        Ok(dir)
+    }
+
+    /// A listening unix socket at `name` in this directory.
+    fn bind(&self, name: &std::ffi::OsStr) -> io::Result<UnixListener> {
+        let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+        // bind(2) takes a path, not a directory descriptor: reach the
+        // directory through its descriptor's name in /proc, which follows the
+        // descriptor wherever the directory has been moved.
+        let at = Path::new("/proc/self/fd")
+            .join(self.raw().to_string())
+            .join(name);
+        socket.bind(&socket2::SockAddr::unix(&at)?)?;
+        socket.listen(BACKLOG)?;
+        Ok(UnixListener::from(std::os::fd::OwnedFd::from(socket)))
+    }
+
+    fn chmod(&self, name: &std::ffi::OsStr, mode: u32) -> io::Result<()> {
+        let cname = c_name(name)?;
+        // SAFETY: valid descriptor and C string. Nobody else can enter this
+        // directory, so nothing can stand in for the socket.
+        check(unsafe { libc::fchmodat(self.raw(), cname.as_ptr(), mode as libc::mode_t, 0) })
+            .map(drop)
+            .map_err(|e| io::Error::other(format!("cannot set mode {mode:04o}: {e}")))
+    }
+
+    fn chown_nofollow(
+        &self,
+        name: &std::ffi::OsStr,
+        (uid, gid): (Option<libc::uid_t>, Option<libc::gid_t>),
+    ) -> io::Result<()> {
+        let cname = c_name(name)?;
+        // SAFETY: valid descriptor and C string; -1 leaves an id unchanged.
+        check(unsafe {
+            libc::fchownat(
+                self.raw(),
+                cname.as_ptr(),
+                uid.unwrap_or(libc::uid_t::MAX),
+                gid.unwrap_or(libc::gid_t::MAX),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })
+        .map(drop)
+        .map_err(|e| io::Error::other(format!("cannot change owner: {e}")))
+    }
+
+    /// Device and inode of `name`.
+    fn id_of(&self, name: &std::ffi::OsStr) -> io::Result<(u64, u64)> {
+        let cname = c_name(name)?;
+        // SAFETY: fstatat fills the zeroed struct we own.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        check(unsafe {
+            libc::fstatat(
+                self.raw(),
+                cname.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })?;
+        Ok((st.st_dev, st.st_ino))
+    }
+
+    /// Move `name` to `to_name` in `to`, atomically replacing what is there.
+    fn rename_to(
+        &self,
+        name: &std::ffi::OsStr,
+        to: &Dir,
+        to_name: &std::ffi::OsStr,
+    ) -> io::Result<()> {
+        let (from, dest) = (c_name(name)?, c_name(to_name)?);
+        // SAFETY: valid descriptors and C strings.
+        check(unsafe { libc::renameat(self.raw(), from.as_ptr(), to.raw(), dest.as_ptr()) })
+            .map(drop)
+    }
+
+    /// Remove `name` if it is still here, and this private directory itself.
+    fn remove(&self, name: &std::ffi::OsStr) {
+        if let Ok(cname) = c_name(name) {
+            // SAFETY: valid descriptor and C string; failure means it is gone.
+            unsafe { libc::unlinkat(self.raw(), cname.as_ptr(), 0) };
+        }
+        if let Some((dir, parent)) = &self.name {
+            // SAFETY: as above; a directory someone else put there is not
+            // empty or not ours, and stays.
+            unsafe { libc::unlinkat(*parent, dir.as_ptr(), libc::AT_REMOVEDIR) };
         }
     }
 }

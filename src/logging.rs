@@ -5,15 +5,16 @@
 //! [`fingerprint`]; the path itself is logged at `debug` at most.
 
 use std::collections::hash_map::RandomState;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::hash::BuildHasher;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::OnceLock;
 
 use log::{Level, LevelFilter};
+
+use crate::files;
 
 /// Where the level comes from, strongest first: `-v`/`-q`, then `RUST_LOG`
 /// (which may also name modules), then `log_level` in the files, then `info`.
@@ -83,13 +84,10 @@ fn under_journald() -> bool {
     st.st_dev == dev && st.st_ino == ino
 }
 
-/// Open `log_file` for appending.
+/// Open `log_file` for appending, never through a symlink (it is opened as
+/// root at startup, and may sit in a directory the service user owns).
 pub fn open_log(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .open(path)
+    files::open_for_writing(path, files::Write::Append, 0o640)
 }
 
 /// Point stdout and stderr at `path` (appending), for `log_file` and SIGHUP.
@@ -111,4 +109,36 @@ pub fn fingerprint(path: &str) -> String {
     static KEY: OnceLock<RandomState> = OnceLock::new();
     let hash = KEY.get_or_init(RandomState::new).hash_one(path);
     format!("{:08x}", (hash >> 32) as u32)
+}
+
+/// `text` as it may be logged: control characters escaped (`\n`, `\u{1b}`),
+/// so that a channel path or file name from outside can neither start a
+/// forged log line (journald reads `<0>` at a line's start as a priority)
+/// nor send escape sequences to a terminal.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A file path as it may be logged: see [`escape`].
+pub fn escape_path(path: &Path) -> String {
+    escape(&path.to_string_lossy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape("/a\n<0>b\u{1b}[2Jc\t"), "/a\\n<0>b\\u{1b}[2Jc\\t");
+        assert_eq!(escape("/ünïcode ok"), "/ünïcode ok");
+    }
 }

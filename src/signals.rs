@@ -53,8 +53,10 @@ pub fn run(mut signals: Signals, server: Arc<Server>, listeners: Vec<Arc<Listene
             }
             SIGHUP => match &server.settings.log_file {
                 Some(path) => match logging::redirect_to(path) {
-                    Ok(()) => log::info!("reopened log file {}", path.display()),
-                    Err(e) => log::error!("cannot reopen log file {}: {e}", path.display()),
+                    Ok(()) => log::info!("reopened log file {}", logging::escape_path(path)),
+                    Err(e) => {
+                        log::error!("cannot reopen log file {}: {e}", logging::escape_path(path))
+                    }
                 },
                 None => log::debug!("SIGHUP: no log_file to reopen"),
             },

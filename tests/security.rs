@@ -1,0 +1,238 @@
+//! SPEC §13: files opened as root are never followed through a planted
+//! symlink or hard link, and no value in the configuration turns staps into
+//! root's tool against another file. Tests that need root skip loudly
+//! without it, and fail instead under STAPS_TEST_STRICT=1 (`.ci/run`).
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::*;
+
+/// A directory every user may write, as /run/staps is for the staps user.
+fn open_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    dir
+}
+
+/// A file only root may read, in a directory of its own: what an attacker
+/// would point a symlink at.
+fn root_only_file(dir: &Path) -> PathBuf {
+    let target = dir.join("shadow");
+    fs::write(&target, "root only\n").unwrap();
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o600)).unwrap();
+    target
+}
+
+/// Owner, group, mode and contents: none may change.
+fn fingerprint(target: &Path) -> (u32, u32, u32, String) {
+    let meta = fs::metadata(target).unwrap();
+    (
+        meta.uid(),
+        meta.gid(),
+        meta.mode() & 0o7777,
+        fs::read_to_string(target).unwrap(),
+    )
+}
+
+fn staps_with(conf_dir: &Path, conf: &str, args: &[&str]) -> Output {
+    let path = conf_dir.join("staps.conf");
+    fs::write(&path, conf).unwrap();
+    let child = Command::new(binary())
+        .arg("-c")
+        .arg(&path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run staps");
+    // A staps that starts where it must refuse would serve forever: fail instead.
+    let pid = child.id() as i32;
+    let (done, wait) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if wait.recv_timeout(DEADLINE).is_err() {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    let out = child.wait_with_output().expect("run staps");
+    let _ = done.send(());
+    out
+}
+
+#[test]
+fn a_planted_pid_file_link_is_refused_and_its_target_untouched() {
+    if skip(
+        "a_planted_pid_file_link_is_refused_and_its_target_untouched",
+        needs_root(),
+    ) {
+        return;
+    }
+    let secret = tempfile::tempdir().unwrap();
+    let target = root_only_file(secret.path());
+    let before = fingerprint(&target);
+    let run = open_dir();
+    let d = run.path().display();
+    let symlink = run.path().join("sym.pid");
+    std::os::unix::fs::symlink(&target, &symlink).unwrap();
+    // Root made this one; protected_hardlinks keeps a user from it, but a
+    // second link must not be written through all the same.
+    let hardlink = run.path().join("hard.pid");
+    fs::hard_link(&target, &hardlink).unwrap();
+    for (pid, why) in [(&symlink, "symlink"), (&hardlink, "hard link")] {
+        let conf = format!(
+            "[staps]\nsocket = {d}/s.sock\n[daemon]\nuser = nobody\ngroup = nogroup\n\
+             pid_file = {}\ndir = {d}\n",
+            pid.display()
+        );
+        let out = staps_with(run.path(), &conf, &["--daemon"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{why}: {err}");
+        assert!(
+            err.contains("pid file") && err.contains(why),
+            "{why}: {err}"
+        );
+        assert_eq!(fingerprint(&target), before, "{why}: the target changed");
+        assert!(!run.path().join("s.sock").exists(), "{why}: socket left");
+    }
+    // A pid file that is a plain file is taken over, written and handed to the user.
+    let conf = format!(
+        "[staps]\nsocket = {d}/s.sock\n[daemon]\nuser = nobody\ngroup = nogroup\n\
+         pid_file = {d}/ok.pid\ndir = {d}\n"
+    );
+    fs::write(run.path().join("ok.pid"), "12345678\n").unwrap();
+    let out = staps_with(run.path(), &conf, &["--daemon"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid_file = run.path().join("ok.pid");
+    let pid: i32 = fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let meta = fs::metadata(&pid_file).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_until("the daemon to remove its pid file", || !pid_file.exists());
+}
+
+#[test]
+fn a_planted_log_file_link_is_refused() {
+    let secret = tempfile::tempdir().unwrap();
+    let target = root_only_file(secret.path());
+    let before = fingerprint(&target);
+    let run = open_dir();
+    let log = run.path().join("staps.log");
+    std::os::unix::fs::symlink(&target, &log).unwrap();
+    let conf = format!(
+        "[staps]\nlisten = 127.0.0.1:0\n[daemon]\nlog_file = {}\n",
+        log.display()
+    );
+    for args in [&[][..], &["--daemon"][..]] {
+        let out = staps_with(run.path(), &conf, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("log file") && err.contains("symlink"), "{err}");
+        assert_eq!(fingerprint(&target), before, "{args:?}: the target changed");
+    }
+}
+
+/// The attack that won 47 of 100 root starts: swap the fresh socket file for
+/// a symlink between bind and chmod/chown. staps now binds in a private
+/// directory and renames the finished socket into place, so the swap can at
+/// most make it refuse to start; the target never changes.
+#[test]
+fn a_socket_swapped_for_a_symlink_while_binding_changes_nothing() {
+    if skip(
+        "a_socket_swapped_for_a_symlink_while_binding_changes_nothing",
+        needs_root(),
+    ) {
+        return;
+    }
+    let secret = tempfile::tempdir().unwrap();
+    let target = root_only_file(secret.path());
+    let before = fingerprint(&target);
+    let run = open_dir();
+    let sock = run.path().join("s.sock");
+    let conf = format!(
+        "[staps]\nsocket = {}\nmode = 0666\n[daemon]\nuser = nobody\ngroup = nogroup\n",
+        sock.display()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let racer = {
+        let (stop, sock, target) = (Arc::clone(&stop), sock.clone(), target.clone());
+        let link = run.path().join("link.tmp");
+        std::thread::spawn(move || {
+            let mut swaps = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let is_socket = fs::symlink_metadata(&sock)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+                if is_socket {
+                    let _ = fs::remove_file(&link);
+                    if std::os::unix::fs::symlink(&target, &link).is_ok()
+                        && fs::rename(&link, &sock).is_ok()
+                    {
+                        swaps += 1;
+                    }
+                }
+            }
+            swaps
+        })
+    };
+    for _ in 0..30 {
+        let _ = fs::remove_file(&sock);
+        let path = run.path().join("staps.conf");
+        fs::write(&path, &conf).unwrap();
+        let mut child = Command::new(binary())
+            .arg("-c")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Ready or refused: either ends the wait.
+        let stderr = child.stderr.take().unwrap();
+        for line in BufReader::new(stderr).lines() {
+            if line.map_or(true, |l| l.contains("ready")) {
+                break;
+            }
+        }
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let _ = child.wait();
+        assert_eq!(fingerprint(&target), before, "the target changed");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let swaps = racer.join().unwrap();
+    assert!(swaps > 0, "the racer never saw a socket to swap");
+    assert_eq!(fingerprint(&target), before);
+}
+
+#[test]
+fn group_without_user_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&[][..], &["--check-config"][..]] {
+        let out = staps_with(
+            dir.path(),
+            "[staps]\nlisten = 127.0.0.1:0\n[daemon]\ngroup = nogroup\n",
+            args,
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{args:?}: {err}");
+        assert!(
+            err.contains("[daemon] group") && err.contains("without user"),
+            "{err}"
+        );
+    }
+}
