@@ -24,7 +24,7 @@ use uuid::Uuid;
 use crate::channels::{Channel, Close, Frame, JoinError, Kind, Launch, Options, Out, Peer, Wakes};
 use crate::http::{self, HeadError, Route};
 use crate::listener::{Stream, is_timeout};
-use crate::logging::{escape, fingerprint};
+use crate::logging::{Throttle, escape, fingerprint};
 use crate::server::{self, CLOSE_TIMEOUT, Server, Slot};
 use crate::stats;
 
@@ -217,7 +217,10 @@ impl Joined {
             if let Err(e) = started {
                 // Past the 101 no answer is possible: cut the connection, which
                 // ends the reader.
-                log::warn!("cannot start a writer thread: {e}");
+                static THROTTLE: Throttle = Throttle::new();
+                if THROTTLE.ready() {
+                    log::warn!("cannot start a writer thread (once a minute at most): {e}");
+                }
                 failed.close(Close::ABORT);
                 let _ = cut.shutdown(Shutdown::Both);
             }

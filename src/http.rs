@@ -167,9 +167,12 @@ impl Response {
         for (name, value) in &self.headers {
             let _ = write!(head, "{name}: {value}\r\n");
         }
+        // No answer may be sniffed into HTML (a 400 quotes the request), and
+        // no page may send its URL, the channel's secret, on as a referrer.
         let _ = write!(
             head,
-            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+            "X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
             self.body.len()
         );
         let mut bytes = head.into_bytes();

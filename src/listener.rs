@@ -16,7 +16,7 @@ use socket2::{Domain, Socket, Type};
 
 use crate::config::{Endpoint, Settings, TcpSpec};
 use crate::daemon;
-use crate::logging::escape_path;
+use crate::logging::{Throttle, escape_path};
 use crate::server::Server;
 
 /// Pending connections the kernel keeps for us while every thread is busy;
@@ -610,12 +610,10 @@ fn refuse_out_of_fds(stream: Stream, server: &Arc<Server>) {
 }
 
 fn accept_loop(listener: &Listener, server: &Arc<Server>) {
-    let mut last_complaint: Option<Instant> = None;
-    let mut complain = |what: &str, e: &dyn std::fmt::Display| {
-        // Once a minute at most: under fd or thread exhaustion this repeats.
-        if last_complaint.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+    let throttle = Throttle::new();
+    let complain = |what: &str, e: &dyn std::fmt::Display| {
+        if throttle.ready() {
             log::warn!("{listener}: {what}: {e}");
-            last_complaint = Some(Instant::now());
         }
     };
     // A descriptor held in reserve: when the process runs out, it is given up

@@ -11,6 +11,7 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use log::{Level, LevelFilter};
 
@@ -111,6 +112,36 @@ pub fn fingerprint(path: &str) -> String {
     format!("{:08x}", (hash >> 32) as u32)
 }
 
+/// A condition that repeats with every connection while it lasts (out of
+/// descriptors, threads or memory) is logged once a minute, not thousands of
+/// times a second.
+pub struct Throttle(std::sync::Mutex<Option<Instant>>);
+
+impl Throttle {
+    /// A throttle that lets the first line through.
+    pub const fn new() -> Throttle {
+        Throttle(std::sync::Mutex::new(None))
+    }
+
+    /// Whether a line may be logged now; if so, the next one waits a minute.
+    pub fn ready(&self) -> bool {
+        let Ok(mut last) = self.0.lock() else {
+            return false;
+        };
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
+    }
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle::new()
+    }
+}
+
 /// `text` as it may be logged: control characters escaped (`\n`, `\u{1b}`),
 /// so that a channel path or file name from outside can neither start a
 /// forged log line (journald reads `<0>` at a line's start as a priority)
@@ -135,6 +166,14 @@ pub fn escape_path(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_line_a_minute_through() {
+        let throttle = Throttle::new();
+        assert!(throttle.ready());
+        assert!(!throttle.ready());
+        assert!(!throttle.ready());
+    }
 
     #[test]
     fn control_characters_are_escaped() {

@@ -82,6 +82,9 @@ fn browsers_get_html_and_https_proxies_get_wss() {
     assert!(header(&r, "Content-Type").unwrap().starts_with("text/html"));
     assert!(body(&r).contains("<html"));
     assert!(body(&r).contains("wss://"), "{r}");
+    // The page holds a channel URL, a secret: no referrer takes it along.
+    assert_eq!(header(&r, "Referrer-Policy"), Some("no-referrer"));
+    assert_eq!(header(&r, "X-Content-Type-Options"), Some("nosniff"));
     // text/html;q=0 is a refusal.
     let r = get(staps.addr(), "/", "Accept: text/html;q=0, text/plain\r\n");
     assert!(
@@ -100,6 +103,20 @@ fn hostile_host_headers_are_not_reflected() {
     );
     assert_eq!(status(&r), 200);
     assert!(!r.contains("<script>alert"), "{r}");
+    // An error quotes the request; it must never be sniffed into a page.
+    let r = raw_http(
+        staps.addr(),
+        b"GET /x?max=<script>alert(1)</script> HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n\
+          Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    );
+    assert_eq!(status(&r), 400, "{r}");
+    assert!(
+        header(&r, "Content-Type")
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    assert_eq!(header(&r, "X-Content-Type-Options"), Some("nosniff"));
 }
 
 #[test]

@@ -325,7 +325,11 @@ fn nginx_with_the_shipped_example() {
         .unwrap()
         .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
         .replace("listen [::]:80;", "")
-        .replace("/run/staps/staps.sock", staps.sockets[0].to_str().unwrap());
+        .replace("/run/staps/staps.sock", staps.sockets[0].to_str().unwrap())
+        .replace(
+            "/var/log/nginx/staps-access.log",
+            dir.join("access.log").to_str().unwrap(),
+        );
     fs::write(dir.join("site.conf"), site).unwrap();
     let d = dir.display();
     fs::write(
@@ -351,6 +355,22 @@ fn nginx_with_the_shipped_example() {
         .unwrap();
     let _nginx = Killed(nginx);
     check_proxy(port);
+    // The page keeps the port the client used.
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let page = raw_http(addr, b"GET / HTTP/1.1\r\nHost: relay.example:8443\r\n\r\n");
+    assert!(page.contains("ws://relay.example:8443/"), "{page}");
+    // The access log has the requests, and no channel path.
+    let ch = channel();
+    drop(connect(addr, &ch));
+    let log = dir.join("access.log");
+    wait_until("nginx to log the channel's request", || {
+        fs::read_to_string(&log).is_ok_and(|t| t.contains("\"GET\" 101"))
+    });
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains(&ch[1..]),
+        "a channel path in the access log:\n{text}"
+    );
 }
 
 #[test]
