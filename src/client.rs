@@ -56,7 +56,7 @@ pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot) {
 
 /// Read the request and answer it; for a websocket upgrade, join its channel.
 #[inline(never)]
-fn handshake(stream: Stream, server: &Server) -> Option<(Joined, WriterStart)> {
+fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, WriterStart)> {
     let limits = &server.settings.limits;
     let deadline = Instant::now() + limits.handshake_timeout;
     // A client that does not read its answer must not hold the thread forever.
@@ -109,8 +109,12 @@ pub fn respond(stream: &Stream, response: &http::Response) {
     stream.drain(Instant::now() + Duration::from_secs(1));
 }
 
-/// A client that has joined its channel, before its writer starts.
+/// A client that has joined its channel, before its writer starts. However
+/// its thread ends, even by a panic, dropping it leaves the channel, so that
+/// no client stays counted (against `max_connections`, or by a shutdown that
+/// waits for every client to leave) after its thread is gone.
 struct Joined {
+    server: Arc<Server>,
     /// Shared by reader and writer: one descriptor per client.
     stream: Arc<Stream>,
     path: Arc<str>,
@@ -131,7 +135,7 @@ struct WriterStart {
 /// what its writer starts with.
 fn join(
     stream: Stream,
-    server: &Server,
+    server: &Arc<Server>,
     path: String,
     accept: String,
     options: Options,
@@ -166,6 +170,7 @@ fn join(
     );
     stats::add(&server.stats.connections_total, 1);
     let joined = Joined {
+        server: Arc::clone(server),
         stream: Arc::new(stream),
         path,
         channel,
@@ -197,7 +202,6 @@ impl Joined {
         let WriterStart { queue, handshake } = writer;
         if let Err(e) = self.stream.send_all(&handshake) {
             log::debug!("client {}: cannot answer: {e}", self.peer.id);
-            self.leave(server);
             return false;
         }
         let out = Arc::clone(&self.stream);
@@ -228,9 +232,14 @@ impl Joined {
         true
     }
 
-    /// Leave the channel; the last client to leave gives memory back.
-    fn leave(&self, server: &Server) {
-        if server.registry.leave(&self.path, &self.channel, &self.peer) {
+    /// Leave the channel (again: a no-op); the last client to leave gives
+    /// memory back.
+    fn leave(&self) {
+        if self
+            .server
+            .registry
+            .leave(&self.path, &self.channel, &self.peer)
+        {
             server::release_free_memory();
         }
     }
@@ -244,7 +253,7 @@ impl Joined {
         // started need not start for it.
         let unwritten = !close.send && self.peer.forgo_writer();
         self.peer.close(close);
-        self.leave(server);
+        self.leave();
         log::debug!(
             "client {} left channel {}: {close:?}",
             self.peer.id,
@@ -257,6 +266,16 @@ impl Joined {
             // the connection failed) or the writer cuts it after CLOSE_TIMEOUT.
             stream.drain(Instant::now() + CLOSE_TIMEOUT + Duration::from_secs(1));
         }
+        self.peer.reader_finished();
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        // After a normal end these are no-ops; after a panic they end the
+        // writer, free the client's place and let a shutdown stop waiting.
+        self.peer.close(Close::ABORT);
+        self.leave();
         self.peer.reader_finished();
     }
 }
@@ -699,6 +718,33 @@ mod tests {
             (0, 0, 0)
         );
         assert!(!batch.is_full());
+    }
+
+    /// A reader thread that panics must not leave its client registered.
+    #[test]
+    fn a_panicking_reader_leaves_its_channel() {
+        let settings = crate::config::Settings::default();
+        let server = Arc::new(Server::new(settings, None));
+        let (a, _b) = UnixStream::pair().unwrap();
+        let (joined, _writer) = join(
+            Stream::Unix(a),
+            &server,
+            "/p".into(),
+            String::new(),
+            Options::default(),
+            Vec::new(),
+        )
+        .expect("joined");
+        assert_eq!(server.registry.counts(), (1, 1));
+        let peer = Arc::clone(&joined.peer);
+        let died = std::thread::spawn(move || {
+            let _joined = joined;
+            panic!("a bug in the read loop");
+        })
+        .join();
+        assert!(died.is_err());
+        assert_eq!(server.registry.counts(), (0, 0));
+        assert!(peer.is_closing());
     }
 
     #[test]

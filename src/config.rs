@@ -72,6 +72,10 @@ impl fmt::Display for TcpSpec {
     }
 }
 
+/// The largest `max_message_size` accepted: a message is held whole in
+/// memory, and a larger bound invites allocations the system cannot make.
+pub const MAX_MESSAGE_SIZE: usize = 1 << 30;
+
 /// The `[limits]` section.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -468,7 +472,14 @@ fn set(
 
 fn set_limit(l: &mut Limits, key: &str, value: &str) -> Result<(), String> {
     match key {
-        "max_message_size" => l.max_message_size = parse_count(value, 1)?,
+        "max_message_size" => {
+            l.max_message_size = parse_count(value, 1)?;
+            if l.max_message_size > MAX_MESSAGE_SIZE {
+                return Err(format!(
+                    "'{value}' is more than staps takes: at most {MAX_MESSAGE_SIZE} (1 GiB)"
+                ));
+            }
+        }
         "max_clients_per_channel" => l.max_clients_per_channel = parse_count(value, 0)?,
         "max_connections" => l.max_connections = parse_count(value, 0)?,
         "queue_length" => l.queue_length = parse_count(value, 1)?,
@@ -853,6 +864,12 @@ mod tests {
             .to_string();
         assert!(e.contains("ADDRESS:PORT"), "{e}");
         assert!(parse("[limits]\nqueue_length = 0\n").is_err());
+        assert!(parse("[limits]\nmax_message_size = 1073741824\n").is_ok());
+        let e = parse("[limits]\nmax_message_size = 1000000000000\n")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("t.conf:2") && e.contains("1 GiB"), "{e}");
         assert!(parse("[limits]\nping_interval = -1\n").is_err());
     }
 

@@ -93,6 +93,11 @@ fn bad_values_stop_startup_with_78_naming_file_line_key_and_form() {
             "seconds",
         ),
         ("[staps]\nport = 70000\n", ":2: [staps] port:", "0 to 65535"),
+        (
+            "[staps]\nport = 1\n[limits]\nmax_message_size = 1000000000000\n",
+            ":4: [limits] max_message_size:",
+            "at most 1073741824",
+        ),
     ];
     for (conf, place, form) in cases {
         for args in [&[][..], &["--check-config"][..]] {
