@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 use std::sync::{LazyLock, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use parking_lot::{Condvar, Mutex};
 
+use crate::budget::BUDGET;
 use crate::config::{Limits, SlowClient};
 use crate::relay::Control;
 use crate::stats::{self, Stats};
@@ -24,10 +25,23 @@ use crate::stats::{self, Stats};
 /// One encoded server frame, header and payload, shared by all its receivers.
 /// Server frames are not masked, so the same bytes fit every connection.
 ///
-/// An `Arc<[u8]>`, 16 bytes: every queue slot and every writer's batch holds
-/// these, so their size is paid per idle connection (`Bytes` is 32).
+/// An `Arc` of the bytes, 16 bytes: every queue slot and every writer's batch
+/// holds these, so their size is paid per idle connection (`Bytes` is 32).
+/// Its bytes count in the memory budget from its making until the last
+/// receiver, batch or replay ring lets go of it.
 #[derive(Clone, Debug)]
-pub struct Frame(Arc<[u8]>);
+pub struct Frame(Arc<Counted>);
+
+/// Frame bytes counted in the memory budget while they exist.
+#[derive(Debug)]
+#[repr(transparent)]
+pub struct Counted([u8]);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        BUDGET.release(self.0.len());
+    }
+}
 
 /// The kind of a data message; staps never changes it on the way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +77,11 @@ impl Frame {
         for part in parts {
             buf.extend_from_slice(part);
         }
-        Frame(buf.into())
+        let bytes: Arc<[u8]> = buf.into();
+        BUDGET.charge(bytes.len());
+        // SAFETY: `Counted` is a transparent wrapper of `[u8]`: the same
+        // layout and pointer metadata, so the allocation fits it as it is.
+        Frame(unsafe { Arc::from_raw(Arc::into_raw(bytes) as *const Counted) })
     }
 
     /// A complete data message.
@@ -96,12 +114,12 @@ impl Frame {
 
     /// The bytes to put on the wire.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+        &self.0.0
     }
 
     /// The kind of a data frame.
     pub fn kind(&self) -> Kind {
-        match self.0[0] & 0x0f {
+        match self.as_bytes()[0] & 0x0f {
             OP_TEXT => Kind::Text,
             _ => Kind::Binary,
         }
@@ -109,12 +127,12 @@ impl Frame {
 
     /// The payload.
     pub fn payload(&self) -> &[u8] {
-        let header = match self.0[1] & 0x7f {
+        let header = match self.as_bytes()[1] & 0x7f {
             126 => 4,
             127 => 10,
             _ => 2,
         };
-        &self.0[header..]
+        &self.as_bytes()[header..]
     }
 }
 
@@ -176,6 +194,10 @@ pub struct Peer {
     /// Receives its own messages too (`echo=1`).
     echo: bool,
     tx: Sender<Out>,
+    /// The queue's other end, for emptying it the moment the peer closes.
+    rx: Receiver<Out>,
+    /// Bytes of the frames in the queue.
+    queued: AtomicUsize,
     closing: AtomicBool,
     close: Mutex<Option<Close>>,
     writer: OnceLock<Thread>,
@@ -210,6 +232,8 @@ impl Peer {
             id,
             echo,
             tx,
+            rx: rx.clone(),
+            queued: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             close: Mutex::new(None),
             writer: OnceLock::new(),
@@ -233,6 +257,10 @@ impl Peer {
     /// fail.
     #[inline(always)]
     fn queue(&self, out: Out) -> Option<&Thread> {
+        if let Out::Frame(frame) = &out {
+            self.queued
+                .fetch_add(frame.as_bytes().len(), Ordering::Relaxed);
+        }
         let _ = self.tx.send(out);
         // Pairs with the fence in `next`: either the writer sees the message
         // before it parks, or we see it idle and wake it.
@@ -341,6 +369,10 @@ impl Peer {
     }
 
     /// Start closing with `close`; the first call wins. Returns whether this call did.
+    ///
+    /// What is queued will never be sent (the writer sends the close frame
+    /// next), so it is let go of at once: a slow consumer's backlog goes back
+    /// to the memory budget now, not when its socket finally gives way.
     pub fn close(&self, close: Close) -> bool {
         let mut slot = self.close.lock();
         if slot.is_some() {
@@ -349,8 +381,27 @@ impl Peer {
         *slot = Some(close);
         self.closing.store(true, Ordering::Release);
         drop(slot);
+        let mut freed = 0;
+        while let Ok(out) = self.rx.try_recv() {
+            if let Out::Frame(frame) = out {
+                freed += frame.as_bytes().len();
+            }
+        }
+        self.taken(freed);
         self.push(Out::Wake);
         true
+    }
+
+    /// For the writer: it took frames of `bytes` from the queue.
+    pub fn taken(&self, bytes: usize) {
+        if bytes > 0 {
+            self.queued.fetch_sub(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes of the frames waiting in the queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Whether the connection is closing; it then takes no more messages.
@@ -412,7 +463,11 @@ impl Peer {
         if self.is_closing() {
             return Delivery::Skipped;
         }
-        if self.tx.len() >= limits.queue_length {
+        // Under memory pressure a receiver with a backlog is a slow one: its
+        // backlog is what can be given back.
+        if self.tx.len() >= limits.queue_length
+            || (self.queued_bytes() >= PRESSURE_BACKLOG && BUDGET.is_full())
+        {
             return match limits.slow_client {
                 SlowClient::Drop => Delivery::Dropped,
                 SlowClient::Disconnect => {
@@ -430,6 +485,10 @@ impl Peer {
         Delivery::Queued
     }
 }
+
+/// A receiver with this many bytes queued is treated as a slow consumer
+/// while the memory budget is used up.
+pub const PRESSURE_BACKLOG: usize = 64 * 1024;
 
 /// What a client asks of its channel in the handshake's query string
 /// (SPEC §10). Options never change which channel it joins.
@@ -458,8 +517,35 @@ struct State {
     /// joins and leaves (rare next to messages) build a new list.
     members: Arc<[Arc<Peer>]>,
     /// The last `replay_length` messages, local and relayed, for clients that
-    /// join with `replay=N`; gone with the channel.
+    /// join with `replay=N`, within `replay_bytes`; gone with the channel.
     recent: VecDeque<Frame>,
+    /// Bytes of the frames in `recent`.
+    recent_bytes: usize,
+}
+
+impl State {
+    /// Keep `frame` for replay, dropping the oldest to stay within the
+    /// ring's bounds. A frame that cannot be kept (larger than the ring, or
+    /// the memory budget used up) empties the ring: replay must never skip
+    /// a message, so it gives fewer, all of them the most recent.
+    fn remember(&mut self, frame: &Frame, limits: &Limits) {
+        let len = frame.as_bytes().len();
+        if len > limits.replay_bytes || BUDGET.is_full() {
+            self.recent.clear();
+            self.recent_bytes = 0;
+            return;
+        }
+        while self.recent.len() >= limits.replay_length
+            || self.recent_bytes + len > limits.replay_bytes
+        {
+            let Some(old) = self.recent.pop_front() else {
+                break;
+            };
+            self.recent_bytes -= old.as_bytes().len();
+        }
+        self.recent.push_back(frame.clone());
+        self.recent_bytes += len;
+    }
 }
 
 impl Channel {
@@ -481,10 +567,7 @@ impl Channel {
         let members = {
             let mut state = self.state.lock();
             if limits.replay_length > 0 {
-                if state.recent.len() >= limits.replay_length {
-                    state.recent.pop_front();
-                }
-                state.recent.push_back(frame.clone());
+                state.remember(frame, limits);
             }
             Arc::clone(&state.members)
         };
@@ -518,6 +601,8 @@ pub enum JoinError {
     ChannelFull,
     /// The server is shutting down.
     ShuttingDown,
+    /// The memory budget is used up.
+    MemoryFull,
 }
 
 #[derive(Default)]
@@ -574,6 +659,10 @@ impl Registry {
         }
         if limits.max_connections > 0 && inner.clients >= limits.max_connections {
             return Err(JoinError::ServerFull);
+        }
+        if !BUDGET.admits_joins() {
+            BUDGET.refuse("new clients get 503");
+            return Err(JoinError::MemoryFull);
         }
         let channel = match inner.channels.get(path) {
             Some(channel) => Arc::clone(channel),
@@ -748,8 +837,11 @@ mod tests {
                 ch.publish(sender.id, &frame, &limits, &stats, &mut Wakes::default());
             }
             let queued = rx.try_iter().filter(|o| matches!(o, Out::Frame(_))).count();
-            assert_eq!(queued, 2);
-            assert_eq!(slow.is_closing(), policy == SlowClient::Disconnect);
+            // A slow consumer's queue is emptied the moment it is closed.
+            let closed = policy == SlowClient::Disconnect;
+            assert_eq!(queued, if closed { 0 } else { 2 });
+            assert_eq!(slow.queued_bytes(), if closed { 0 } else { 6 });
+            assert_eq!(slow.is_closing(), closed);
             reg.leave("/s", &ch, &sender);
             reg.leave("/s", &ch, &slow);
         }

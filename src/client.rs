@@ -21,8 +21,10 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 use uuid::Uuid;
 
+use crate::budget::BUDGET;
 use crate::channels::{Channel, Close, Frame, JoinError, Kind, Launch, Options, Out, Peer, Wakes};
 use crate::http::{self, HeadError, Route};
+use crate::incoming::Incoming;
 use crate::listener::{Stream, is_timeout};
 use crate::logging::{Throttle, escape, fingerprint};
 use crate::server::{self, CLOSE_TIMEOUT, Server, Slot};
@@ -157,6 +159,8 @@ fn join(
                 }
                 JoinError::ServerFull => http::Response::error(503, "server is full"),
                 JoinError::ShuttingDown => http::Response::error(503, "server is shutting down"),
+                JoinError::MemoryFull => http::Response::error(503, "server memory budget reached")
+                    .with("Retry-After", "5"),
             };
             log::debug!("client {id} refused on {}: {e:?}", escape(&path));
             respond(&stream, &response);
@@ -294,9 +298,16 @@ struct ReadHalf {
     full: bool,
     /// The first ping, while the writer has not started.
     writer_due: Option<Instant>,
-    /// The ping interval, the read timeout (shortened while the first ping nears).
+    /// The ping interval, the read timeout (shortened while the first ping
+    /// nears, or while a large message is in progress).
     ping: Duration,
     shortened: bool,
+    /// What the client has sent of a message not complete yet.
+    incoming: Incoming,
+    /// How long a large message may go without progress (`handshake_timeout`).
+    stall: Duration,
+    /// The read timeout is `stall` for a large message in progress.
+    watching: bool,
 }
 
 /// Messages a reader publishes (or reads it does) at most before it wakes the
@@ -354,17 +365,45 @@ impl ReadHalf {
             self.peer.start_writer();
             self.writer_due = None;
             if self.shortened {
-                let _ = self.stream.set_read_timeout(Some(self.ping));
+                let _ = self.stream.set_read_timeout(self.read_timeout());
             }
         } else if due - now < self.ping - self.ping / 8 {
             let _ = self.stream.set_read_timeout(Some(due - now));
             self.shortened = true;
         }
     }
+
+    /// The timeout of a blocking read: the ping interval, or `stall` while a
+    /// large message is in progress, so that its stalling is seen in time.
+    fn read_timeout(&self) -> Option<Duration> {
+        match (self.watching, self.ping.is_zero()) {
+            (true, true) => Some(self.stall),
+            (true, false) => Some(self.stall.min(self.ping)),
+            (false, true) => None,
+            (false, false) => Some(self.ping),
+        }
+    }
+
+    /// Follow what was read; refuse a message the memory budget cannot take.
+    fn follow(&mut self, bytes: &[u8], now: Instant) -> io::Result<()> {
+        if !self.incoming.follow(bytes, now) {
+            return Err(io::Error::other("memory budget reached"));
+        }
+        if self.incoming.in_large_message() != self.watching {
+            self.watching = !self.watching;
+            let _ = self.stream.set_read_timeout(self.read_timeout());
+        }
+        Ok(())
+    }
 }
 
 impl Read for ReadHalf {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.incoming.refused() {
+            return Err(io::Error::other("memory budget reached"));
+        }
+        let limit = self.incoming.read_limit(buf.len());
+        let buf = &mut buf[..limit];
         let ready = if self.full {
             self.stream.read_ready(buf)
         } else {
@@ -386,6 +425,7 @@ impl Read for ReadHalf {
         self.full = n == buf.len();
         if n > 0 {
             self.last_rx = Instant::now();
+            self.follow(&buf[..n], self.last_rx)?;
         }
         Ok(n)
     }
@@ -419,7 +459,7 @@ fn read_loop(
     let limits = &server.settings.limits;
     let ping = limits.ping_interval;
     let _ = stream.set_read_timeout((!ping.is_zero()).then_some(ping));
-    let half = ReadHalf {
+    let mut half = ReadHalf {
         stream: Arc::clone(stream),
         peer: Arc::clone(peer),
         last_rx: Instant::now(),
@@ -429,7 +469,13 @@ fn read_loop(
         writer_due: first_ping,
         ping,
         shortened: false,
+        incoming: Incoming::new(limits.max_message_size, &BUDGET),
+        stall: limits.handshake_timeout,
+        watching: false,
     };
+    // Bytes that came with the request head are the first tungstenite reads;
+    // a refusal shows at the first read.
+    let _ = half.follow(&rest, half.last_rx);
     let mut ws = websocket(half, rest, limits.max_message_size);
     // Other instances learn who sent a message (0.1.x's correlation_id).
     let sender = server.relay.as_ref().map(|_| Uuid::new_v4());
@@ -440,8 +486,21 @@ fn read_loop(
             // the close frame; whatever arrived now is not published.
             break Close::ABORT;
         }
+        let incoming = &ws.get_ref().incoming;
+        if incoming.stalled(limits.handshake_timeout) {
+            // Trickled pings keep a connection alive, not a half-sent message.
+            log::debug!("client {}: message stalled", peer.id);
+            break Close::with(1008, "message stalled");
+        }
         let frame = match event {
-            Event::Message(frame) => frame,
+            Event::Message(frame) => {
+                if incoming.clean_end() {
+                    // tungstenite's buffer grew to the message and is empty
+                    // now: start over with a small one.
+                    ws = websocket(ws.into_inner(), Vec::new(), limits.max_message_size);
+                }
+                frame
+            }
             Event::Ping(pong) => {
                 peer.send_control(pong, limits);
                 continue;
@@ -452,6 +511,10 @@ fn read_loop(
                     break Close::with(1001, "ping timeout");
                 }
                 continue;
+            }
+            Event::End(_) if incoming.refused() => {
+                BUDGET.refuse("large messages are refused with 1009");
+                break Close::with(1009, "server memory budget reached");
             }
             Event::End(close) => break close,
         };
@@ -549,8 +612,9 @@ fn write_loop(
     } else {
         2 * ping
     };
-    let _ = out.set_write_timeout(Some(stall));
-    let result = write_batches(&out, queue, peer, ping, first_ping);
+    // Writes wake this often to see whether the client closed meanwhile.
+    let _ = out.set_write_timeout(Some(CLOSE_TIMEOUT.min(stall)));
+    let result = write_batches(&out, queue, peer, ping, first_ping, stall);
     let close = match result {
         Ok(()) => peer.close_reason().unwrap_or(Close::ABORT),
         Err(e) => {
@@ -579,6 +643,7 @@ fn write_batches(
     peer: &Peer,
     ping: Duration,
     first_ping: Option<Instant>,
+    stall: Duration,
 ) -> io::Result<()> {
     let mut next_ping = first_ping;
     let mut batch = Batch::default();
@@ -595,6 +660,7 @@ fn write_batches(
                 Err(_) => break,
             }
         }
+        peer.taken(batch.size);
         if let Some(at) = next_ping {
             let now = Instant::now();
             if now >= at {
@@ -605,7 +671,7 @@ fn write_batches(
         if peer.is_closing() {
             return Ok(());
         }
-        batch.write(out)?;
+        batch.write(out, stall, || peer.is_closing())?;
         if queue.is_empty() {
             // About to sleep: an idle connection keeps no buffer.
             batch = Batch::default();
@@ -655,8 +721,14 @@ impl Batch {
         self.size >= BATCH_BYTES || self.large.len() >= BATCH_LARGE
     }
 
-    /// Write it all and empty it, keeping its buffers.
-    fn write(&mut self, out: &Stream) -> io::Result<()> {
+    /// Write it all and empty it, keeping its buffers; see
+    /// [`Stream::write_all_vectored`] for `stall` and `closing`.
+    fn write(
+        &mut self,
+        out: &Stream,
+        stall: Duration,
+        closing: impl Fn() -> bool,
+    ) -> io::Result<()> {
         if self.size == 0 {
             return Ok(());
         }
@@ -676,7 +748,7 @@ impl Batch {
             slices[n] = IoSlice::new(&self.bytes[from..]);
             n += 1;
         }
-        out.write_all_vectored(&mut slices[..n])?;
+        out.write_all_vectored(&mut slices[..n], stall, closing)?;
         self.bytes.clear();
         self.large.clear();
         self.size = 0;
@@ -710,7 +782,9 @@ mod tests {
             b.read_exact(&mut got).unwrap();
             assert_eq!(got, expected);
         });
-        batch.write(&out).unwrap();
+        batch
+            .write(&out, Duration::from_secs(30), || false)
+            .unwrap();
         reader.join().unwrap();
         // Emptied for the next batch, keeping its buffers.
         assert_eq!(

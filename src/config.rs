@@ -99,6 +99,11 @@ pub struct Limits {
     pub uuid_only: bool,
     /// Messages each channel keeps for clients that join with `replay=N`; 0: none.
     pub replay_length: usize,
+    /// Bytes each channel's replay ring keeps at most.
+    pub replay_bytes: usize,
+    /// Bytes of partial incoming messages, queued frames and replay rings
+    /// the whole process may hold ([`crate::budget`]).
+    pub memory_budget: usize,
 }
 
 impl Default for Limits {
@@ -114,6 +119,8 @@ impl Default for Limits {
             max_path_length: 255,
             uuid_only: false,
             replay_length: 16,
+            replay_bytes: 1 << 20,
+            memory_budget: crate::budget::default_limit(),
         }
     }
 }
@@ -265,6 +272,8 @@ const KNOWN: &[(&str, &[&str])] = &[
             "max_path_length",
             "uuid_only",
             "replay_length",
+            "replay_bytes",
+            "memory_budget",
         ],
     ),
 ];
@@ -495,6 +504,9 @@ fn set_limit(l: &mut Limits, key: &str, value: &str) -> Result<(), String> {
         "max_path_length" => l.max_path_length = parse_count(value, 1)?,
         "uuid_only" => l.uuid_only = parse_bool(value)?,
         "replay_length" => l.replay_length = parse_count(value, 0)?,
+        "replay_bytes" => l.replay_bytes = parse_count(value, 0)?,
+        // Less than a megabyte would refuse nearly everything.
+        "memory_budget" => l.memory_budget = parse_count(value, 1 << 20)?,
         _ => unreachable!("limit {key} is in KNOWN but not handled"),
     }
     Ok(())
@@ -735,7 +747,8 @@ impl Settings {
              [limits]\n\
              max_message_size = {}\nmax_clients_per_channel = {}\nmax_connections = {}\n\
              queue_length = {}\nslow_client = {}\nping_interval = {}\nhandshake_timeout = {}\n\
-             max_path_length = {}\nuuid_only = {}\nreplay_length = {}\n",
+             max_path_length = {}\nuuid_only = {}\nreplay_length = {}\nreplay_bytes = {}\n\
+             memory_budget = {}\n",
             list(
                 self.sockets
                     .iter()
@@ -778,6 +791,8 @@ impl Settings {
             l.max_path_length,
             l.uuid_only,
             l.replay_length,
+            l.replay_bytes,
+            l.memory_budget,
         )
     }
 }

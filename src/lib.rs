@@ -6,6 +6,7 @@
 //! [`client`]. The crate is a library too so that the fuzz targets (`fuzz/`)
 //! reach the parsers the daemon runs on what the network and files give it.
 
+pub mod budget;
 pub mod channels;
 pub mod cli;
 pub mod client;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod files;
 pub mod http;
+pub mod incoming;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -17,7 +17,7 @@ use socket2::{Domain, Socket, Type};
 use crate::config::{Endpoint, Settings, TcpSpec};
 use crate::daemon;
 use crate::logging::{Throttle, escape_path};
-use crate::server::Server;
+use crate::server::{CLOSE_TIMEOUT, Server};
 
 /// Pending connections the kernel keeps for us while every thread is busy;
 /// a burst of reconnecting clients should not see refusals.
@@ -67,15 +67,41 @@ impl Stream {
         (&mut &*self).write_all(buf)
     }
 
-    /// Write every slice, however many calls it takes (`write_all` for iovecs).
-    pub fn write_all_vectored(&self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    /// Write every slice, however many calls it takes (`write_all` for
+    /// iovecs). Fails when the client takes nothing for `stall`, or when
+    /// `closing` has said yes for [`CLOSE_TIMEOUT`]: a receiver closed as a
+    /// slow consumer that still takes a trickle is cut, and its batch freed,
+    /// instead of being fed for minutes. The socket's write timeout sets how
+    /// often both are looked at.
+    pub fn write_all_vectored(
+        &self,
+        mut bufs: &mut [IoSlice<'_>],
+        stall: Duration,
+        closing: impl Fn() -> bool,
+    ) -> io::Result<()> {
         IoSlice::advance_slices(&mut bufs, 0);
+        let mut progress = Instant::now();
+        let mut closed_at = None;
         while !bufs.is_empty() {
             match (&mut &*self).write_vectored(bufs) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Ok(n) => {
+                    IoSlice::advance_slices(&mut bufs, n);
+                    progress = Instant::now();
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => {
+                    if progress.elapsed() >= stall {
+                        return Err(e);
+                    }
+                }
                 Err(e) => return Err(e),
+            }
+            if !bufs.is_empty() && closing() {
+                let since = *closed_at.get_or_insert_with(Instant::now);
+                if since.elapsed() >= CLOSE_TIMEOUT {
+                    return Err(io::Error::other("closed while its writes stalled"));
+                }
             }
         }
         Ok(())

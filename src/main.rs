@@ -121,6 +121,7 @@ fn main() -> ExitCode {
         }
         None => (None, None),
     };
+    staps::budget::BUDGET.set_limit(settings.limits.memory_budget);
     let amqp = settings.amqp.clone();
     let server = Arc::new(server::Server::new(settings, relay));
     server.check_system_limits();

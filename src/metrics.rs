@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::budget::BUDGET;
 use crate::http::{self, Request, Response};
 use crate::listener::{Listener, Stream};
 use crate::relay::State;
@@ -175,11 +176,34 @@ pub fn exposition(server: &Server) -> String {
         "dropped_total",
         "counter",
         "Messages not delivered, by reason: slow_client (a full queue under \
-         slow_client = drop; per receiver), relay (not handed to the broker).",
+         slow_client = drop; per receiver), relay (not handed to the broker), \
+         oversize (from the broker, over max_message_size).",
         &[
             ("{reason=\"slow_client\"}", s.dropped.load(Relaxed)),
             ("{reason=\"relay\"}", s.relay_dropped.load(Relaxed)),
+            ("{reason=\"oversize\"}", s.oversize_dropped.load(Relaxed)),
         ],
+    );
+    family(
+        &mut out,
+        "memory_budget_bytes",
+        "gauge",
+        "The memory budget: [limits] memory_budget.",
+        &[("", BUDGET.limit() as u64)],
+    );
+    family(
+        &mut out,
+        "memory_used_bytes",
+        "gauge",
+        "Bytes counted in the memory budget: partial messages, queued messages, replay rings.",
+        &[("", BUDGET.used() as u64)],
+    );
+    family(
+        &mut out,
+        "memory_refusals_total",
+        "counter",
+        "Large messages (1009) and joins (503) refused because the memory budget was used up.",
+        &[("", BUDGET.refusals())],
     );
     if server.relay.is_some() {
         family(

@@ -526,6 +526,16 @@ impl<'c> Session<'c> {
         if properties.app_id().as_deref() == Some(self.instance.as_str()) {
             return;
         }
+        if delivery.body.len() > self.server.settings.limits.max_message_size {
+            // Another instance, or any AMQP publisher, may send more than
+            // this one lets its clients send: never pass it on or keep it.
+            stats::add(&self.server.stats.oversize_dropped, 1);
+            log::debug!(
+                "dropped a {} byte message from the broker: over max_message_size",
+                delivery.body.len()
+            );
+            return;
+        }
         let kind = kind_of(properties.content_type().as_deref(), &delivery.body);
         let path = format!("/{}", delivery.routing_key);
         stats::add(&self.server.stats.relay_received, 1);

@@ -2,6 +2,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::budget::BUDGET;
+
 /// Monotonic counters. Gauges (connections now, channels) live in the registry.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -29,6 +31,8 @@ pub struct Stats {
     pub relay_dropped: AtomicU64,
     /// Times the relay connected again after losing the broker.
     pub relay_reconnects: AtomicU64,
+    /// Messages from the broker over `max_message_size`, not delivered.
+    pub oversize_dropped: AtomicU64,
 }
 
 /// Add `n` to a counter.
@@ -44,7 +48,8 @@ impl Stats {
         format!(
             "connections={clients} connections_total={} channels={channels} refused={} \
              messages_in={} messages_out={} dropped={} slow_disconnects={} relay={relay} \
-             relay_published={} relay_received={} relay_dropped={} relay_reconnects={}",
+             relay_published={} relay_received={} relay_dropped={} relay_reconnects={} \
+             oversize_dropped={} memory_used={} memory_refusals={}",
             get(&self.connections_total),
             get(&self.refused),
             get(&self.messages_in),
@@ -55,6 +60,9 @@ impl Stats {
             get(&self.relay_received),
             get(&self.relay_dropped),
             get(&self.relay_reconnects),
+            get(&self.oversize_dropped),
+            BUDGET.used(),
+            BUDGET.refusals(),
         )
     }
 }

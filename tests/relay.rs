@@ -478,3 +478,29 @@ fn echo_replay_and_stats_with_the_relay() {
     }
     assert!(get(at, "/healthz", "").ends_with("ok\nrelay: up\n"));
 }
+
+/// A broker message larger than this instance's max_message_size (another
+/// instance with a higher limit, or any AMQP publisher) is dropped and
+/// counted, never delivered or kept for replay.
+#[test]
+fn broker_messages_over_max_message_size_are_dropped_and_counted() {
+    let Some(_lock) = shared_broker("broker_messages_over_max_message_size") else {
+        return;
+    };
+    let exchange = Exchange::new();
+    let mut staps = instance(&exchange, "[limits]\nmax_message_size = 1000\n");
+    let ch = channel();
+    let key = &ch[1..];
+    let mut a = connect(staps.addr(), &ch);
+    wait_bound(&exchange, key, 1);
+    publish_plain(&exchange, key, &[7u8; 5000]);
+    publish_plain(&exchange, key, b"small");
+    assert_eq!(recv(&mut a), Message::text("small"));
+    let line = staps.wait_stats(|l| counter(l, "oversize_dropped") == 1);
+    assert_eq!(counter(&line, "relay_received"), 1, "{line}");
+    // Not in the replay ring either.
+    let mut late = connect(staps.addr(), &format!("{ch}?replay=16"));
+    a.send(Message::text("after")).unwrap();
+    assert_eq!(recv(&mut late), Message::text("small"));
+    assert_eq!(recv(&mut late), Message::text("after"));
+}

@@ -1,0 +1,218 @@
+//! SPEC §3 and §13: the process-wide memory budget. Clients that stall
+//! partial messages, fill replay rings or stop reading cannot make staps
+//! hold more than `memory_budget`; RSS is read from /proc/PID/status.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tungstenite::Message;
+
+const MIB: usize = 1 << 20;
+
+/// Resident memory of staps, in bytes.
+fn rss(staps: &Staps) -> usize {
+    proc_status(staps.pid(), "VmRSS") as usize * 1024
+}
+
+/// The header of a masked binary client frame announcing `len` bytes.
+fn frame_header(fin: bool, opcode: u8, len: u64) -> Vec<u8> {
+    let mut f = vec![if fin { 0x80 } else { 0 } | opcode, 0x80 | 127];
+    f.extend_from_slice(&len.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 0]); // mask key 0: the payload goes as it is
+    f
+}
+
+/// Forty clients each announce a 1 MiB message and send 900 KiB of it, then
+/// stall. Partial messages may take half of a 16 MiB budget: eight of them
+/// are held, the rest are refused with 1009 as their headers arrive, and
+/// what staps holds stays near the budget.
+#[test]
+fn stalled_partial_messages_are_bounded_by_the_budget() {
+    let mut staps = Staps::start(&tcp_config("memory_budget = 16777216"), &[]);
+    let before = rss(&staps);
+    let clients: Vec<_> = (0..40)
+        .map(|_| {
+            let s = raw_ws(staps.addr(), &channel());
+            s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut w = s.try_clone().unwrap();
+            // A refused client's writes fail: the server stops reading it.
+            let writer = thread::spawn(move || {
+                let _ = w.write_all(&frame_header(true, 2, MIB as u64));
+                let _ = w.write_all(&vec![0u8; 900 << 10]);
+            });
+            (s, writer)
+        })
+        .collect();
+    let mut refused = 0;
+    let mut held = Vec::new();
+    for (mut s, writer) in clients {
+        writer.join().unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut head = [0u8; 4];
+        match s.read_exact(&mut head) {
+            Ok(()) => {
+                assert_eq!(head[0], 0x88, "a close frame");
+                assert_eq!(u16::from_be_bytes([head[2], head[3]]), 1009);
+                refused += 1;
+            }
+            Err(_) => held.push(s),
+        }
+    }
+    assert!(refused >= 30, "only {refused} of 40 refused");
+    assert!(held.len() <= 10, "{} partial messages held", held.len());
+    let grown = rss(&staps).saturating_sub(before);
+    assert!(grown < 24 * MIB, "RSS grew by {} MiB", grown / MIB);
+    let line = staps.stats();
+    assert!(counter(&line, "memory_refusals") >= 30, "{line}");
+    // Once they go, the budget is free again.
+    drop(held);
+    staps.wait_stats(|l| counter(l, "memory_used") < MIB as u64);
+}
+
+/// A message whose payload stops arriving is closed after handshake_timeout,
+/// however many pings keep its connection alive.
+#[test]
+fn a_stalled_message_is_closed_even_while_pings_arrive() {
+    let staps = Staps::start(&tcp_config("handshake_timeout = 1"), &[]);
+    let mut s = raw_ws(staps.addr(), &channel());
+    // A whole first fragment of 10 KiB, then only pings between fragments.
+    s.write_all(&client_frame(false, 2, &[1u8; 10 << 10]))
+        .unwrap();
+    let mut pinger = s.try_clone().unwrap();
+    let started = Instant::now();
+    let pings = thread::spawn(move || {
+        while started.elapsed() < Duration::from_secs(20) {
+            if pinger.write_all(&client_frame(true, 9, b"alive")).is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    });
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    assert_eq!(raw_close_code(&mut s), 1008);
+    assert!(started.elapsed() < Duration::from_secs(15));
+    drop(s);
+    pings.join().unwrap();
+}
+
+/// The replay ring keeps at most replay_bytes: of five 64 KiB messages, a
+/// 150 000-byte ring holds the last two.
+#[test]
+fn replay_rings_keep_at_most_replay_bytes() {
+    let staps = Staps::start(&tcp_config("replay_bytes = 150000"), &[]);
+    let ch = channel();
+    let mut a = connect(staps.addr(), &ch);
+    for i in 0..5u8 {
+        a.send(Message::binary(vec![i; 64 << 10])).unwrap();
+    }
+    // Sent after the five, so the late client sees it after what it replays.
+    let mut probe = connect(staps.addr(), &ch);
+    a.send(Message::text("mark")).unwrap();
+    // The probe may have joined before some of the five were published.
+    while recv(&mut probe) != Message::text("mark") {}
+    let mut late = connect(staps.addr(), &format!("{ch}?replay=16"));
+    a.send(Message::text("end")).unwrap();
+    let got: Vec<Message> = (0..4).map(|_| recv(&mut late)).collect();
+    // The ring kept messages 3 and 4 (2 x 64 KiB), and the mark.
+    let first_bytes: Vec<Option<u8>> = got[..2]
+        .iter()
+        .map(|m| match m {
+            Message::Binary(b) if b.len() == 64 << 10 => Some(b[0]),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(first_bytes, vec![Some(3), Some(4)]);
+    assert_eq!(got[2], Message::text("mark"));
+    assert_eq!(got[3], Message::text("end"));
+}
+
+/// A receiver closed as a slow consumer gives its backlog back at once,
+/// without reading a byte, and its writer gives up on it after a short
+/// deadline instead of holding its batch while it trickles.
+#[test]
+fn a_slow_consumer_gives_its_memory_back_without_reading() {
+    let mut staps = Staps::start(&tcp_config("queue_length = 64"), &[]);
+    let ch = channel();
+    let stalled = stalled_client(&staps, &ch);
+    let mut p = connect(staps.addr(), &ch);
+    let message = vec![9u8; 256 << 10];
+    for _ in 0..100 {
+        p.send(Message::binary(message.clone())).unwrap();
+    }
+    staps.wait_stats(|l| counter(l, "slow_disconnects") == 1);
+    // The queue goes at once: what is left is the channel's replay ring
+    // (three of these messages fit in its 1 MiB) and the writer's batch.
+    staps.wait_stats(|l| counter(l, "memory_used") < 5 * (256 << 10));
+    // The writer gives up on its batch after a short deadline and cuts the
+    // connection, which ends the client (its reader sees the cut).
+    staps.wait_stats(|l| counter(l, "connections") == 1);
+    drop(stalled);
+}
+
+/// With the budget used up by a receiver that does not read, new clients
+/// are refused with 503 until it goes.
+#[test]
+fn joins_get_503_while_the_budget_is_used_up() {
+    let mut staps = Staps::start(
+        // No replay ring: emptied under pressure, it would let the count
+        // dip below the budget and back.
+        &tcp_config(
+            "memory_budget = 1048576\nslow_client = drop\nqueue_length = 100000\nreplay_length = 0",
+        ),
+        &[],
+    );
+    let ch = channel();
+    let stalled = stalled_client(&staps, &ch);
+    let mut p = connect(staps.addr(), &ch);
+    // Messages within the free allowance for partial messages are all
+    // accepted, and pile up for the receiver once its socket is full.
+    let mut sent = 0;
+    let mut full = false;
+    for _ in 0..200 {
+        for _ in 0..100 {
+            p.send(Message::binary(vec![1u8; 4000])).unwrap();
+        }
+        sent += 100;
+        let line = staps.wait_stats(|l| counter(l, "messages_in") == sent);
+        // Deliveries to the receiver stop at the budget: it is reached.
+        if counter(&line, "dropped") > 0 {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "the budget never filled");
+    let err = try_connect(staps.addr(), &channel()).unwrap_err();
+    assert_eq!(status_of(&err), 503);
+    assert!(counter(&staps.stats(), "memory_refusals") >= 1);
+    drop(stalled);
+    staps.wait_stats(|l| counter(l, "memory_used") < MIB as u64);
+    let mut a = connect(staps.addr(), &ch);
+    let mut b = connect(staps.addr(), &ch);
+    a.send(Message::text("room again")).unwrap();
+    assert_eq!(recv(&mut b), Message::text("room again"));
+}
+
+/// After a 1 MiB message an idle connection keeps a small read buffer, not
+/// one the size of that message.
+#[test]
+fn an_idle_connection_lets_go_of_a_large_messages_buffer() {
+    let staps = Staps::start(&tcp_config(""), &[]);
+    let before = rss(&staps);
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        let ch = channel();
+        let mut a = connect(staps.addr(), &ch);
+        let mut b = connect(staps.addr(), &ch);
+        a.send(Message::binary(vec![5u8; MIB])).unwrap();
+        assert_eq!(recv(&mut b).len(), MIB);
+        clients.push((a, b));
+    }
+    let grown = rss(&staps).saturating_sub(before);
+    // Before, every sender kept a 1.1 MiB buffer: 44 MiB for 40 of them.
+    assert!(grown < 16 * MIB, "RSS grew by {} MiB", grown / MIB);
+}
