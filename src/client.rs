@@ -27,11 +27,16 @@ use crate::http::{self, HeadError, Route};
 use crate::incoming::Incoming;
 use crate::listener::{Stream, is_timeout};
 use crate::logging::{Throttle, escape, fingerprint};
-use crate::server::{self, CLOSE_TIMEOUT, Server, Slot};
+use crate::server::{self, CLOSE_TIMEOUT, Handshake, Server, Slot};
 use crate::stats;
 
 /// Stack of a writer thread: it only moves bytes from its queue to the socket.
 pub const WRITER_STACK: usize = 64 * 1024;
+
+/// A new connection sends its first byte within this (or handshake_timeout,
+/// if shorter): a client sends its request right after connecting, and a
+/// socket that stays silent only holds a place among the handshakes.
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What tungstenite reads from the socket at a time; it grows the buffer only
 /// for a frame that needs it, so idle connections keep this much.
@@ -44,8 +49,10 @@ const READ_BUFFER: usize = 1024;
 /// stay resident for as long as its connection is idle. Measured with the
 /// handshake, writer start and read loop in one frame: 8.7 KiB deep, three
 /// pages; split like this, two.
-pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot) {
-    let Some((joined, writer)) = handshake(stream, &server) else {
+pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot, place: Handshake) {
+    let handshaken = handshake(stream, &server);
+    drop(place);
+    let Some((joined, writer)) = handshaken else {
         return;
     };
     let ping = server.settings.limits.ping_interval;
@@ -60,10 +67,12 @@ pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot) {
 #[inline(never)]
 fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, WriterStart)> {
     let limits = &server.settings.limits;
-    let deadline = Instant::now() + limits.handshake_timeout;
+    let now = Instant::now();
+    let deadline = now + limits.handshake_timeout;
+    let first_byte = now + limits.handshake_timeout.min(FIRST_BYTE_TIMEOUT);
     // A client that does not read its answer must not hold the thread forever.
     let _ = stream.set_write_timeout(Some(limits.handshake_timeout));
-    let (request, rest) = match http::read_head(&stream, deadline) {
+    let (request, rest) = match http::read_head(&stream, first_byte, deadline) {
         Ok(head) => head,
         Err(e) => {
             let response = match e {

@@ -62,8 +62,13 @@ pub enum HeadError {
     Malformed(String),
 }
 
-/// Read one request head, by `deadline`. Returns it and the bytes that came after it.
-pub fn read_head(stream: &Stream, deadline: Instant) -> Result<(Request, Vec<u8>), HeadError> {
+/// Read one request head: its first byte by `first_byte`, all of it by
+/// `deadline`. Returns it and the bytes that came after it.
+pub fn read_head(
+    stream: &Stream,
+    first_byte: Instant,
+    deadline: Instant,
+) -> Result<(Request, Vec<u8>), HeadError> {
     // Most heads are a few hundred bytes: start small, grow up to MAX_HEAD.
     let mut buf = vec![0u8; 1024];
     let mut filled = 0;
@@ -71,7 +76,8 @@ pub fn read_head(stream: &Stream, deadline: Instant) -> Result<(Request, Vec<u8>
         if filled == buf.len() {
             buf.resize((2 * buf.len()).min(MAX_HEAD), 0);
         }
-        let n = match stream.read_until(&mut buf[filled..], deadline) {
+        let until = if filled == 0 { first_byte } else { deadline };
+        let n = match stream.read_until(&mut buf[filled..], until) {
             Ok(0) => return Err(HeadError::Closed),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(HeadError::TimedOut),

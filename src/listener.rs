@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -17,7 +17,7 @@ use socket2::{Domain, Socket, Type};
 use crate::config::{Endpoint, Settings, TcpSpec};
 use crate::daemon;
 use crate::logging::{Throttle, escape_path};
-use crate::server::{CLOSE_TIMEOUT, Server};
+use crate::server::{CLOSE_TIMEOUT, Crowded, Server};
 
 /// Pending connections the kernel keeps for us while every thread is busy;
 /// a burst of reconnecting clients should not see refusals.
@@ -216,16 +216,16 @@ impl std::fmt::Display for Listener {
 }
 
 impl Listener {
-    /// The next connection.
-    pub fn accept(&self) -> io::Result<Stream> {
+    /// The next connection, and its peer's address when it is TCP.
+    pub fn accept(&self) -> io::Result<(Stream, Option<IpAddr>)> {
         match self {
             Listener::Tcp(l, _) => {
-                let (s, _) = l.accept()?;
+                let (s, addr) = l.accept()?;
                 // Writers batch frames themselves; Nagle would only add latency.
                 s.set_nodelay(true)?;
-                Ok(Stream::Tcp(s))
+                Ok((Stream::Tcp(s), Some(addr.ip())))
             }
-            Listener::Unix { listener, .. } => Ok(Stream::Unix(listener.accept()?.0)),
+            Listener::Unix { listener, .. } => Ok((Stream::Unix(listener.accept()?.0), None)),
         }
     }
 
@@ -649,13 +649,16 @@ fn accept_loop(listener: &Listener, server: &Arc<Server>) {
     let full = crate::http::Response::error(503, "server is full")
         .with("Retry-After", "5")
         .to_bytes();
+    let busy = crate::http::Response::error(503, "too many handshakes from your address at once")
+        .with("Retry-After", "5")
+        .to_bytes();
     loop {
         let accepted = listener.accept();
         if server.is_stopping() {
             return;
         }
-        let stream = match accepted {
-            Ok(stream) => stream,
+        let (stream, from) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 match e.raw_os_error() {
                     Some(libc::EMFILE | libc::ENFILE) => {
@@ -666,7 +669,7 @@ fn accept_loop(listener: &Listener, server: &Arc<Server>) {
                         match spare.take() {
                             Some(file) => {
                                 drop(file);
-                                if let Ok(stream) = listener.accept() {
+                                if let Ok((stream, _)) = listener.accept() {
                                     refuse_out_of_fds(stream, server);
                                 }
                             }
@@ -689,17 +692,23 @@ fn accept_loop(listener: &Listener, server: &Arc<Server>) {
                 continue;
             }
         };
-        let Some(slot) = server.admit() else {
-            // More sockets than max_connections and the handshakes' slack:
-            // no thread for this one, just the answer.
-            server.refuse();
-            stream.refuse_now(&full);
-            continue;
+        let (slot, handshake) = match server.admit(from) {
+            Ok(admitted) => admitted,
+            Err(crowded) => {
+                // No thread for this one, just the answer.
+                server.refuse();
+                log::debug!("{listener}: refused a connection: {crowded:?}");
+                stream.refuse_now(match crowded {
+                    Crowded::Address => &busy,
+                    Crowded::Sockets | Crowded::Handshakes => &full,
+                });
+                continue;
+            }
         };
         let server2 = Arc::clone(server);
         let spawned = server
             .readers
-            .run(move || crate::client::serve(stream, server2, slot));
+            .run(move || crate::client::serve(stream, server2, slot, handshake));
         if let Err(e) = spawned {
             server.refuse();
             complain("cannot start a thread for a new connection", &e);

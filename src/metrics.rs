@@ -27,7 +27,7 @@ pub fn spawn(listener: Arc<Listener>, server: Arc<Server>) -> std::io::Result<()
         .spawn(move || {
             loop {
                 let stream = match listener.accept() {
-                    Ok(stream) => stream,
+                    Ok((stream, _)) => stream,
                     Err(e) => {
                         // Out of descriptors, most likely: the public side logs that.
                         log::debug!("metrics: accept: {e}");
@@ -46,7 +46,8 @@ pub fn spawn(listener: Arc<Listener>, server: Arc<Server>) -> std::io::Result<()
 
 fn answer(stream: &Stream, server: &Server) {
     let _ = stream.set_write_timeout(Some(TIMEOUT));
-    if let Ok((request, _)) = http::read_head(stream, Instant::now() + TIMEOUT) {
+    let deadline = Instant::now() + TIMEOUT;
+    if let Ok((request, _)) = http::read_head(stream, deadline, deadline) {
         crate::client::respond(stream, &respond_to(&request, server));
     }
 }

@@ -1,8 +1,12 @@
 //! The state one running instance shares among its threads, and its shutdown.
 
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::channels::{Close, Registry};
 use crate::client::WRITER_STACK;
@@ -42,7 +46,19 @@ pub struct Server {
     next_id: AtomicU64,
     sockets: AtomicUsize,
     max_sockets: usize,
+    handshakes: AtomicUsize,
+    max_handshakes: usize,
+    per_address: Mutex<HashMap<IpAddr, u32>>,
     stopping: AtomicBool,
+}
+
+/// Sockets that may be in their handshake at once: an eighth of
+/// max_connections, at least 64 (1024 when there is no max_connections).
+pub fn max_handshakes(max_connections: usize) -> usize {
+    match max_connections {
+        0 => 1024,
+        max => (max / 8).max(64),
+    }
 }
 
 /// Give the heap that a crowd of clients left behind back to the system.
@@ -66,6 +82,55 @@ impl Drop for Slot {
     }
 }
 
+/// Sockets one address (an IPv4 address, an IPv6 /64) may have in their
+/// handshake at once. A browser's handshake takes a round trip; a host that
+/// holds dozens open is trickling them to crowd others out.
+pub const HANDSHAKES_PER_ADDRESS: u32 = 32;
+
+/// A connection's place among the sockets still in their handshake, and
+/// among its address's; freed when the handshake ends.
+pub struct Handshake {
+    server: Arc<Server>,
+    from: Option<IpAddr>,
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        self.server.handshakes.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = self.from {
+            let mut per_address = self.server.per_address.lock();
+            if let Some(n) = per_address.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_address.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// Why a connection was turned away before its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crowded {
+    /// As many sockets as max_connections and the handshakes' room.
+    Sockets,
+    /// As many sockets in their handshake as the server takes.
+    Handshakes,
+    /// As many in their handshake from this address as one may have.
+    Address,
+}
+
+/// The part of an address that counts as one host: an IPv6 host has a /64.
+fn host_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !0xffff_ffff_ffff_ffff)),
+        },
+        v4 => v4,
+    }
+}
+
 impl Server {
     /// A server for `settings`, with `relay` when instances are linked.
     pub fn new(settings: Settings, relay: Option<Relay>) -> Server {
@@ -82,8 +147,11 @@ impl Server {
             max_sockets: if max == 0 {
                 usize::MAX
             } else {
-                max.saturating_add((max / 8).max(64))
+                max.saturating_add(max_handshakes(max))
             },
+            max_handshakes: max_handshakes(max),
+            handshakes: AtomicUsize::new(0),
+            per_address: Mutex::new(HashMap::new()),
             settings,
             stats: Stats::default(),
             next_id: AtomicU64::new(1),
@@ -97,12 +165,31 @@ impl Server {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Take a socket slot for a new connection; `None` when there are already
-    /// so many that the connection is closed without a word.
-    pub fn admit(self: &Arc<Self>) -> Option<Slot> {
+    /// Take a socket slot and a handshake place for a new connection from
+    /// `from` (a TCP peer's address; `None` for unix sockets, where the one
+    /// peer is the proxy, which sends complete request heads only).
+    pub fn admit(self: &Arc<Self>, from: Option<IpAddr>) -> Result<(Slot, Handshake), Crowded> {
         let n = self.sockets.fetch_add(1, Ordering::Relaxed);
         let slot = Slot(Arc::clone(self));
-        (n < self.max_sockets).then_some(slot)
+        if n >= self.max_sockets {
+            return Err(Crowded::Sockets);
+        }
+        let from = from.map(host_of);
+        let n = self.handshakes.fetch_add(1, Ordering::Relaxed);
+        if let Some(ip) = from {
+            *self.per_address.lock().entry(ip).or_insert(0) += 1;
+        }
+        let handshake = Handshake {
+            server: Arc::clone(self),
+            from,
+        };
+        if n >= self.max_handshakes {
+            return Err(Crowded::Handshakes);
+        }
+        if from.is_some_and(|ip| self.per_address.lock().get(&ip) > Some(&HANDSHAKES_PER_ADDRESS)) {
+            return Err(Crowded::Address);
+        }
+        Ok((slot, handshake))
     }
 
     /// Warn when the system would stop staps short of `max_connections`:

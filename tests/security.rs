@@ -236,3 +236,78 @@ fn group_without_user_is_refused() {
         );
     }
 }
+
+/// A websocket client connecting from `source` (another loopback address).
+fn connect_from(source: [u8; 4], addr: std::net::SocketAddr, path: &str) -> Result<Ws, String> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from((source, 0)).into())
+        .unwrap();
+    socket.connect(&addr.into()).map_err(|e| e.to_string())?;
+    let stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    match tungstenite::client(format!("ws://{addr}{path}"), stream) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(e)) => Err(e.to_string()),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => Err("interrupted".into()),
+    }
+}
+
+/// 300 sockets from one host trickle request heads. Before, they took every
+/// place the server had beside its clients and others got 503; now one
+/// address holds at most HANDSHAKES_PER_ADDRESS of them, and established
+/// clients and clients from elsewhere go on working.
+#[test]
+fn trickled_handshakes_from_one_host_crowd_out_no_one_else() {
+    use std::io::Write;
+    use tungstenite::Message;
+    let staps = Staps::start(
+        &tcp_config("max_connections = 100\nhandshake_timeout = 60"),
+        &[],
+    );
+    let addr = staps.addr();
+    let ch = channel();
+    let mut a = connect(addr, &ch);
+    let mut b = connect(addr, &ch);
+    let mut refused = 0;
+    let tricklers: Vec<_> = (0..300)
+        .filter_map(|_| {
+            let mut s = std::net::TcpStream::connect(addr).ok()?;
+            // A refused socket gets its 503 at once; the write may still pass.
+            let _ = s.write_all(b"GET /");
+            Some(s)
+        })
+        .collect();
+    for mut s in tricklers.iter() {
+        s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 12];
+        if std::io::Read::read(&mut s, &mut buf).is_ok_and(|n| n > 0) {
+            assert!(buf.starts_with(b"HTTP/1.1 503"));
+            refused += 1;
+        }
+    }
+    assert!(refused >= 300 - 32, "only {refused} of 300 refused");
+    for i in 0..15 {
+        let mut c = connect_from([127, 0, 0, 2], addr, &ch)
+            .unwrap_or_else(|e| panic!("try {i} from another host: {e}"));
+        a.send(Message::text(format!("hello {i}"))).unwrap();
+        assert_eq!(recv(&mut b), Message::text(format!("hello {i}")));
+        assert_eq!(recv(&mut c), Message::text(format!("hello {i}")));
+    }
+    drop(tricklers);
+}
+
+/// A socket that sends nothing is closed after the first-byte timeout, not
+/// after the whole handshake_timeout.
+#[test]
+fn a_silent_socket_is_closed_early() {
+    use std::io::Read;
+    let staps = Staps::start(&tcp_config("handshake_timeout = 60"), &[]);
+    let mut s = std::net::TcpStream::connect(staps.addr()).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    assert_eq!(s.read(&mut buf).expect("closed, not timed out"), 0);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}
