@@ -42,6 +42,37 @@ fn fingerprint(target: &Path) -> (u32, u32, u32, String) {
     )
 }
 
+/// The scene of an attack: a root-only target file, and an open directory
+/// (the service user's) where links to it are planted.
+struct Scene {
+    _secret: tempfile::TempDir,
+    target: PathBuf,
+    before: (u32, u32, u32, String),
+    run: tempfile::TempDir,
+}
+
+impl Scene {
+    fn new() -> Scene {
+        let secret = tempfile::tempdir().unwrap();
+        let target = root_only_file(secret.path());
+        Scene {
+            before: fingerprint(&target),
+            _secret: secret,
+            target,
+            run: open_dir(),
+        }
+    }
+
+    /// Fail unless the target is as it was.
+    fn assert_untouched(&self, case: &str) {
+        assert_eq!(
+            fingerprint(&self.target),
+            self.before,
+            "{case}: the target changed"
+        );
+    }
+}
+
 fn staps_with(conf_dir: &Path, conf: &str, args: &[&str]) -> Output {
     let path = conf_dir.join("staps.conf");
     fs::write(&path, conf).unwrap();
@@ -75,17 +106,15 @@ fn a_planted_pid_file_link_is_refused_and_its_target_untouched() {
     ) {
         return;
     }
-    let secret = tempfile::tempdir().unwrap();
-    let target = root_only_file(secret.path());
-    let before = fingerprint(&target);
-    let run = open_dir();
+    let scene = Scene::new();
+    let (target, run) = (&scene.target, &scene.run);
     let d = run.path().display();
     let symlink = run.path().join("sym.pid");
-    std::os::unix::fs::symlink(&target, &symlink).unwrap();
+    std::os::unix::fs::symlink(target, &symlink).unwrap();
     // Root made this one; protected_hardlinks keeps a user from it, but a
     // second link must not be written through all the same.
     let hardlink = run.path().join("hard.pid");
-    fs::hard_link(&target, &hardlink).unwrap();
+    fs::hard_link(target, &hardlink).unwrap();
     for (pid, why) in [(&symlink, "symlink"), (&hardlink, "hard link")] {
         let conf = format!(
             "[staps]\nsocket = {d}/s.sock\n[daemon]\nuser = nobody\ngroup = nogroup\n\
@@ -99,7 +128,7 @@ fn a_planted_pid_file_link_is_refused_and_its_target_untouched() {
             err.contains("pid file") && err.contains(why),
             "{why}: {err}"
         );
-        assert_eq!(fingerprint(&target), before, "{why}: the target changed");
+        scene.assert_untouched(why);
         assert!(!run.path().join("s.sock").exists(), "{why}: socket left");
     }
     // A pid file that is a plain file is taken over, written and handed to the user.
@@ -129,12 +158,10 @@ fn a_planted_pid_file_link_is_refused_and_its_target_untouched() {
 
 #[test]
 fn a_planted_log_file_link_is_refused() {
-    let secret = tempfile::tempdir().unwrap();
-    let target = root_only_file(secret.path());
-    let before = fingerprint(&target);
-    let run = open_dir();
+    let scene = Scene::new();
+    let run = &scene.run;
     let log = run.path().join("staps.log");
-    std::os::unix::fs::symlink(&target, &log).unwrap();
+    std::os::unix::fs::symlink(&scene.target, &log).unwrap();
     let conf = format!(
         "[staps]\nlisten = 127.0.0.1:0\n[daemon]\nlog_file = {}\n",
         log.display()
@@ -144,7 +171,7 @@ fn a_planted_log_file_link_is_refused() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(err.contains("log file") && err.contains("symlink"), "{err}");
-        assert_eq!(fingerprint(&target), before, "{args:?}: the target changed");
+        scene.assert_untouched(&format!("{args:?}"));
     }
 }
 
@@ -160,10 +187,8 @@ fn a_socket_swapped_for_a_symlink_while_binding_changes_nothing() {
     ) {
         return;
     }
-    let secret = tempfile::tempdir().unwrap();
-    let target = root_only_file(secret.path());
-    let before = fingerprint(&target);
-    let run = open_dir();
+    let scene = Scene::new();
+    let run = &scene.run;
     let sock = run.path().join("s.sock");
     let conf = format!(
         "[staps]\nsocket = {}\nmode = 0666\n[daemon]\nuser = nobody\ngroup = nogroup\n",
@@ -171,7 +196,7 @@ fn a_socket_swapped_for_a_symlink_while_binding_changes_nothing() {
     );
     let stop = Arc::new(AtomicBool::new(false));
     let racer = {
-        let (stop, sock, target) = (Arc::clone(&stop), sock.clone(), target.clone());
+        let (stop, sock, target) = (Arc::clone(&stop), sock.clone(), scene.target.clone());
         let link = run.path().join("link.tmp");
         std::thread::spawn(move || {
             let mut swaps = 0u64;
@@ -211,12 +236,12 @@ fn a_socket_swapped_for_a_symlink_while_binding_changes_nothing() {
         }
         unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
         let _ = child.wait();
-        assert_eq!(fingerprint(&target), before, "the target changed");
+        scene.assert_untouched("a start");
     }
     stop.store(true, Ordering::Relaxed);
     let swaps = racer.join().unwrap();
     assert!(swaps > 0, "the racer never saw a socket to swap");
-    assert_eq!(fingerprint(&target), before);
+    scene.assert_untouched("after the race");
 }
 
 #[test]
