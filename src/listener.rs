@@ -80,18 +80,25 @@ impl Stream {
         closing: impl Fn() -> bool,
     ) -> io::Result<()> {
         IoSlice::advance_slices(&mut bufs, 0);
-        let mut progress = Instant::now();
+        // Since when no byte went out; the clock is read only once a write
+        // times out, not on the way of every batch.
+        let mut stalled_since: Option<Instant> = None;
         let mut closed_at = None;
         while !bufs.is_empty() {
             match (&mut &*self).write_vectored(bufs) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     IoSlice::advance_slices(&mut bufs, n);
-                    progress = Instant::now();
+                    stalled_since = None;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_timeout(&e) => {
-                    if progress.elapsed() >= stall {
+                    // The write waited one timeout already.
+                    let since = *stalled_since.get_or_insert_with(|| {
+                        let now = Instant::now();
+                        now.checked_sub(CLOSE_TIMEOUT.min(stall)).unwrap_or(now)
+                    });
+                    if since.elapsed() >= stall {
                         return Err(e);
                     }
                 }
