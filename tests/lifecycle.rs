@@ -285,6 +285,15 @@ fn debug_logging_shows_fingerprints_and_paths() {
     let _a = connect(staps.addr(), &path);
     let line = staps.wait_log("joined channel");
     assert!(line.contains(&path), "{line}");
+    // A path with a newline, a journald priority and a terminal escape is
+    // logged escaped: no forged line, nothing for a terminal to run.
+    let _b = connect(staps.addr(), "/x%0a%3c0%3eforged%1b%5b2J");
+    let line = staps.wait_log("forged");
+    assert!(line.contains("/x\\n<0>forged\\u{1b}[2J"), "{line}");
+    assert!(
+        !staps.lines().iter().any(|l| l.starts_with("<0>")),
+        "a forged line"
+    );
 }
 
 #[test]
