@@ -22,13 +22,14 @@ use tungstenite::{Error as WsError, Message, WebSocket};
 use uuid::Uuid;
 
 use crate::budget::BUDGET;
-use crate::channels::{Channel, Close, Frame, JoinError, Kind, Launch, Options, Out, Peer, Wakes};
+use crate::channels::{Channel, Close, JoinError, Launch, Options, Out, Peer, Wakes};
+use crate::frame::{Frame, Kind};
 use crate::http::{self, HeadError, Route};
 use crate::incoming::Incoming;
-use crate::listener::{Stream, is_timeout};
 use crate::logging::{Throttle, escape, fingerprint};
 use crate::server::{self, CLOSE_TIMEOUT, Handshake, Server, Slot};
 use crate::stats;
+use crate::stream::{Stream, is_timeout};
 
 /// Stack of a writer thread: it only moves bytes from its queue to the socket.
 pub const WRITER_STACK: usize = 64 * 1024;
@@ -757,7 +758,7 @@ impl Batch {
             slices[n] = IoSlice::new(&self.bytes[from..]);
             n += 1;
         }
-        out.write_all_vectored(&mut slices[..n], stall, closing)?;
+        out.write_all_vectored(&mut slices[..n], stall, CLOSE_TIMEOUT, closing)?;
         self.bytes.clear();
         self.large.clear();
         self.size = 0;

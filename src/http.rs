@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::channels::Options;
 use crate::config::{Limits, Settings};
-use crate::listener::Stream;
+use crate::stream::Stream;
 
 /// Largest request head staps reads; a larger one is answered 431.
 pub const MAX_HEAD: usize = 8192;

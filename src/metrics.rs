@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use crate::budget::BUDGET;
 use crate::http::{self, Request, Response};
-use crate::listener::{Listener, Stream};
+use crate::listener::Listener;
 use crate::relay::State;
 use crate::server::Server;
+use crate::stream::Stream;
 
 /// How long a scraper has to send its request and read the answer.
 const TIMEOUT: Duration = Duration::from_secs(5);

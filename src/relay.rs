@@ -28,7 +28,8 @@ use amiquip::{
 use crossbeam_channel::{Receiver, Sender, TrySendError, select};
 use uuid::Uuid;
 
-use crate::channels::{Frame, Kind, Wakes};
+use crate::channels::Wakes;
+use crate::frame::{Frame, Kind};
 use crate::http::percent_decode;
 use crate::server::Server;
 use crate::stats;

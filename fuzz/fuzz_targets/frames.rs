@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
 use staps::budget::BUDGET;
-use staps::channels::Kind;
+use staps::frame::Kind;
 use staps::client::{self, Event};
 use staps::incoming::Incoming;
 
