@@ -1,6 +1,5 @@
-//! Running as a system daemon: users and groups, dropping privileges,
-//! detaching classic-style with a readiness pipe, the pid file, and systemd's
-//! notifications.
+//! Running as a system daemon: dropping privileges, detaching classic-style
+//! with a readiness pipe, and the pid file.
 //!
 //! `daemonize` 0.5 forks, detaches, sets the working directory and umask and
 //! redirects stdout and stderr; the rest is done here: supplementary groups
@@ -11,113 +10,24 @@
 //! which in a directory the service user owns hands any file to that user),
 //! and removed on a clean exit.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, BufRead, Write};
 use std::os::fd::FromRawFd;
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::Path;
 use std::sync::OnceLock;
 
 use crate::config::Settings;
-use crate::{files, logging};
-
-/// A user's ids, as `getpwnam(3)` gives them.
-#[derive(Debug, Clone, Copy)]
-pub struct User {
-    /// User id.
-    pub uid: libc::uid_t,
-    /// Primary group id.
-    pub gid: libc::gid_t,
-}
-
-/// Look a user up by name, or by number when the name is numeric.
-pub fn lookup_user(name: &str) -> Result<User, String> {
-    let cname = CString::new(name).map_err(|_| format!("'{name}' is not a user name"))?;
-    let mut buf = vec![0 as libc::c_char; 4096];
-    // SAFETY: passwd is plain old data; getpwnam_r writes into it and into buf,
-    // whose length we pass, and sets result to null or to &pwd.
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result = std::ptr::null_mut();
-    let rc = unsafe {
-        libc::getpwnam_r(
-            cname.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc == 0 && !result.is_null() {
-        return Ok(User {
-            uid: pwd.pw_uid,
-            gid: pwd.pw_gid,
-        });
-    }
-    if let Ok(uid) = name.parse::<libc::uid_t>() {
-        return Ok(User { uid, gid: uid });
-    }
-    Err(format!(
-        "no such user '{name}' (a user name from /etc/passwd or a number)"
-    ))
-}
-
-/// Look a group up by name, or by number when the name is numeric.
-pub fn lookup_group(name: &str) -> Result<libc::gid_t, String> {
-    let cname = CString::new(name).map_err(|_| format!("'{name}' is not a group name"))?;
-    let mut buf = vec![0 as libc::c_char; 4096];
-    // SAFETY: as in lookup_user, with getgrnam_r and struct group.
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut result = std::ptr::null_mut();
-    let rc = unsafe {
-        libc::getgrnam_r(
-            cname.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc == 0 && !result.is_null() {
-        return Ok(grp.gr_gid);
-    }
-    if let Ok(gid) = name.parse::<libc::gid_t>() {
-        return Ok(gid);
-    }
-    Err(format!(
-        "no such group '{name}' (a group name from /etc/group or a number)"
-    ))
-}
-
-/// Whether the process runs as root, and so can change owners and drop privileges.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// The ids to switch to after binding: from `user` and `group`; `None` when
-/// there is nothing to switch or the process is not root.
-fn target_ids(settings: &Settings) -> Result<Option<(libc::uid_t, libc::gid_t)>, String> {
-    let Some(name) = &settings.user else {
-        return Ok(None);
-    };
-    let user = lookup_user(name)?;
-    let gid = match &settings.group {
-        Some(group) => lookup_group(group)?,
-        None => user.gid,
-    };
-    Ok(Some((user.uid, gid)))
-}
+use crate::resolve::Host;
+use crate::{files, logging, sys};
 
 /// Switch to `user`/`group` for good: supplementary groups reset to the
 /// target group, then the group, then the user. As a user other than root,
 /// staps keeps running as it is, with a warning if `user` names someone else.
-pub fn drop_privileges(settings: &Settings) -> Result<(), String> {
-    let Some((uid, gid)) = target_ids(settings)? else {
+pub fn drop_privileges(settings: &Settings, host: &Host) -> Result<(), String> {
+    let Some((uid, gid)) = host.run_as else {
         return Ok(());
     };
-    if !is_root() {
+    if !sys::is_root() {
         // SAFETY: geteuid cannot fail.
         if unsafe { libc::geteuid() } != uid {
             log::warn!(
@@ -160,7 +70,7 @@ impl Readiness {
         if let Some(mut pipe) = self.0.take() {
             let _ = pipe.write_all(b"READY\n");
         }
-        notify("READY=1");
+        crate::systemd::notify("READY=1");
     }
 
     /// Startup failed after detaching: let the parent report it and exit `code`.
@@ -182,6 +92,7 @@ impl Readiness {
 /// with its code; only the child returns. No thread may exist before this.
 pub fn detach<T: 'static>(
     settings: &Settings,
+    host: &Host,
     bind: impl FnOnce() -> Result<T, String> + 'static,
 ) -> (T, Readiness) {
     let (read_end, write_end) = match pipe() {
@@ -206,11 +117,12 @@ pub fn detach<T: 'static>(
         .umask(settings.umask)
         .stdout(stdout)
         .stderr(stderr);
+    let run_as = host.run_as;
     let privileged = {
         let settings = settings.clone();
         move || -> Result<T, String> {
             if let Some(pid_file) = &settings.pid_file {
-                write_pid_file(pid_file, target_ids(&settings)?)?;
+                write_pid_file(pid_file, run_as)?;
             }
             bind()
         }
@@ -285,7 +197,7 @@ fn write_pid_file(path: &Path, owner: Option<(libc::uid_t, libc::gid_t)>) -> Res
     }
     file.set_len(0).map_err(context)?;
     writeln!(file, "{}", std::process::id()).map_err(context)?;
-    if let Some((uid, gid)) = owner.filter(|_| is_root()) {
+    if let Some((uid, gid)) = owner.filter(|_| sys::is_root()) {
         // The user it runs as removes it at exit.
         files::chown(&file, Some(uid), Some(gid)).map_err(context)?;
     }
@@ -303,25 +215,5 @@ pub fn remove_pid_file(settings: &Settings) {
         .unwrap_or(false);
     if ours {
         let _ = std::fs::remove_file(path);
-    }
-}
-
-/// Tell systemd about a state change (`READY=1`, `STOPPING=1`) when it asked
-/// for it with `NOTIFY_SOCKET` (`Type=notify`). A few lines instead of a crate.
-pub fn notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(socket) = UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let sent = match bytes.strip_prefix(b"@") {
-        Some(name) => SocketAddr::from_abstract_name(name)
-            .and_then(|a| socket.send_to_addr(state.as_bytes(), &a)),
-        None => socket.send_to(state.as_bytes(), &path),
-    };
-    if let Err(e) = sent {
-        log::warn!("cannot notify systemd ({state}): {e}");
     }
 }

@@ -15,10 +15,11 @@ use std::time::Duration;
 use socket2::{Domain, Socket, Type};
 
 use crate::config::{Endpoint, Settings, TcpSpec};
-use crate::daemon;
 use crate::logging::{Throttle, escape_path};
+use crate::resolve::Host;
 use crate::server::{Crowded, Server};
 use crate::stream::Stream;
+use crate::systemd;
 
 /// Pending connections the kernel keeps for us while every thread is busy;
 /// a burst of reconnecting clients should not see refusals.
@@ -91,36 +92,12 @@ impl Listener {
     }
 }
 
-/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
-const LISTEN_FDS_START: i32 = 3;
-
-/// Whether systemd passed listening sockets to this process (`LISTEN_PID`/`LISTEN_FDS`).
-pub fn socket_activated() -> bool {
-    let ours = std::env::var("LISTEN_PID").is_ok_and(|pid| pid == std::process::id().to_string());
-    ours && std::env::var("LISTEN_FDS").is_ok_and(|n| n.parse::<u32>().is_ok_and(|n| n > 0))
-}
-
-/// Take the listening sockets systemd passed; they replace the configured
-/// listeners. Must run before any thread exists (it clears the variables).
+/// Take the listening sockets systemd passed, as listeners; they replace
+/// the configured ones. Must run before any thread exists.
 pub fn take_activated() -> Result<Vec<Listener>, String> {
-    let count: i32 = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .ok_or("LISTEN_FDS is not a number")?;
-    // SAFETY: no other thread exists yet to read the environment concurrently.
-    unsafe {
-        for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
-            std::env::remove_var(var);
-        }
-    }
-    (LISTEN_FDS_START..LISTEN_FDS_START + count)
-        .map(|fd| {
-            // SAFETY: systemd hands these descriptors to us alone; from here we
-            // own them. FD_CLOEXEC keeps them from leaking into anything we exec.
-            let socket = unsafe {
-                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-                Socket::from_raw_fd(fd)
-            };
+    systemd::take_listen_fds()?
+        .into_iter()
+        .map(|(fd, socket)| {
             let addr = socket
                 .local_addr()
                 .map_err(|e| format!("passed descriptor {fd} is not a socket: {e}"))?;
@@ -143,10 +120,10 @@ pub fn take_activated() -> Result<Vec<Listener>, String> {
 }
 
 /// Bind every configured listener. Errors say which one and why.
-pub fn bind_all(settings: &Settings) -> Result<Vec<Listener>, String> {
+pub fn bind_all(settings: &Settings, host: &Host) -> Result<Vec<Listener>, String> {
     let mut listeners = Vec::new();
     for path in &settings.sockets {
-        match bind_unix(path, settings) {
+        match bind_unix(path, settings.mode, host.socket_owner) {
             Ok(l) => listeners.push(l),
             Err(e) => {
                 listeners.iter().for_each(Listener::remove_file);
@@ -167,13 +144,13 @@ pub fn bind_all(settings: &Settings) -> Result<Vec<Listener>, String> {
 }
 
 /// Bind the metrics listener, when one is configured.
-pub fn bind_metrics(settings: &Settings) -> Result<Option<Listener>, String> {
+pub fn bind_metrics(settings: &Settings, host: &Host) -> Result<Option<Listener>, String> {
     let Some(endpoint) = &settings.metrics else {
         return Ok(None);
     };
     let bound = match endpoint {
         Endpoint::Tcp(addr) => bind_tcp(&TcpSpec::Addr(*addr)),
-        Endpoint::Unix(path) => bind_unix(path, settings),
+        Endpoint::Unix(path) => bind_unix(path, settings.mode, host.socket_owner),
     };
     bound
         .map(Some)
@@ -188,7 +165,11 @@ pub fn bind_metrics(settings: &Settings) -> Result<Option<Listener>, String> {
 /// our own beside it (mode 0700: nobody else can enter it), its mode and
 /// owner are set there, and only then is it renamed into place; the file at
 /// `path` is checked to be the one we made.
-fn bind_unix(path: &Path, settings: &Settings) -> Result<Listener, String> {
+fn bind_unix(
+    path: &Path,
+    mode: u32,
+    owner: (Option<libc::uid_t>, Option<libc::gid_t>),
+) -> Result<Listener, String> {
     let mut stale = false;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -203,7 +184,6 @@ fn bind_unix(path: &Path, settings: &Settings) -> Result<Listener, String> {
             Err(e) => return Err(format!("cannot check the existing socket file: {e}")),
         }
     }
-    let owner = socket_owner(settings)?;
     let name = path
         .file_name()
         .ok_or("the socket path names no file")?
@@ -217,7 +197,7 @@ fn bind_unix(path: &Path, settings: &Settings) -> Result<Listener, String> {
         format!("cannot create a private directory beside it (is its directory writable?): {e}")
     })?;
     let made = private.bind(&name).and_then(|listener| {
-        private.chmod(&name, settings.mode)?;
+        private.chmod(&name, mode)?;
         if owner != (None, None) {
             private.chown_nofollow(&name, owner)?;
         }
@@ -243,26 +223,6 @@ fn bind_unix(path: &Path, settings: &Settings) -> Result<Listener, String> {
         }
         _ => Err("the socket file was replaced while staps set it up; refusing it".into()),
     }
-}
-
-/// Owner and group of the socket files: as root, `user` and `socket_group` (or
-/// `group`, or the user's group); as another user, only `socket_group`, a
-/// group it may belong to.
-fn socket_owner(settings: &Settings) -> Result<(Option<libc::uid_t>, Option<libc::gid_t>), String> {
-    let socket_group = settings.socket_group.as_deref().map(daemon::lookup_group);
-    if !daemon::is_root() {
-        return Ok((None, socket_group.transpose()?));
-    }
-    let user = settings
-        .user
-        .as_deref()
-        .map(daemon::lookup_user)
-        .transpose()?;
-    let group = socket_group
-        .or(settings.group.as_deref().map(daemon::lookup_group))
-        .transpose()?
-        .or(user.map(|u| u.gid));
-    Ok((user.map(|u| u.uid), group))
 }
 
 /// A directory held open, for changes relative to it that cannot be

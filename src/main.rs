@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use staps::{cli, config, daemon, listener, logging, metrics, relay, server, signals};
+use staps::{cli, config, daemon, listener, logging, metrics, relay, resolve, server, signals};
 
 /// Exit code for a command line that cannot be parsed (`EX_USAGE`).
 const EX_USAGE: u8 = 64;
@@ -20,14 +20,17 @@ type Bound = (
 /// The privileged step: take systemd's sockets or bind the configured ones,
 /// and the metrics listener, then drop privileges; on failure nothing is left
 /// behind.
-fn bind_and_drop_privileges(settings: &config::Settings) -> Result<Bound, String> {
-    let listeners = if listener::socket_activated() {
+fn bind_and_drop_privileges(
+    settings: &config::Settings,
+    host: &resolve::Host,
+) -> Result<Bound, String> {
+    let listeners = if host.socket_activated {
         listener::take_activated()?
     } else {
-        listener::bind_all(settings)?
+        listener::bind_all(settings, host)?
     };
-    let bound = listener::bind_metrics(settings).and_then(|metrics| {
-        if let Err(e) = daemon::drop_privileges(settings) {
+    let bound = listener::bind_metrics(settings, host).and_then(|metrics| {
+        if let Err(e) = daemon::drop_privileges(settings, host) {
             metrics.iter().for_each(listener::Listener::remove_file);
             return Err(e);
         }
@@ -65,6 +68,13 @@ fn main() -> ExitCode {
         }
     };
     let settings = loaded.settings;
+    let host = match resolve::resolve(&settings) {
+        Ok(host) => host,
+        Err(e) => {
+            eprintln!("staps: {e}");
+            return ExitCode::from(config::EX_CONFIG as u8);
+        }
+    };
     if cli.check_config {
         print!("{}", settings.render());
         for warning in &loaded.warnings {
@@ -100,10 +110,10 @@ fn main() -> ExitCode {
     };
     let bind = {
         let settings = settings.clone();
-        move || bind_and_drop_privileges(&settings)
+        move || bind_and_drop_privileges(&settings, &host)
     };
     let ((listeners, metrics), mut readiness) = if settings.daemon {
-        daemon::detach(&settings, bind)
+        daemon::detach(&settings, &host, bind)
     } else {
         match bind() {
             Ok(bound) => (bound, daemon::Readiness::foreground()),

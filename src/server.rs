@@ -270,7 +270,7 @@ impl Server {
     /// Stop accepting, close every client with 1001, give them [`CLOSE_TIMEOUT`]
     /// to answer, and remove the socket files.
     pub fn shutdown(&self, listeners: &[Arc<Listener>]) {
-        daemon::notify("STOPPING=1");
+        crate::systemd::notify("STOPPING=1");
         self.stopping.store(true, Ordering::Release);
         for listener in listeners {
             listener.stop();

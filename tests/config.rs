@@ -87,6 +87,12 @@ fn bad_values_stop_startup_with_78_naming_file_line_key_and_form() {
             "[daemon] user",
             "no such user",
         ),
+        // A number with no passwd entry has no group to switch to.
+        (
+            "[staps]\nport = 1\n[daemon]\nuser = 54321\n",
+            "[daemon] user",
+            "uid 54321 has no passwd entry",
+        ),
         (
             "[staps]\nport = 1\n[limits]\nping_interval = soon\n",
             ":4: [limits] ping_interval:",

@@ -1,0 +1,104 @@
+//! The one step that looks at the host: the configuration's users and
+//! groups become ids, and systemd's sockets are noticed, once at startup,
+//! after the configuration is parsed ([`crate::config`] looks at nothing).
+
+use crate::config::{ConfigError, Origin, Settings};
+use crate::{sys, systemd};
+
+/// What the configuration names on this host.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Host {
+    /// User and group to switch to after binding (when root).
+    pub run_as: Option<(libc::uid_t, libc::gid_t)>,
+    /// Owner and group of the socket files; `None` leaves one as it is.
+    pub socket_owner: (Option<libc::uid_t>, Option<libc::gid_t>),
+    /// systemd passed listening sockets, which replace the configured ones.
+    pub socket_activated: bool,
+}
+
+/// Look up what `settings` names; errors are configuration errors (exit 78).
+pub fn resolve(settings: &Settings) -> Result<Host, ConfigError> {
+    let err = |key: &str, message: String| ConfigError {
+        origin: settings
+            .files
+            .last()
+            .map_or(Origin::CommandLine, |f| Origin::File(f.clone(), 0)),
+        key: key.to_owned(),
+        message,
+    };
+    let socket_activated = systemd::socket_activated();
+    if settings.sockets.is_empty() && settings.tcp.is_empty() && !socket_activated {
+        return Err(err(
+            "listeners",
+            "no listener configured: set [staps] socket, port or listen, or give --socket, --port or --listen".into(),
+        ));
+    }
+    let group = |key: &str, name: &Option<String>| {
+        name.as_deref()
+            .map(sys::lookup_group)
+            .transpose()
+            .map_err(|m| err(key, m))
+    };
+    let gid = group("[daemon] group", &settings.group)?;
+    let socket_gid = group("[staps] socket_group", &settings.socket_group)?;
+    let user = settings
+        .user
+        .as_deref()
+        .map(sys::lookup_user)
+        .transpose()
+        .map_err(|m| err("[daemon] user", m))?;
+    let run_as = match user {
+        Some(user) => match gid.or(user.gid) {
+            Some(gid) => Some((user.uid, gid)),
+            None => {
+                return Err(err(
+                    "[daemon] user",
+                    format!(
+                        "uid {} has no passwd entry, so no group: set [daemon] group too",
+                        user.uid
+                    ),
+                ));
+            }
+        },
+        None => None,
+    };
+    let socket_owner = if sys::is_root() {
+        (
+            run_as.map(|(uid, _)| uid),
+            socket_gid.or(run_as.map(|(_, gid)| gid)),
+        )
+    } else {
+        // An unprivileged user may still hand the socket to a group it is in.
+        (None, socket_gid)
+    };
+    Ok(Host {
+        run_as,
+        socket_owner,
+        socket_activated,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(text: &str) -> Result<Host, ConfigError> {
+        resolve(&crate::config::from_text(std::path::Path::new("t.conf"), text)?.settings)
+    }
+
+    #[test]
+    fn users_and_groups_become_ids_once() {
+        let h = host("[staps]\nport = 1\n[daemon]\nuser = nobody\ngroup = nogroup\n").unwrap();
+        assert_eq!(h.run_as, Some((65534, 65534)));
+        // A number with a passwd entry takes its group from it.
+        let h = host("[staps]\nport = 1\n[daemon]\nuser = 65534\n").unwrap();
+        assert_eq!(h.run_as, Some((65534, 65534)));
+        // Without one, only with a group.
+        let e = host("[staps]\nport = 1\n[daemon]\nuser = 54321\n").unwrap_err();
+        assert!(e.to_string().contains("no passwd entry"), "{e}");
+        let h = host("[staps]\nport = 1\n[daemon]\nuser = 54321\ngroup = 54321\n").unwrap();
+        assert_eq!(h.run_as, Some((54321, 54321)));
+        let e = host("[staps]\nmode = 0660\n").unwrap_err();
+        assert!(e.to_string().starts_with("t.conf: listeners"), "{e}");
+    }
+}
