@@ -13,6 +13,7 @@ use std::time::Duration;
 use ini::{Ini, ParseOption};
 use log::LevelFilter;
 
+use crate::amqp_url::redact;
 use crate::cli::Cli;
 
 /// Exit code for a configuration error (`EX_CONFIG` of sysexits.h, as `nginx -t`).
@@ -559,8 +560,8 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
         message,
     };
     if let Some(url) = &s.amqp {
-        crate::relay::Broker::parse(url)
-            .map_err(|m| err("[staps] amqp", format!("'{}': {m}", redact_url(url))))?;
+        crate::amqp_url::BrokerUrl::parse(url)
+            .map_err(|m| err("[staps] amqp", format!("'{}': {m}", redact(url))))?;
         // The routing key is the path without its slash, an AMQP short string.
         if s.limits.max_path_length > 256 {
             return Err(err(
@@ -685,22 +686,6 @@ fn parse_public_url(value: &str) -> Result<String, String> {
     Ok(url)
 }
 
-/// An AMQP URL with its password replaced, for logs and `--check-config`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
-
 impl Settings {
     /// The effective settings as an INI file, for `--check-config`.
     pub fn render(&self) -> String {
@@ -743,7 +728,7 @@ impl Settings {
             opt(&self.socket_group),
             list(ports.collect()),
             list(addrs.collect()),
-            self.amqp.as_deref().map(redact_url).unwrap_or_default(),
+            self.amqp.as_deref().map(redact).unwrap_or_default(),
             self.exchange,
             opt(&self.public_url),
             self.log_level
@@ -910,14 +895,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact_url("amqp://u:secret@h:5672/v"),
-            "amqp://u:***@h:5672/v"
-        );
-        assert_eq!(redact_url("amqp://h/"), "amqp://h/");
     }
 }

@@ -8,6 +8,7 @@
 use std::fmt::Write as _;
 use std::time::Instant;
 
+use crate::amqp_url::percent_decode;
 use crate::channels::Options;
 use crate::config::{Limits, Settings};
 use crate::stream::Stream;
@@ -388,27 +389,6 @@ fn is_valid_key(key: &str) -> bool {
 /// bytes that are not UTF-8 once decoded are refused (`None`), as 0.1.x did.
 pub fn decode_path(target: &str) -> Option<String> {
     percent_decode(target.split('?').next().unwrap_or(""))
-}
-
-/// Decode `%XX` escapes, keeping invalid ones as they are (`+` stays `+`);
-/// `None` when the result is not UTF-8.
-pub fn percent_decode(text: &str) -> Option<String> {
-    let raw = text.as_bytes();
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if raw[i] == b'%' && i + 2 < raw.len() {
-            if let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(raw[i]);
-        i += 1;
-    }
-    String::from_utf8(out).ok()
 }
 
 /// `/` and a UUID4: 8-4-4-4-12 hex digits, version 4, variant 8, 9, a or b.

@@ -6,6 +6,7 @@
 //! [`client`]. The crate is a library too so that the fuzz targets (`fuzz/`)
 //! reach the parsers the daemon runs on what the network and files give it.
 
+pub mod amqp_url;
 pub mod budget;
 pub mod channels;
 pub mod cli;

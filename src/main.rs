@@ -137,11 +137,17 @@ fn main() -> ExitCode {
     server.check_system_limits();
     if let (Some(url), Some(ends)) = (amqp, relay_ends) {
         // Checked with the configuration; parsing again cannot fail.
-        let started = relay::Broker::parse(&url)
+        let started = staps::amqp_url::BrokerUrl::parse(&url)
+            .map(relay::Broker::new)
             .map_err(|e| e.to_string())
             .and_then(|broker| {
-                relay::spawn(broker, config::redact_url(&url), ends, Arc::clone(&server))
-                    .map_err(|e| format!("cannot start the relay thread: {e}"))
+                relay::spawn(
+                    broker,
+                    staps::amqp_url::redact(&url),
+                    ends,
+                    Arc::clone(&server),
+                )
+                .map_err(|e| format!("cannot start the relay thread: {e}"))
             });
         if let Err(e) = started {
             server.remove_files(&listeners);

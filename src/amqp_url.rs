@@ -1,0 +1,216 @@
+//! AMQP URLs: where the broker is and how to log in, read as amiquip reads
+//! them but without it (the broker thread alone speaks AMQP), and the
+//! percent-decoding they share with channel paths.
+
+use std::time::Duration;
+
+/// Heartbeat interval unless the URL sets one, in seconds.
+const DEFAULT_HEARTBEAT: u16 = 30;
+/// Connection timeout unless the URL sets one.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to log in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credentials {
+    /// No user in the URL: the broker's default (guest/guest).
+    Guest,
+    /// `user:pass@`.
+    Plain {
+        /// User name.
+        username: String,
+        /// Password.
+        password: String,
+    },
+    /// `?auth_mechanism=external` (a TLS client certificate).
+    External,
+}
+
+/// A broker URL, taken apart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// `amqps://`.
+    pub tls: bool,
+    /// Host name or address.
+    pub host: String,
+    /// Port (5672, or 5671 for amqps).
+    pub port: u16,
+    /// How to log in.
+    pub credentials: Credentials,
+    /// Virtual host; `None` for the default `/`.
+    pub vhost: Option<String>,
+    /// Heartbeat interval in seconds.
+    pub heartbeat: u16,
+    /// Most AMQP channels, when the URL says.
+    pub channel_max: Option<u16>,
+    /// How long connecting may take.
+    pub connect_timeout: Duration,
+}
+
+impl BrokerUrl {
+    /// Parse `amqp[s]://[user[:pass]@]host[:port][/vhost][?heartbeat=N&connection_timeout=MS&channel_max=N&auth_mechanism=external]`.
+    /// Without a user, guest/guest; without a vhost, `/`.
+    pub fn parse(text: &str) -> Result<BrokerUrl, String> {
+        let form = "expected amqp://user:pass@host:port/vhost";
+        let url = url::Url::parse(text).map_err(|e| format!("{e}; {form}"))?;
+        let tls = match url.scheme() {
+            "amqp" => false,
+            "amqps" if cfg!(feature = "tls") => true,
+            "amqps" => return Err("amqps:// needs staps built with the cargo feature 'tls'".into()),
+            _ => return Err(format!("not an AMQP URL; {form}")),
+        };
+        let decode =
+            |s: &str| percent_decode(s).ok_or_else(|| format!("'{s}' is not UTF-8 once decoded"));
+        let mut credentials = if url.username().is_empty() {
+            Credentials::Guest
+        } else {
+            Credentials::Plain {
+                username: decode(url.username())?,
+                password: decode(url.password().unwrap_or(""))?,
+            }
+        };
+        let vhost = url.path().strip_prefix('/').unwrap_or("");
+        if vhost.contains('/') {
+            return Err(format!("a vhost is one path segment ('/' as %2f); {form}"));
+        }
+        let vhost = (!vhost.is_empty()).then(|| decode(vhost)).transpose()?;
+        let mut heartbeat = DEFAULT_HEARTBEAT;
+        let mut channel_max = None;
+        let mut connect_timeout = DEFAULT_CONNECT_TIMEOUT;
+        for (key, value) in url.query_pairs() {
+            let number = || {
+                value
+                    .parse::<u64>()
+                    .map_err(|_| format!("query parameter {key}={value} is not a number"))
+            };
+            match key.as_ref() {
+                "heartbeat" => {
+                    heartbeat = number()?.try_into().map_err(|_| "heartbeat too large")?;
+                }
+                "channel_max" => {
+                    channel_max = Some(number()?.try_into().map_err(|_| "channel_max too large")?);
+                }
+                "connection_timeout" => connect_timeout = Duration::from_millis(number()?),
+                "auth_mechanism" if value == "external" => credentials = Credentials::External,
+                _ => {
+                    return Err(format!(
+                        "unsupported query parameter '{key}={value}' (heartbeat, connection_timeout, channel_max, auth_mechanism=external)"
+                    ));
+                }
+            }
+        }
+        let host = match url.host() {
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            Some(host) => host.to_string(),
+            None => "localhost".into(),
+        };
+        let port = url.port().unwrap_or(if tls { 5671 } else { 5672 });
+        Ok(BrokerUrl {
+            tls,
+            host,
+            port,
+            credentials,
+            vhost,
+            heartbeat,
+            channel_max,
+            connect_timeout,
+        })
+    }
+}
+
+/// An AMQP URL with its password replaced, for logs and `--check-config`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Decode `%XX` escapes, keeping invalid ones as they are (`+` stays `+`);
+/// `None` when the result is not UTF-8.
+pub fn percent_decode(text: &str) -> Option<String> {
+    let raw = text.as_bytes();
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if raw[i] == b'%' && i + 2 < raw.len() {
+            if let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(raw[i]);
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_read_as_amiquip_reads_them() {
+        let b = BrokerUrl::parse(
+            "amqp://staps:s%40cret@[::1]:5673/v%2fh?heartbeat=5&connection_timeout=2500",
+        )
+        .unwrap();
+        assert_eq!((b.host.as_str(), b.port, b.tls), ("::1", 5673, false));
+        assert_eq!(b.connect_timeout, Duration::from_millis(2500));
+        assert_eq!(b.heartbeat, 5);
+        assert_eq!(
+            b.credentials,
+            Credentials::Plain {
+                username: "staps".into(),
+                password: "s@cret".into()
+            }
+        );
+        assert_eq!(b.vhost.as_deref(), Some("v/h"));
+        let d = BrokerUrl::parse("amqp://h/").unwrap();
+        assert_eq!(
+            (d.port, d.heartbeat, d.vhost, d.credentials),
+            (5672, 30, None, Credentials::Guest)
+        );
+        assert!(BrokerUrl::parse("amqp://staps:@localhost/").is_ok());
+    }
+
+    #[test]
+    fn amqps_needs_the_tls_feature() {
+        let parsed = BrokerUrl::parse("amqps://u:p@broker.example/");
+        if cfg!(feature = "tls") {
+            let b = parsed.unwrap();
+            assert!(b.tls);
+            assert_eq!(b.port, 5671);
+        } else {
+            assert!(parsed.unwrap_err().contains("feature 'tls'"));
+        }
+    }
+
+    #[test]
+    fn bad_urls_say_why() {
+        assert!(BrokerUrl::parse("amqp://h:notaport/").is_err());
+        assert!(
+            BrokerUrl::parse("amqp://h/?frobnicate=1")
+                .unwrap_err()
+                .contains("frobnicate")
+        );
+        assert!(BrokerUrl::parse("amqp://h/a/b").is_err());
+        assert!(BrokerUrl::parse("http://h/").is_err());
+        assert!(BrokerUrl::parse("amqp://h/?heartbeat=x").is_err());
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("amqp://u:secret@h:5672/v"), "amqp://u:***@h:5672/v");
+        assert_eq!(redact("amqp://h/"), "amqp://h/");
+    }
+}
