@@ -20,7 +20,6 @@ use parking_lot::{Condvar, Mutex};
 use crate::budget::BUDGET;
 use crate::config::{Limits, SlowClient};
 use crate::frame::Frame;
-use crate::relay::Control;
 use crate::stats::{self, Stats};
 
 /// What a writer thread finds in its queue.
@@ -477,6 +476,16 @@ impl Channel {
             log::debug!("closed {kicked} slow consumer(s)");
         }
     }
+}
+
+/// What the registry tells the relay. Sent while the registry is locked, so
+/// the order of binds and unbinds is the order of the channels' lives.
+#[derive(Debug)]
+pub enum Control {
+    /// The first local client joined channel `path`.
+    Bind(Arc<str>),
+    /// The last local client left channel `path`.
+    Unbind(Arc<str>),
 }
 
 /// Why a client could not join.

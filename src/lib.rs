@@ -17,6 +17,7 @@ pub mod files;
 pub mod frame;
 pub mod http;
 pub mod incoming;
+pub mod link;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -126,7 +126,7 @@ fn main() -> ExitCode {
 
     let (relay, relay_ends) = match &settings.amqp {
         Some(_) => {
-            let (relay, ends) = relay::Relay::new(settings.limits.queue_length);
+            let (relay, ends) = staps::link::Link::new(settings.limits.queue_length);
             (Some(relay), Some(ends))
         }
         None => (None, None),

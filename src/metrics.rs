@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use crate::budget::BUDGET;
 use crate::http::{self, Request, Response};
+use crate::link::Link;
 use crate::listener::Listener;
-use crate::relay::State;
 use crate::server::Server;
 use crate::stream::Stream;
 
@@ -94,11 +94,7 @@ pub fn respond_to(request: &Request, server: &Server) -> Response {
 }
 
 fn relay_state(server: &Server) -> &'static str {
-    match server.relay.as_ref().map(|r| r.state()) {
-        None => "off",
-        Some(State::Down) => "down",
-        Some(State::Up) => "up",
-    }
+    Link::state_name(server.relay.as_ref())
 }
 
 /// The metrics, in the Prometheus text exposition format 0.0.4.

@@ -14,7 +14,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -25,12 +24,12 @@ use amiquip::{
     ConsumerMessage, ConsumerOptions, Delivery, ExchangeDeclareOptions, ExchangeType, FieldTable,
     Publish, QueueDeclareOptions,
 };
-use crossbeam_channel::{Receiver, Sender, TrySendError, select};
-use uuid::Uuid;
+use crossbeam_channel::{Receiver, select};
 
 use crate::amqp_url::{BrokerUrl, Credentials};
-use crate::channels::Wakes;
+use crate::channels::{Control, Wakes};
 use crate::frame::{Frame, Kind};
+use crate::link::{Ends, Link, Outbound, State};
 use crate::server::Server;
 use crate::stats;
 
@@ -47,106 +46,6 @@ const PREFETCH: u16 = 1000;
 
 /// Acknowledge at least every this many deliveries.
 const ACK_BATCH: usize = 100;
-
-/// A message a local client published, on its way to the broker.
-struct Outbound {
-    path: Arc<str>,
-    frame: Frame,
-    sender: Uuid,
-}
-
-/// What the registry tells the relay. Sent while the registry is locked, so
-/// the order of binds and unbinds is the order of the channels' lives.
-#[derive(Debug)]
-pub enum Control {
-    /// The first local client joined channel `path`.
-    Bind(Arc<str>),
-    /// The last local client left channel `path`.
-    Unbind(Arc<str>),
-}
-
-/// The relay's state, as the counters show it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum State {
-    /// Not connected: connecting or waiting to retry.
-    Down = 1,
-    /// Connected, bindings in place.
-    Up = 2,
-}
-
-/// The handle the rest of staps holds: where to send what goes to the broker.
-pub struct Relay {
-    outbound: Sender<Outbound>,
-    control: Sender<Control>,
-    state: AtomicU8,
-    /// This instance's id, sent as `app_id`.
-    pub instance: Uuid,
-}
-
-/// The relay thread's ends of the queues, until it starts.
-pub struct Ends {
-    outbound: Receiver<Outbound>,
-    control: Receiver<Control>,
-}
-
-impl Relay {
-    /// A relay handle and the ends its thread will read; `queue_length` bounds
-    /// the messages waiting for the broker, as it bounds each receiver's.
-    pub fn new(queue_length: usize) -> (Relay, Ends) {
-        let (outbound_tx, outbound_rx) = crossbeam_channel::bounded(queue_length);
-        let (control_tx, control_rx) = crossbeam_channel::unbounded();
-        let relay = Relay {
-            outbound: outbound_tx,
-            control: control_tx,
-            state: AtomicU8::new(State::Down as u8),
-            instance: Uuid::new_v4(),
-        };
-        (
-            relay,
-            Ends {
-                outbound: outbound_rx,
-                control: control_rx,
-            },
-        )
-    }
-
-    /// The queue for binds and unbinds, for the registry.
-    pub fn control(&self) -> Sender<Control> {
-        self.control.clone()
-    }
-
-    /// Hand a message from local client `sender` on `path` to the broker. Never
-    /// waits: when the relay is down or behind, the message is counted as dropped.
-    pub fn publish(&self, path: &Arc<str>, frame: &Frame, sender: Uuid, stats: &stats::Stats) {
-        if self.state() != State::Up {
-            stats::add(&stats.relay_dropped, 1);
-            return;
-        }
-        let message = Outbound {
-            path: Arc::clone(path),
-            frame: frame.clone(),
-            sender,
-        };
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-            self.outbound.try_send(message)
-        {
-            stats::add(&stats.relay_dropped, 1);
-        }
-    }
-
-    /// Whether the broker is connected.
-    pub fn state(&self) -> State {
-        match self.state.load(Ordering::Relaxed) {
-            2 => State::Up,
-            _ => State::Down,
-        }
-    }
-
-    fn set_state(&self, state: State) {
-        self.state.store(state as u8, Ordering::Relaxed);
-    }
-}
 
 /// Start the relay thread for `url`.
 pub fn spawn(
@@ -352,7 +251,7 @@ impl<'c> Session<'c> {
     fn start(
         connection: &mut Connection,
         server: &'c Server,
-        relay: &'c Relay,
+        relay: &'c Link,
         bound: &HashSet<Arc<str>>,
     ) -> amiquip::Result<Session<'c>> {
         let channel = connection.open_channel(None)?;

@@ -12,9 +12,9 @@ use crate::channels::{Close, Registry};
 use crate::client::WRITER_STACK;
 use crate::config::Settings;
 use crate::daemon;
+use crate::link::Link;
 use crate::listener::Listener;
 use crate::listener::READER_STACK;
-use crate::relay::{Relay, State};
 use crate::stats::{self, Stats};
 use crate::threads::Pool;
 
@@ -36,7 +36,7 @@ pub struct Server {
     /// The counters.
     pub stats: Stats,
     /// The link to other instances, when `amqp` is set.
-    pub relay: Option<Relay>,
+    pub relay: Option<Link>,
     /// Threads that read connections (handshake, then frames).
     pub readers: Arc<Pool>,
     /// Threads that write to connections.
@@ -133,10 +133,10 @@ fn host_of(ip: IpAddr) -> IpAddr {
 
 impl Server {
     /// A server for `settings`, with `relay` when instances are linked.
-    pub fn new(settings: Settings, relay: Option<Relay>) -> Server {
+    pub fn new(settings: Settings, relay: Option<Link>) -> Server {
         let max = settings.limits.max_connections;
         Server {
-            registry: Registry::new(relay.as_ref().map(Relay::control)),
+            registry: Registry::new(relay.as_ref().map(Link::control)),
             relay,
             // Readers are started by the accept thread, whose stack is not per connection.
             readers: Pool::new("staps-client", READER_STACK, IDLE_THREADS, false),
@@ -259,12 +259,8 @@ impl Server {
     /// One line of counters.
     pub fn stats_line(&self) -> String {
         let (clients, channels) = self.registry.counts();
-        let relay = match self.relay.as_ref().map(Relay::state) {
-            None => "off",
-            Some(State::Down) => "down",
-            Some(State::Up) => "up",
-        };
-        self.stats.line(clients, channels, relay)
+        self.stats
+            .line(clients, channels, Link::state_name(self.relay.as_ref()))
     }
 
     /// Stop accepting, close every client with 1001, give them [`CLOSE_TIMEOUT`]

@@ -1,0 +1,119 @@
+//! The link from local channels to the relay thread (`relay.rs`): the
+//! bounded queue of messages for the broker, and the relay's state. What the
+//! rest of staps holds, without the broker thread or its AMQP client.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use uuid::Uuid;
+
+use crate::channels::Control;
+use crate::frame::Frame;
+use crate::stats;
+
+/// A message a local client published, on its way to the broker.
+pub struct Outbound {
+    /// The channel.
+    pub path: Arc<str>,
+    /// The message.
+    pub frame: Frame,
+    /// The client that sent it (0.1.x's `correlation_id`).
+    pub sender: Uuid,
+}
+
+/// The relay's state, as the counters show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// Not connected: connecting or waiting to retry.
+    Down = 1,
+    /// Connected, bindings in place.
+    Up = 2,
+}
+
+/// The handle the rest of staps holds: where to send what goes to the broker.
+pub struct Link {
+    outbound: Sender<Outbound>,
+    control: Sender<Control>,
+    state: AtomicU8,
+    /// This instance's id, sent as `app_id`.
+    pub instance: Uuid,
+}
+
+/// The relay thread's ends of the queues, until it starts.
+pub struct Ends {
+    /// Messages for the broker.
+    pub outbound: Receiver<Outbound>,
+    /// Binds and unbinds from the registry.
+    pub control: Receiver<Control>,
+}
+
+impl Link {
+    /// A relay handle and the ends its thread will read; `queue_length` bounds
+    /// the messages waiting for the broker, as it bounds each receiver's.
+    pub fn new(queue_length: usize) -> (Link, Ends) {
+        let (outbound_tx, outbound_rx) = crossbeam_channel::bounded(queue_length);
+        let (control_tx, control_rx) = crossbeam_channel::unbounded();
+        let relay = Link {
+            outbound: outbound_tx,
+            control: control_tx,
+            state: AtomicU8::new(State::Down as u8),
+            instance: Uuid::new_v4(),
+        };
+        (
+            relay,
+            Ends {
+                outbound: outbound_rx,
+                control: control_rx,
+            },
+        )
+    }
+
+    /// The queue for binds and unbinds, for the registry.
+    pub fn control(&self) -> Sender<Control> {
+        self.control.clone()
+    }
+
+    /// Hand a message from local client `sender` on `path` to the broker. Never
+    /// waits: when the relay is down or behind, the message is counted as dropped.
+    pub fn publish(&self, path: &Arc<str>, frame: &Frame, sender: Uuid, stats: &stats::Stats) {
+        if self.state() != State::Up {
+            stats::add(&stats.relay_dropped, 1);
+            return;
+        }
+        let message = Outbound {
+            path: Arc::clone(path),
+            frame: frame.clone(),
+            sender,
+        };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.outbound.try_send(message)
+        {
+            stats::add(&stats.relay_dropped, 1);
+        }
+    }
+
+    /// The state's name for counters and `/healthz`: `down` or `up`
+    /// (`off` is the name when there is no link).
+    pub fn state_name(link: Option<&Link>) -> &'static str {
+        match link.map(Link::state) {
+            None => "off",
+            Some(State::Down) => "down",
+            Some(State::Up) => "up",
+        }
+    }
+
+    /// Whether the broker is connected.
+    pub fn state(&self) -> State {
+        match self.state.load(Ordering::Relaxed) {
+            2 => State::Up,
+            _ => State::Down,
+        }
+    }
+
+    /// For the relay thread: the broker is connected or not.
+    pub fn set_state(&self, state: State) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+}
