@@ -20,6 +20,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::budget::BUDGET;
 use crate::config::{Limits, SlowClient};
 use crate::frame::Frame;
+use crate::http::Options;
 use crate::stats::{self, Stats};
 
 /// What a writer thread finds in its queue.
@@ -375,19 +376,6 @@ impl Peer {
 /// A receiver with this many bytes queued is treated as a slow consumer
 /// while the memory budget is used up.
 pub const PRESSURE_BACKLOG: usize = 64 * 1024;
-
-/// What a client asks of its channel in the handshake's query string
-/// (SPEC §10). Options never change which channel it joins.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Options {
-    /// `echo=1`: the client also receives its own messages.
-    pub echo: bool,
-    /// `replay=N`: on joining, first the channel's last N messages (at most
-    /// `replay_length`).
-    pub replay: usize,
-    /// `max=N`: a channel this client creates takes at most N members.
-    pub max: Option<usize>,
-}
 
 /// The members of one channel path.
 #[derive(Debug)]

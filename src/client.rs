@@ -22,9 +22,9 @@ use tungstenite::{Error as WsError, Message, WebSocket};
 use uuid::Uuid;
 
 use crate::budget::BUDGET;
-use crate::channels::{Channel, Close, JoinError, Launch, Options, Out, Peer, Wakes};
+use crate::channels::{Channel, Close, JoinError, Launch, Out, Peer, Wakes};
 use crate::frame::{Frame, Kind};
-use crate::http::{self, HeadError, Route};
+use crate::http::{self, HeadError, Options, Route, respond};
 use crate::incoming::Incoming;
 use crate::logging::{Throttle, escape, fingerprint};
 use crate::server::{self, CLOSE_TIMEOUT, Handshake, Server, Slot};
@@ -110,15 +110,6 @@ fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, WriterStar
             options,
         } => join(stream, server, path, accept, options, rest),
     }
-}
-
-/// Send `response` and close. Failures mean the client is gone: nothing to do.
-pub fn respond(stream: &Stream, response: &http::Response) {
-    let _ = stream.send_all(&response.to_bytes());
-    let _ = stream.shutdown(Shutdown::Write);
-    // Read what the client still sends until it closes, so that closing does not
-    // reset the connection and destroy the response before the client reads it.
-    stream.drain(Instant::now() + Duration::from_secs(1));
 }
 
 /// A client that has joined its channel, before its writer starts. However

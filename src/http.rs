@@ -6,10 +6,10 @@
 //! goes on to tungstenite, with whatever bytes followed the head.
 
 use std::fmt::Write as _;
-use std::time::Instant;
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
 
 use crate::amqp_url::percent_decode;
-use crate::channels::Options;
 use crate::config::{Limits, Settings};
 use crate::stream::Stream;
 
@@ -205,6 +205,15 @@ fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
+/// Send `response` and close. Failures mean the client is gone: nothing to do.
+pub fn respond(stream: &Stream, response: &Response) {
+    let _ = stream.send_all(&response.to_bytes());
+    let _ = stream.shutdown(Shutdown::Write);
+    // Read what the client still sends until it closes, so that closing does not
+    // reset the connection and destroy the response before the client reads it.
+    stream.drain(Instant::now() + Duration::from_secs(1));
+}
+
 /// The `101 Switching Protocols` answer to a valid upgrade.
 pub fn switching_protocols(accept: &str) -> Vec<u8> {
     format!(
@@ -212,6 +221,19 @@ pub fn switching_protocols(accept: &str) -> Vec<u8> {
          Sec-WebSocket-Accept: {accept}\r\n\r\n"
     )
     .into_bytes()
+}
+
+/// What a client asks of its channel in the handshake's query string
+/// (SPEC §10). Options never change which channel it joins.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// `echo=1`: the client also receives its own messages.
+    pub echo: bool,
+    /// `replay=N`: on joining, first the channel's last N messages (at most
+    /// `replay_length`).
+    pub replay: usize,
+    /// `max=N`: a channel this client creates takes at most N members.
+    pub max: Option<usize>,
 }
 
 /// What a request head gets.

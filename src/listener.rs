@@ -423,7 +423,7 @@ pub fn spawn_accept_loop(listener: Arc<Listener>, server: Arc<Server>) -> io::Re
 fn refuse_out_of_fds(stream: Stream, server: &Arc<Server>) {
     server.refuse();
     let refused = server.readers.run(move || {
-        crate::client::respond(
+        crate::http::respond(
             &stream,
             &crate::http::Response::error(503, "server is out of file descriptors")
                 .with("Retry-After", "5"),

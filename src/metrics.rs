@@ -49,7 +49,7 @@ fn answer(stream: &Stream, server: &Server) {
     let _ = stream.set_write_timeout(Some(TIMEOUT));
     let deadline = Instant::now() + TIMEOUT;
     if let Ok((request, _)) = http::read_head(stream, deadline, deadline) {
-        crate::client::respond(stream, &respond_to(&request, server));
+        http::respond(stream, &respond_to(&request, server));
     }
 }
 
