@@ -31,9 +31,6 @@ use crate::server::{self, CLOSE_TIMEOUT, Handshake, Server, Slot};
 use crate::stats;
 use crate::stream::{Stream, is_timeout};
 
-/// Stack of a writer thread: it only moves bytes from its queue to the socket.
-pub const WRITER_STACK: usize = 64 * 1024;
-
 /// A new connection sends its first byte within this (or handshake_timeout,
 /// if shorter): a client sends its request right after connecting, and a
 /// socket that stays silent only holds a place among the handshakes.

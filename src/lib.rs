@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod relay;
 pub mod resolve;
 pub mod server;
+pub mod shutdown;
 pub mod signals;
 pub mod stats;
 pub mod stream;

@@ -25,10 +25,6 @@ use crate::systemd;
 /// a burst of reconnecting clients should not see refusals.
 const BACKLOG: i32 = 1024;
 
-/// Stack of the thread that reads a connection (handshake, frames, fan-out).
-/// Its deepest path is the handshake plus logging; the rest is on the heap.
-pub const READER_STACK: usize = 128 * 1024;
-
 /// A bound listening socket.
 #[derive(Debug)]
 pub enum Listener {

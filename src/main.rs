@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use staps::{cli, config, daemon, listener, logging, metrics, relay, resolve, server, signals};
+use staps::{
+    cli, config, daemon, listener, logging, metrics, relay, resolve, server, shutdown, signals,
+};
 
 /// Exit code for a command line that cannot be parsed (`EX_USAGE`).
 const EX_USAGE: u8 = 64;
@@ -133,6 +135,7 @@ fn main() -> ExitCode {
     };
     staps::budget::BUDGET.set_limit(settings.limits.memory_budget);
     let amqp = settings.amqp.clone();
+    let files = shutdown::Files::new(listeners, metrics, &settings);
     let server = Arc::new(server::Server::new(settings, relay));
     server.check_system_limits();
     if let (Some(url), Some(ends)) = (amqp, relay_ends) {
@@ -150,26 +153,25 @@ fn main() -> ExitCode {
                 .map_err(|e| format!("cannot start the relay thread: {e}"))
             });
         if let Err(e) = started {
-            server.remove_files(&listeners);
+            files.remove();
             readiness.fail(1, &e);
         }
     }
-    if let Some(m) = metrics {
-        let _ = server.metrics.set(Arc::clone(&m));
-        if let Err(e) = metrics::spawn(Arc::clone(&m), Arc::clone(&server)) {
-            server.remove_files(&listeners);
+    if let Some(m) = &files.metrics {
+        if let Err(e) = metrics::spawn(Arc::clone(m), Arc::clone(&server)) {
+            files.remove();
             readiness.fail(1, &format!("cannot start the metrics thread: {e}"));
         }
         log::info!("metrics on {m}");
     }
-    for l in &listeners {
+    for l in &files.listeners {
         if let Err(e) = listener::spawn_accept_loop(Arc::clone(l), Arc::clone(&server)) {
-            server.remove_files(&listeners);
+            files.remove();
             readiness.fail(1, &format!("cannot start the accept thread for {l}: {e}"));
         }
         log::info!("listening on {l}");
     }
     log::info!("staps {} ready", env!("CARGO_PKG_VERSION"));
     readiness.ready();
-    signals::run(signals, server, listeners)
+    signals::run(signals, server, files)
 }

@@ -1,22 +1,27 @@
-//! The state one running instance shares among its threads, and its shutdown.
+//! The state one running instance shares among its threads: settings,
+//! channels, counters, thread pools, the link to the relay, and the counts
+//! of sockets that bound new connections.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::channels::{Close, Registry};
-use crate::client::WRITER_STACK;
+use crate::channels::Registry;
 use crate::config::Settings;
-use crate::daemon;
 use crate::link::Link;
-use crate::listener::Listener;
-use crate::listener::READER_STACK;
 use crate::stats::{self, Stats};
 use crate::threads::Pool;
+
+/// Stack of the thread that reads a connection (handshake, frames, fan-out).
+/// Its deepest path is the handshake plus logging; the rest is on the heap.
+pub const READER_STACK: usize = 128 * 1024;
+
+/// Stack of a writer thread: it only moves bytes from its queue to the socket.
+pub const WRITER_STACK: usize = 64 * 1024;
 
 /// How long clients get to answer the close frame when the server stops, and
 /// how long one connection lingers after its close frame before it is cut.
@@ -41,8 +46,6 @@ pub struct Server {
     pub readers: Arc<Pool>,
     /// Threads that write to connections.
     pub writers: Arc<Pool>,
-    /// The metrics listener, whose socket file goes with the others at exit.
-    pub metrics: OnceLock<Arc<Listener>>,
     next_id: AtomicU64,
     sockets: AtomicUsize,
     max_sockets: usize,
@@ -141,7 +144,6 @@ impl Server {
             // Readers are started by the accept thread, whose stack is not per connection.
             readers: Pool::new("staps-client", READER_STACK, IDLE_THREADS, false),
             writers: Pool::new("staps-writer", WRITER_STACK, IDLE_THREADS, true),
-            metrics: OnceLock::new(),
             // Sockets still in their handshake need room beyond the websocket
             // clients, or a full server could not even answer 503.
             max_sockets: if max == 0 {
@@ -263,30 +265,8 @@ impl Server {
             .line(clients, channels, Link::state_name(self.relay.as_ref()))
     }
 
-    /// Stop accepting, close every client with 1001, give them [`CLOSE_TIMEOUT`]
-    /// to answer, and remove the socket files.
-    pub fn shutdown(&self, listeners: &[Arc<Listener>]) {
-        crate::systemd::notify("STOPPING=1");
+    /// From now on the accept loops stop and new clients are refused.
+    pub fn begin_stopping(&self) {
         self.stopping.store(true, Ordering::Release);
-        for listener in listeners {
-            listener.stop();
-        }
-        self.registry.close_all(Close::with(1001, "going away"));
-        let all_closed = self.registry.wait_empty(Instant::now() + CLOSE_TIMEOUT);
-        if !all_closed {
-            log::info!(
-                "{} client(s) did not finish the close handshake in time",
-                self.registry.counts().0
-            );
-        }
-        self.remove_files(listeners);
-    }
-
-    /// Remove the socket files and the pid file, where they are still ours.
-    pub fn remove_files(&self, listeners: &[Arc<Listener>]) {
-        for listener in listeners.iter().chain(self.metrics.get()) {
-            listener.remove_file();
-        }
-        daemon::remove_pid_file(&self.settings);
     }
 }

@@ -12,9 +12,9 @@ use std::thread;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
-use crate::listener::Listener;
 use crate::logging;
 use crate::server::Server;
+use crate::shutdown::{self, Files};
 
 /// Take over the signals; done before binding, so that a signal during startup
 /// cannot leave socket files behind.
@@ -23,18 +23,18 @@ pub fn install() -> io::Result<Signals> {
 }
 
 /// Handle signals until the process exits.
-pub fn run(mut signals: Signals, server: Arc<Server>, listeners: Vec<Arc<Listener>>) -> ! {
-    let listeners = Arc::new(listeners);
+pub fn run(mut signals: Signals, server: Arc<Server>, files: Files) -> ! {
+    let files = Arc::new(files);
     let mut stopping = false;
     for signal in signals.forever() {
         match signal {
             SIGTERM | SIGINT if !stopping => {
                 stopping = true;
                 log::info!("shutting down on {}", name(signal));
-                let (server, listeners) = (Arc::clone(&server), Arc::clone(&listeners));
+                let (server, files) = (Arc::clone(&server), Arc::clone(&files));
                 // Shut down beside this loop, which must stay free for a second signal.
                 let stop = move || {
-                    server.shutdown(&listeners);
+                    shutdown::shutdown(&server, &files);
                     log::info!("stopped: {}", server.stats_line());
                     process::exit(0);
                 };
@@ -48,7 +48,7 @@ pub fn run(mut signals: Signals, server: Arc<Server>, listeners: Vec<Arc<Listene
             }
             SIGTERM | SIGINT => {
                 log::warn!("second {}: exiting at once", name(signal));
-                server.remove_files(&listeners);
+                files.remove();
                 process::exit(1);
             }
             SIGHUP => match &server.settings.log_file {
@@ -67,7 +67,7 @@ pub fn run(mut signals: Signals, server: Arc<Server>, listeners: Vec<Arc<Listene
     // forever() ends only if the signal pipe breaks; without signals we cannot
     // stop cleanly, so stop now rather than run unstoppable.
     log::error!("signal handling failed; stopping");
-    server.shutdown(&listeners);
+    shutdown::shutdown(&server, &files);
     process::exit(1);
 }
 
