@@ -21,7 +21,7 @@ pub struct Cli {
     #[arg(long, value_name = "PORT", num_args = 1.., action = ArgAction::Append)]
     pub port: Vec<String>,
 
-    /// Listen on these TCP addresses only, e.g. 127.0.0.1:8080 or [::1]:8080.
+    /// Listen on these TCP addresses only, e.g. 127.0.0.1:8080 or `[::1]:8080`.
     #[arg(long, value_name = "ADDR:PORT", num_args = 1.., action = ArgAction::Append)]
     pub listen: Vec<String>,
 

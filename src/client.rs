@@ -1,10 +1,10 @@
 //! One connection: the handshake, then a reader thread and a writer thread.
 //!
-//! The way of a message: the sender's **reader** ([`read_loop`]) gets it whole
+//! The way of a message: the sender's **reader** (`read_loop`) gets it whole
 //! from tungstenite, encodes it once into a [`Frame`] and hands it to
 //! [`Channel::publish`], which queues it for every other member; writers that
 //! sleep are woken once the reader has published what its last socket read
-//! brought ([`ReadHalf`]). Each member's **writer** ([`write_loop`]) drains
+//! brought (`ReadHalf`). Each member's **writer** (`write_loop`) drains
 //! its queue and writes the batch with one vectored write. The writer owns
 //! every websocket frame written to the socket: pongs and close frames that
 //! the reader decides on go through the same queue, so frames can never

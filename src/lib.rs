@@ -2,9 +2,48 @@
 //!
 //! Websocket clients that connect to the same URL path form a channel; each
 //! message one of them sends goes to all the others. The daemon (`main.rs`)
-//! wires these modules together; a message's way through them is told in
-//! [`client`]. The crate is a library too so that the fuzz targets (`fuzz/`)
-//! reach the parsers the daemon runs on what the network and files give it.
+//! wires these modules together. The crate is a library too so that the fuzz
+//! targets (`fuzz/`) reach the parsers the daemon runs on what the network and
+//! files give it.
+//!
+//! # Layers
+//!
+//! A module uses only modules of the layers below it (`tests/layers.rs`
+//! checks it), so they read bottom to top:
+//!
+//! ```text
+//!  8  main         wiring only
+//!  7  listener     accept loops, a thread per connection
+//!     relay        the broker thread (amiquip stays in here)
+//!     daemon       detaching, privileges, the pid file
+//!     metrics      /metrics and /healthz
+//!     shutdown     stopping, and the files on disk removed in one place
+//!     signals      SIGTERM, SIGHUP, SIGUSR1
+//!  6  client       a connection's reader and writer threads
+//!  5  server       the state every thread shares: settings, registry,
+//!                  counters, thread pools, the link to the relay
+//!  4  channels     the registry, the fan-out, a member's queue
+//!     link         the relay's queue and state, as the rest holds them
+//!  3  frame        a server frame, encoded once and shared
+//!     incoming     a client's partial message, frame header by header
+//!     http         request heads, answers, routes, channel options
+//!  2  config       INI files and the command line, parsed and checked
+//!     resolve      users, groups and systemd's sockets, looked up once
+//!  1  files stream sys systemd amqp_url cli threads logging budget stats
+//! ```
+//!
+//! # A message's way
+//!
+//! [`listener`] accepts a connection and gives it a reader thread, which
+//! reads the request head ([`http`]) and joins the channel in the
+//! registry ([`channels`]). The reader ([`client`]) gets each message whole
+//! from tungstenite, following its frames for the memory budget
+//! ([`incoming`], [`budget`]), encodes it once into a [`frame::Frame`], and
+//! publishes it: a reference goes onto every other member's queue, and
+//! onto the [`link`] to the [`relay`] thread, which publishes it to the
+//! broker. Each receiver's writer thread drains its queue and writes the
+//! batch with one vectored write. Messages from the broker take the same
+//! way from the relay thread onwards.
 
 pub mod amqp_url;
 pub mod budget;
