@@ -173,7 +173,7 @@ impl Incoming {
         self.refused
     }
 
-    /// Whether a message larger than [`FREE`] is in progress.
+    /// Whether a message larger than `FREE` is in progress.
     pub fn in_large_message(&self) -> bool {
         self.progress.is_some()
     }

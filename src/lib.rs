@@ -12,7 +12,7 @@
 //! checks it), so they read bottom to top:
 //!
 //! ```text
-//!  8  main         wiring only
+//!  8  run          wiring only (`main.rs` calls it)
 //!  7  listener     accept loops, a thread per connection
 //!     relay        the broker thread (amiquip stays in here)
 //!     daemon       detaching, privileges, the pid file
@@ -34,39 +34,54 @@
 //!
 //! # A message's way
 //!
-//! [`listener`] accepts a connection and gives it a reader thread, which
-//! reads the request head ([`http`]) and joins the channel in the
-//! registry ([`channels`]). The reader ([`client`]) gets each message whole
+//! `listener` accepts a connection and gives it a reader thread, which
+//! reads the request head (`http`) and joins the channel in the
+//! registry (`channels`). The reader (`client`) gets each message whole
 //! from tungstenite, following its frames for the memory budget
-//! ([`incoming`], [`budget`]), encodes it once into a [`frame::Frame`], and
+//! (`incoming`, `budget`), encodes it once into a `frame::Frame`, and
 //! publishes it: a reference goes onto every other member's queue, and
-//! onto the [`link`] to the [`relay`] thread, which publishes it to the
+//! onto the `link` to the `relay` thread, which publishes it to the
 //! broker. Each receiver's writer thread drains its queue and writes the
 //! batch with one vectored write. Messages from the broker take the same
 //! way from the relay thread onwards.
 
-pub mod amqp_url;
-pub mod budget;
-pub mod channels;
-pub mod cli;
-pub mod client;
-pub mod config;
-pub mod daemon;
-pub mod files;
-pub mod frame;
-pub mod http;
-pub mod incoming;
-pub mod link;
-pub mod listener;
-pub mod logging;
-pub mod metrics;
-pub mod relay;
-pub mod resolve;
-pub mod server;
-pub mod shutdown;
-pub mod signals;
-pub mod stats;
-pub mod stream;
-pub mod sys;
-pub mod systemd;
-pub mod threads;
+mod amqp_url;
+mod budget;
+mod channels;
+mod cli;
+mod client;
+mod config;
+mod daemon;
+mod files;
+mod frame;
+mod http;
+mod incoming;
+mod link;
+mod listener;
+mod logging;
+mod metrics;
+mod relay;
+mod resolve;
+mod run;
+mod server;
+mod shutdown;
+mod signals;
+mod stats;
+mod stream;
+mod sys;
+mod systemd;
+mod threads;
+
+pub use run::run;
+
+/// What the fuzz targets (`fuzz/`) reach: the parsers staps runs on what the
+/// network and files give it. Not an interface.
+#[doc(hidden)]
+pub mod fuzz {
+    pub use crate::budget::BUDGET;
+    pub use crate::client::{Event, next_event, websocket};
+    pub use crate::config::{Settings, from_text};
+    pub use crate::frame::Kind;
+    pub use crate::http::{Route, decode_path, is_uuid4_path, parse_head, route};
+    pub use crate::incoming::Incoming;
+}

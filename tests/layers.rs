@@ -40,6 +40,8 @@ const RANKS: &[(&str, u8)] = &[
     ("metrics", 13),
     ("shutdown", 13),
     ("signals", 14),
+    // 8. wiring
+    ("run", 15),
 ];
 
 fn rank(module: &str) -> Option<u8> {

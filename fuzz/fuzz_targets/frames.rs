@@ -10,10 +10,7 @@ use std::io::{self, Read, Write};
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use staps::budget::BUDGET;
-use staps::frame::Kind;
-use staps::client::{self, Event};
-use staps::incoming::Incoming;
+use staps::fuzz::{self as client, BUDGET, Event, Incoming, Kind};
 
 /// The client's bytes, handed out in chunks of the size the input's first
 /// byte says, so that frames split across reads are explored too.

@@ -4,8 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use staps::config::Settings;
-use staps::http::{self, Route};
+use staps::fuzz::{self as http, Route, Settings};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(Some((request, len))) = http::parse_head(data) else {

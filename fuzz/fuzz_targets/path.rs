@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use staps::http;
+use staps::fuzz as http;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(target) = std::str::from_utf8(data) else {

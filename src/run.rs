@@ -1,0 +1,180 @@
+//! The wiring of the staps daemon: the modules of the library together, from
+//! the command line to the signal loop (layer 8 in `lib.rs`). No other module
+//! exits the process on its own account, but for the daemon's parent and a
+//! second signal.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::{
+    cli, config, daemon, listener, logging, metrics, relay, resolve, server, shutdown, signals,
+};
+use clap::Parser;
+
+/// Exit code for a command line that cannot be parsed (`EX_USAGE`).
+const EX_USAGE: u8 = 64;
+
+/// The public listeners and the metrics listener, if any.
+type Bound = (
+    Vec<Arc<listener::Listener>>,
+    Option<Arc<listener::Listener>>,
+);
+
+/// The privileged step: take systemd's sockets or bind the configured ones,
+/// and the metrics listener, then drop privileges; on failure nothing is left
+/// behind.
+fn bind_and_drop_privileges(
+    settings: &config::Settings,
+    host: &resolve::Host,
+) -> Result<Bound, String> {
+    let listeners = if host.socket_activated {
+        listener::take_activated()?
+    } else {
+        listener::bind_all(settings, host)?
+    };
+    let bound = listener::bind_metrics(settings, host).and_then(|metrics| {
+        if let Err(e) = daemon::drop_privileges(settings, host) {
+            metrics.iter().for_each(listener::Listener::remove_file);
+            return Err(e);
+        }
+        Ok(metrics)
+    });
+    match bound {
+        Ok(metrics) => Ok((
+            listeners.into_iter().map(Arc::new).collect(),
+            metrics.map(Arc::new),
+        )),
+        Err(e) => {
+            listeners.iter().for_each(listener::Listener::remove_file);
+            Err(e)
+        }
+    }
+}
+
+/// Run staps: parse the command line and the configuration, bind, detach
+/// or not, serve until a signal stops it.
+pub fn run() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let loaded = match config::load(&cli) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("staps: {e}");
+            return ExitCode::from(config::EX_CONFIG as u8);
+        }
+    };
+    let settings = loaded.settings;
+    let host = match resolve::resolve(&settings) {
+        Ok(host) => host,
+        Err(e) => {
+            eprintln!("staps: {e}");
+            return ExitCode::from(config::EX_CONFIG as u8);
+        }
+    };
+    if cli.check_config {
+        print!("{}", settings.render());
+        for warning in &loaded.warnings {
+            eprintln!("staps: error: {warning}");
+        }
+        return if loaded.warnings.is_empty() {
+            eprintln!("staps: configuration is valid");
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(config::EX_CONFIG as u8)
+        };
+    }
+
+    // A daemon's output is redirected when it detaches; until then its errors
+    // belong on the terminal.
+    if let Some(path) = settings.log_file.as_ref().filter(|_| !settings.daemon) {
+        if let Err(e) = logging::redirect_to(path) {
+            eprintln!("staps: cannot open log file {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    logging::init(cli.verbose as i8 - cli.quiet as i8, settings.log_level);
+    for warning in &loaded.warnings {
+        log::warn!("{warning}");
+    }
+
+    let signals = match signals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            log::error!("cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let bind = {
+        let settings = settings.clone();
+        move || bind_and_drop_privileges(&settings, &host)
+    };
+    let ((listeners, metrics), mut readiness) = if settings.daemon {
+        daemon::detach(&settings, &host, bind)
+    } else {
+        match bind() {
+            Ok(bound) => (bound, daemon::Readiness::foreground()),
+            Err(e) => {
+                log::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+
+    let (relay, relay_ends) = match &settings.amqp {
+        Some(_) => {
+            let (relay, ends) = crate::link::Link::new(settings.limits.queue_length);
+            (Some(relay), Some(ends))
+        }
+        None => (None, None),
+    };
+    crate::budget::BUDGET.set_limit(settings.limits.memory_budget);
+    let amqp = settings.amqp.clone();
+    let files = shutdown::Files::new(listeners, metrics, &settings);
+    let server = Arc::new(server::Server::new(settings, relay));
+    server.check_system_limits();
+    if let (Some(url), Some(ends)) = (amqp, relay_ends) {
+        // Checked with the configuration; parsing again cannot fail.
+        let started = crate::amqp_url::BrokerUrl::parse(&url)
+            .map(relay::Broker::new)
+            .map_err(|e| e.to_string())
+            .and_then(|broker| {
+                relay::spawn(
+                    broker,
+                    crate::amqp_url::redact(&url),
+                    ends,
+                    Arc::clone(&server),
+                )
+                .map_err(|e| format!("cannot start the relay thread: {e}"))
+            });
+        if let Err(e) = started {
+            files.remove();
+            readiness.fail(1, &e);
+        }
+    }
+    if let Some(m) = &files.metrics {
+        if let Err(e) = metrics::spawn(Arc::clone(m), Arc::clone(&server)) {
+            files.remove();
+            readiness.fail(1, &format!("cannot start the metrics thread: {e}"));
+        }
+        log::info!("metrics on {m}");
+    }
+    for l in &files.listeners {
+        if let Err(e) = listener::spawn_accept_loop(Arc::clone(l), Arc::clone(&server)) {
+            files.remove();
+            readiness.fail(1, &format!("cannot start the accept thread for {l}: {e}"));
+        }
+        log::info!("listening on {l}");
+    }
+    log::info!("staps {} ready", env!("CARGO_PKG_VERSION"));
+    readiness.ready();
+    signals::run(signals, server, files)
+}
