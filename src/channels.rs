@@ -624,12 +624,19 @@ impl Registry {
 
     /// Refuse new clients and start closing every member with `close`.
     pub fn close_all(&self, close: Close) {
-        let mut inner = self.inner.lock();
-        inner.stopping = true;
-        for channel in inner.channels.values() {
-            for peer in channel.state.lock().members.iter() {
-                peer.close(close);
-            }
+        // Collected under the locks, closed after them: closing empties queues
+        // and may start writer threads, which no lock should wait for.
+        let members: Vec<Arc<[Arc<Peer>]>> = {
+            let mut inner = self.inner.lock();
+            inner.stopping = true;
+            inner
+                .channels
+                .values()
+                .map(|channel| Arc::clone(&channel.state.lock().members))
+                .collect()
+        };
+        for peer in members.iter().flat_map(|m| m.iter()) {
+            peer.close(close);
         }
     }
 

@@ -68,12 +68,11 @@ impl Listener {
     /// Wake the accept loop so that it sees the server is stopping: on Linux,
     /// shutdown(2) on a listening socket makes a blocked accept(2) return EINVAL.
     pub fn stop(&self) {
-        let fd = match self {
-            Listener::Tcp(l, _) => l.as_raw_fd(),
-            Listener::Unix { listener, .. } => listener.as_raw_fd(),
+        let socket = match self {
+            Listener::Tcp(l, _) => socket2::SockRef::from(l),
+            Listener::Unix { listener, .. } => socket2::SockRef::from(listener),
         };
-        // SAFETY: fd is a socket we own for as long as self lives.
-        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        let _ = socket.shutdown(std::net::Shutdown::Both);
     }
 
     /// Remove the socket file, if it is still the one we created.

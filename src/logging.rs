@@ -8,7 +8,8 @@ use std::collections::hash_map::RandomState;
 use std::fs::File;
 use std::hash::BuildHasher;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -75,14 +76,12 @@ fn under_journald() -> bool {
     let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
         return false;
     };
-    let stderr = io::stderr();
-    let fd = stderr.as_raw_fd();
-    // SAFETY: fstat on a valid fd into a zeroed stat struct.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+    let Ok(stderr) = io::stderr().as_fd().try_clone_to_owned() else {
         return false;
-    }
-    st.st_dev == dev && st.st_ino == ino
+    };
+    File::from(stderr)
+        .metadata()
+        .is_ok_and(|meta| meta.dev() == dev && meta.ino() == ino)
 }
 
 /// Open `log_file` for appending, never through a symlink (it is opened as
