@@ -230,6 +230,21 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl ConfigError {
+    /// An error about `settings` as a whole, blamed on the last file read
+    /// (or the command line, when no file was).
+    pub fn of_whole(settings: &Settings, key: &str, message: String) -> ConfigError {
+        ConfigError {
+            origin: settings
+                .files
+                .last()
+                .map_or(Origin::CommandLine, |f| Origin::File(f.clone(), 0)),
+            key: key.to_owned(),
+            message,
+        }
+    }
+}
+
 /// The result of loading: the settings and what deserves a warning
 /// (unknown keys, the 0.1.x section name). `--check-config` treats warnings as errors.
 pub struct Loaded {
@@ -551,14 +566,7 @@ fn apply_cli(s: &mut Settings, cli: &Cli) -> Result<(), ConfigError> {
 
 /// Checks that need the whole picture.
 fn validate(s: &Settings) -> Result<(), ConfigError> {
-    let err = |key: &str, message: String| ConfigError {
-        origin: s
-            .files
-            .last()
-            .map_or(Origin::CommandLine, |f| Origin::File(f.clone(), 0)),
-        key: key.to_owned(),
-        message,
-    };
+    let err = |key: &str, message: String| ConfigError::of_whole(s, key, message);
     if let Some(url) = &s.amqp {
         crate::amqp_url::BrokerUrl::parse(url)
             .map_err(|m| err("[staps] amqp", format!("'{}': {m}", redact(url))))?;

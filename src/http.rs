@@ -259,14 +259,22 @@ pub enum Route {
     Respond(Response),
 }
 
+/// Whether `req` is a `HEAD` (true) or a `GET` (false); any other method
+/// gets `405` with `Allow`.
+pub fn get_or_head(req: &Request) -> Result<bool, Response> {
+    match req.method.as_str() {
+        "GET" => Ok(false),
+        "HEAD" => Ok(true),
+        _ => Err(Response::error(405, "only GET and HEAD are allowed").with("Allow", "GET, HEAD")),
+    }
+}
+
 /// Decide what `req` gets.
 pub fn route(req: &Request, settings: &Settings) -> Route {
-    let get = req.method == "GET";
-    if !get && req.method != "HEAD" {
-        return Route::Respond(
-            Response::error(405, "only GET and HEAD are allowed").with("Allow", "GET, HEAD"),
-        );
-    }
+    let get = match get_or_head(req) {
+        Ok(head_only) => !head_only,
+        Err(refusal) => return Route::Respond(refusal),
+    };
     if !req.has_token("Upgrade", "websocket") {
         if query_keys(&req.target).any(|(key, _)| key == "stats") {
             return match channel_path(req, settings) {

@@ -405,12 +405,50 @@ fn bind_tcp(spec: &TcpSpec) -> Result<Listener, String> {
     Ok(Listener::Tcp(listener, addr))
 }
 
-/// Accept connections on `listener` until the server stops, one thread each.
-pub fn spawn_accept_loop(listener: Arc<Listener>, server: Arc<Server>) -> io::Result<()> {
+/// What an accept loop does with each connection it takes: the public
+/// listeners admit a client ([`clients`]), the metrics listener answers a
+/// scrape. `Err` is a thread that could not start.
+pub type Serve = fn(&Arc<Server>, Stream, Option<IpAddr>) -> io::Result<()>;
+
+/// Accept connections on `listener` on a thread called `name`, handing each
+/// to `serve`, until the server stops (or, with `through_shutdown`, until
+/// the process exits: `/healthz` answers while clients are closed).
+pub fn spawn_accept_loop(
+    listener: Arc<Listener>,
+    server: Arc<Server>,
+    name: &str,
+    through_shutdown: bool,
+    serve: Serve,
+) -> io::Result<()> {
     thread::Builder::new()
-        .name("staps-accept".into())
-        .spawn(move || accept_loop(&listener, &server))
+        .name(name.into())
+        .spawn(move || accept_loop(&listener, &server, through_shutdown, serve))
         .map(drop)
+}
+
+/// The public listeners' [`Serve`]: a place among the sockets and the
+/// handshakes, then a reader thread; a canned 503 without a thread when
+/// there is no place.
+pub fn clients(server: &Arc<Server>, stream: Stream, from: Option<IpAddr>) -> io::Result<()> {
+    let (slot, handshake) = match server.admit(from) {
+        Ok(admitted) => admitted,
+        Err(crowded) => {
+            server.refuse();
+            log::debug!("refused a connection: {crowded:?}");
+            let why = match crowded {
+                Crowded::Address => "too many handshakes from your address at once",
+                Crowded::Sockets | Crowded::Handshakes => "server is full",
+            };
+            let response = crate::http::Response::error(503, why).with("Retry-After", "5");
+            stream.refuse_now(&response.to_bytes());
+            return Ok(());
+        }
+    };
+    let server2 = Arc::clone(server);
+    server
+        .readers
+        .run(move || crate::client::serve(stream, server2, slot, handshake))
+        .inspect_err(|_| server.refuse())
 }
 
 /// Answer a connection taken with the spare descriptor, on a connection
@@ -429,7 +467,7 @@ fn refuse_out_of_fds(stream: Stream, server: &Arc<Server>) {
     }
 }
 
-fn accept_loop(listener: &Listener, server: &Arc<Server>) {
+fn accept_loop(listener: &Listener, server: &Arc<Server>, through_shutdown: bool, serve: Serve) {
     let throttle = Throttle::new();
     let complain = |what: &str, e: &dyn std::fmt::Display| {
         if throttle.ready() {
@@ -440,15 +478,9 @@ fn accept_loop(listener: &Listener, server: &Arc<Server>) {
     // to take the waiting connection and answer it 503, so that clients learn
     // at once instead of hanging in the backlog.
     let mut spare = File::open("/dev/null").ok();
-    let full = crate::http::Response::error(503, "server is full")
-        .with("Retry-After", "5")
-        .to_bytes();
-    let busy = crate::http::Response::error(503, "too many handshakes from your address at once")
-        .with("Retry-After", "5")
-        .to_bytes();
     loop {
         let accepted = listener.accept();
-        if server.is_stopping() {
+        if server.is_stopping() && !through_shutdown {
             return;
         }
         let (stream, from) = match accepted {
@@ -486,25 +518,8 @@ fn accept_loop(listener: &Listener, server: &Arc<Server>) {
                 continue;
             }
         };
-        let (slot, handshake) = match server.admit(from) {
-            Ok(admitted) => admitted,
-            Err(crowded) => {
-                // No thread for this one, just the answer.
-                server.refuse();
-                log::debug!("{listener}: refused a connection: {crowded:?}");
-                stream.refuse_now(match crowded {
-                    Crowded::Address => &busy,
-                    Crowded::Sockets | Crowded::Handshakes => &full,
-                });
-                continue;
-            }
-        };
-        let server2 = Arc::clone(server);
-        let spawned = server
-            .readers
-            .run(move || crate::client::serve(stream, server2, slot, handshake));
+        let spawned = serve(server, stream, from);
         if let Err(e) = spawned {
-            server.refuse();
             complain("cannot start a thread for a new connection", &e);
         }
     }

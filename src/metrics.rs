@@ -4,45 +4,26 @@
 //! are the only secret staps has.
 
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::budget::BUDGET;
 use crate::http::{self, Request, Response};
 use crate::link::Link;
-use crate::listener::Listener;
 use crate::server::Server;
 use crate::stream::Stream;
 
 /// How long a scraper has to send its request and read the answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serve `listener` on a thread of its own until the process exits; it keeps
-/// answering during a shutdown, so that `/healthz` can say so.
-pub fn spawn(listener: Arc<Listener>, server: Arc<Server>) -> std::io::Result<()> {
-    thread::Builder::new()
-        .name("staps-metrics".into())
-        .spawn(move || {
-            loop {
-                let stream = match listener.accept() {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // Out of descriptors, most likely: the public side logs that.
-                        log::debug!("metrics: accept: {e}");
-                        thread::sleep(Duration::from_millis(100));
-                        continue;
-                    }
-                };
-                let server2 = Arc::clone(&server);
-                if let Err(e) = server.readers.run(move || answer(&stream, &server2)) {
-                    log::debug!("metrics: cannot start a thread: {e}");
-                }
-            }
-        })
-        .map(drop)
+/// The metrics listener's [`crate::listener::Serve`]: each scrape on a
+/// connection thread.
+pub fn scrapes(server: &Arc<Server>, stream: Stream, _: Option<IpAddr>) -> std::io::Result<()> {
+    let server2 = Arc::clone(server);
+    server.readers.run(move || answer(&stream, &server2))
 }
 
 fn answer(stream: &Stream, server: &Server) {
@@ -55,13 +36,9 @@ fn answer(stream: &Stream, server: &Server) {
 
 /// What a request to the metrics listener gets.
 pub fn respond_to(request: &Request, server: &Server) -> Response {
-    let head_only = match request.method.as_str() {
-        "GET" => false,
-        "HEAD" => true,
-        _ => {
-            return Response::error(405, "only GET and HEAD are allowed")
-                .with("Allow", "GET, HEAD");
-        }
+    let head_only = match http::get_or_head(request) {
+        Ok(head_only) => head_only,
+        Err(refusal) => return refusal,
     };
     let path = request.target.split('?').next().unwrap_or("");
     let response = match path {

@@ -2,7 +2,7 @@
 //! groups become ids, and systemd's sockets are noticed, once at startup,
 //! after the configuration is parsed ([`crate::config`] looks at nothing).
 
-use crate::config::{ConfigError, Origin, Settings};
+use crate::config::{ConfigError, Settings};
 use crate::{sys, systemd};
 
 /// What the configuration names on this host.
@@ -18,14 +18,7 @@ pub struct Host {
 
 /// Look up what `settings` names; errors are configuration errors (exit 78).
 pub fn resolve(settings: &Settings) -> Result<Host, ConfigError> {
-    let err = |key: &str, message: String| ConfigError {
-        origin: settings
-            .files
-            .last()
-            .map_or(Origin::CommandLine, |f| Origin::File(f.clone(), 0)),
-        key: key.to_owned(),
-        message,
-    };
+    let err = |key: &str, message: String| ConfigError::of_whole(settings, key, message);
     let socket_activated = systemd::socket_activated();
     if settings.sockets.is_empty() && settings.tcp.is_empty() && !socket_activated {
         return Err(err(

@@ -160,19 +160,41 @@ pub fn run() -> ExitCode {
             readiness.fail(1, &e);
         }
     }
-    if let Some(m) = &files.metrics {
-        if let Err(e) = metrics::spawn(Arc::clone(m), Arc::clone(&server)) {
-            files.remove();
-            readiness.fail(1, &format!("cannot start the metrics thread: {e}"));
-        }
-        log::info!("metrics on {m}");
-    }
-    for l in &files.listeners {
-        if let Err(e) = listener::spawn_accept_loop(Arc::clone(l), Arc::clone(&server)) {
+    // The metrics listener answers through a shutdown, for /healthz.
+    let loops = files
+        .metrics
+        .iter()
+        .map(|m| {
+            (
+                m,
+                "staps-metrics",
+                true,
+                metrics::scrapes as listener::Serve,
+                "metrics on",
+            )
+        })
+        .chain(files.listeners.iter().map(|l| {
+            (
+                l,
+                "staps-accept",
+                false,
+                listener::clients as listener::Serve,
+                "listening on",
+            )
+        }));
+    for (l, name, through_shutdown, serve, what) in loops {
+        let spawned = listener::spawn_accept_loop(
+            Arc::clone(l),
+            Arc::clone(&server),
+            name,
+            through_shutdown,
+            serve,
+        );
+        if let Err(e) = spawned {
             files.remove();
             readiness.fail(1, &format!("cannot start the accept thread for {l}: {e}"));
         }
-        log::info!("listening on {l}");
+        log::info!("{what} {l}");
     }
     log::info!("staps {} ready", env!("CARGO_PKG_VERSION"));
     readiness.ready();
