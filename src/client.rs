@@ -44,9 +44,8 @@ const READ_BUFFER: usize = 1024;
 ///
 /// Three steps in functions of their own, each called from this shallow frame:
 /// the deepest moment of a reader thread's life sets how many stack pages
-/// stay resident for as long as its connection is idle. Measured with the
-/// handshake, writer start and read loop in one frame: 8.7 KiB deep, three
-/// pages; split like this, two.
+/// stay resident for as long as its connection is idle; in one frame they
+/// would keep a page more per connection (figures: BENCHMARKS.md, "Measurements behind the constants").
 pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot, place: Handshake) {
     let handshaken = handshake(stream, &server);
     drop(place);
@@ -313,14 +312,11 @@ struct ReadHalf {
 ///
 /// A publisher whose client sends faster than one read takes goes on with
 /// what is already in the socket before waking the receivers' writers, so
-/// that each writer wakes once for all of it and writes it at once. Measured
-/// at fan-out 100 with 64 B messages (`make bench`), wake-ups (the publisher's
-/// futex calls, the writers' context switches) and one small write per
-/// wake-up were most of the cost: server CPU per delivery went from 370 ns to
-/// 175 ns (32), 150-240 ns (64), 125-145 ns (128), 125 ns (512), against
-/// wsbroad's 290-350. This bounds the delay it adds to a receiver's first
-/// message: the fan-out of 128 messages (at fan-out 100, about half a
-/// millisecond of the publisher's time). Reads count too, so that a large
+/// that each writer wakes once for all of it and writes it at once: at
+/// fan-out, wake-ups (the publisher's futex calls, the writers' context
+/// switches) and one small write per wake-up were most of the cost, and the
+/// gain flattens past 128 (figures: BENCHMARKS.md, "Measurements behind the constants"). This bounds the delay it adds to a
+/// receiver's first message: the fan-out of 128 messages. Reads count too, so that a large
 /// frame streaming in behind a message does not hold back its wake-ups until
 /// the frame is whole. A client that sends one message at a time leaves the
 /// socket empty after each, so its messages are not delayed at all.
@@ -678,9 +674,7 @@ fn write_batches(
 }
 
 /// Frames up to this size are copied into the batch's buffer: the kernel
-/// copies one segment faster than many small ones (perf, fan-out of 64 B
-/// frames: with one iovec per frame, `_copy_from_iter` took a fifth of the
-/// writers' `writev` time; copied, a user-space `memmove` a third of that).
+/// copies one segment faster than many small ones (figures: BENCHMARKS.md, "Measurements behind the constants").
 const COPY_MAX: usize = 512;
 
 /// Bytes gathered for one write at most.

@@ -29,7 +29,7 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Finished connection threads kept waiting for new connections, per kind:
 /// enough for bursts of reconnecting clients, few enough that idle ones cost
-/// little (about 20 KiB of stack each).
+/// little (a few stack pages each).
 const IDLE_THREADS: usize = 64;
 
 /// Everything the connection threads share.
@@ -65,8 +65,8 @@ pub fn max_handshakes(max_connections: usize) -> usize {
 }
 
 /// Give the heap that a crowd of clients left behind back to the system.
-/// glibc keeps freed memory in its arenas for reuse; after a spike of ten
-/// thousand clients that was 65 MiB held by an idle daemon. Called when the
+/// glibc keeps freed memory in its arenas for reuse, tens of MiB after a
+/// spike of clients (figures: BENCHMARKS.md, "Measurements behind the constants"). Called when the
 /// last client leaves, so it costs nothing while anyone is connected.
 pub fn release_free_memory() {
     #[cfg(target_env = "gnu")]

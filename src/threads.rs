@@ -6,8 +6,8 @@
 //!
 //! Writers are started by readers deep in their read loop, and creating a
 //! thread takes more stack than a reader otherwise does: each reader that
-//! did it kept one more resident page (4 KiB per connection, measured with
-//! `smaps`). So a writer taking work first makes sure another one waits
+//! did it kept one more resident page (BENCHMARKS.md, "Measurements behind the
+//! constants"). So a writer taking work first makes sure another one waits
 //! ([`Pool::new`]'s `spare`), and a reader starting a writer hands over to a
 //! waiting thread instead of creating one.
 
