@@ -22,11 +22,12 @@ use tungstenite::{Error as WsError, Message, WebSocket};
 use uuid::Uuid;
 
 use crate::budget::BUDGET;
-use crate::channels::{Channel, Close, JoinError, Launch, Out, Peer, Wakes};
+use crate::channels::{Channel, JoinError};
 use crate::frame::{Frame, Kind};
 use crate::http::{self, HeadError, Options, Route, respond};
 use crate::incoming::Incoming;
 use crate::logging::{Throttle, escape, fingerprint};
+use crate::peer::{Close, Launch, Out, Peer, Wakes};
 use crate::server::{self, CLOSE_TIMEOUT, Handshake, Server, Slot};
 use crate::stats;
 use crate::stream::{Stream, is_timeout};

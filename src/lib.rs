@@ -22,7 +22,8 @@
 //!  6  client       a connection's reader and writer threads
 //!  5  server       the state every thread shares: settings, registry,
 //!                  counters, thread pools, the link to the relay
-//!  4  channels     the registry, the fan-out, a member's queue
+//!  4  peer         a member's queue, its writer's start and wake-ups, closing
+//!     channels     the registry and the fan-out
 //!     link         the relay's queue and state, as the rest holds them
 //!  3  frame        a server frame, encoded once and shared
 //!     incoming     a client's partial message, frame header by header
@@ -60,6 +61,7 @@ mod link;
 mod listener;
 mod logging;
 mod metrics;
+mod peer;
 mod relay;
 mod resolve;
 mod run;

@@ -27,9 +27,10 @@ use amiquip::{
 use crossbeam_channel::{Receiver, select};
 
 use crate::amqp_url::{BrokerUrl, Credentials};
-use crate::channels::{Control, Wakes};
+use crate::channels::Control;
 use crate::frame::{Frame, Kind};
 use crate::link::{Ends, Link, Outbound, State};
+use crate::peer::Wakes;
 use crate::server::Server;
 use crate::stats;
 

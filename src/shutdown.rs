@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::channels::Close;
 use crate::config::Settings;
 use crate::listener::Listener;
+use crate::peer::Close;
 use crate::server::{CLOSE_TIMEOUT, Server};
 use crate::{daemon, systemd};
 

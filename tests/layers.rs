@@ -26,22 +26,23 @@ const RANKS: &[(&str, u8)] = &[
     ("frame", 6),
     ("incoming", 6),
     ("http", 7),
-    // 4. channels and the relay's handle
-    ("channels", 8),
-    ("link", 9),
+    // 4. a member's queue and writer, the channels, the relay's handle
+    ("peer", 8),
+    ("channels", 9),
+    ("link", 10),
     // 5. the shared state
-    ("server", 10),
+    ("server", 11),
     // 6. a connection's threads
-    ("client", 11),
+    ("client", 12),
     // 7. the process: accept loops, broker thread, daemon, metrics, stopping
-    ("listener", 12),
-    ("relay", 12),
-    ("daemon", 12),
-    ("metrics", 13),
-    ("shutdown", 13),
-    ("signals", 14),
+    ("listener", 13),
+    ("relay", 13),
+    ("daemon", 13),
+    ("metrics", 14),
+    ("shutdown", 14),
+    ("signals", 15),
     // 8. wiring
-    ("run", 15),
+    ("run", 16),
 ];
 
 fn rank(module: &str) -> Option<u8> {
