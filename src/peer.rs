@@ -62,8 +62,8 @@ impl Close {
 /// unparks it, so a busy writer costs its senders no wake-up at all.
 ///
 /// The writer thread starts when there is first something to write: the first
-/// frame queued, a close, or the first ping (`launch` holds how, once the
-/// `101` answer is out). A client that only sends and then leaves, the common
+/// frame queued, a close, or the first ping (`start` says where it is in its
+/// life; once the `101` answer is out, it holds how to start it). A client that only sends and then leaves, the common
 /// short-lived one, never costs a second thread, and one that receives costs
 /// none of the writer's own wake-ups before its first frame.
 #[derive(Debug)]
@@ -79,12 +79,26 @@ pub struct Peer {
     queued: AtomicUsize,
     closing: AtomicBool,
     close: Mutex<Option<Close>>,
+    /// The writer thread, once it runs: who senders unpark. Read on every
+    /// delivery, so apart from `start`, which only starting takes.
     writer: OnceLock<Thread>,
     idle: AtomicBool,
     /// The reader thread is finished with the connection.
     reader_done: AtomicBool,
-    /// How to start the writer while it has not started.
-    launch: Mutex<Option<Launch>>,
+    start: Mutex<WriterStart>,
+}
+
+/// Where a client's writer thread is in its life.
+#[derive(Debug)]
+enum WriterStart {
+    /// The `101` answer is not out yet: nothing may be written.
+    Pending,
+    /// The `101` is out; the writer starts with the first thing to write.
+    Ready(Launch),
+    /// Started (its thread may still be on its way to `writer`).
+    Started,
+    /// The connection failed before anything was written: it never starts.
+    Forgone,
 }
 
 /// Starts a client's writer thread.
@@ -118,7 +132,7 @@ impl Peer {
             writer: OnceLock::new(),
             idle: AtomicBool::new(false),
             reader_done: AtomicBool::new(false),
-            launch: Mutex::new(None),
+            start: Mutex::new(WriterStart::Pending),
         };
         (Arc::new(peer), rx)
     }
@@ -158,35 +172,51 @@ impl Peer {
     /// which starts now if something is queued already (replayed messages,
     /// messages that came during the handshake, a close).
     pub fn ready_to_launch(&self, launch: Launch) {
-        *self.launch.lock() = Some(launch);
+        *self.start.lock() = WriterStart::Ready(launch);
         // The lock orders this against `queue`: a sender either queued before
-        // it took the lock (and the queue is not empty here) or finds `launch`.
+        // it took the lock (and the queue is not empty here) or finds `Ready`.
         if !self.tx.is_empty() {
             self.start_writer();
         }
     }
 
-    /// Start the writer unless it has started (or cannot yet).
+    /// Start the writer if it is ready and has not started.
     pub fn start_writer(&self) {
-        // Taken out first: starting may fail and close the peer, which comes back here.
-        let launch = self.launch.lock().take();
+        // Marked started before it runs: starting may fail and close the
+        // peer, which comes back here.
+        let launch = {
+            let mut start = self.start.lock();
+            match std::mem::replace(&mut *start, WriterStart::Started) {
+                WriterStart::Ready(launch) => Some(launch),
+                other => {
+                    *start = other;
+                    None
+                }
+            }
+        };
         if let Some(Launch(start)) = launch {
             start();
         }
     }
 
-    /// Whether the writer has been started (or forgone), once
-    /// [`Peer::ready_to_launch`] has been called; before that, with nothing
-    /// to launch yet, this says true as well.
+    /// Whether the writer has started, or never will.
     pub fn writer_started(&self) -> bool {
-        self.writer.get().is_some() || self.launch.lock().is_none()
+        matches!(
+            *self.start.lock(),
+            WriterStart::Started | WriterStart::Forgone
+        )
     }
 
     /// For the reader, when the connection failed: a writer that has not
-    /// started never will. Returns whether no writer ever started, so that
-    /// the reader closes the socket itself.
+    /// started never will. Returns whether none ever started, so that the
+    /// reader closes the socket itself.
     pub fn forgo_writer(&self) -> bool {
-        self.launch.lock().take().is_some()
+        let mut start = self.start.lock();
+        let ready = matches!(*start, WriterStart::Ready(_));
+        if ready {
+            *start = WriterStart::Forgone;
+        }
+        ready
     }
 
     /// For the writer thread, once, before it reads its queue: who to unpark.
