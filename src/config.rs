@@ -19,15 +19,6 @@ use crate::cli::Cli;
 /// Exit code for a configuration error (`EX_CONFIG` of sysexits.h, as `nginx -t`).
 pub const EX_CONFIG: i32 = 78;
 
-/// The files read when `-c` is not given, in order; later files win.
-pub fn default_files() -> Vec<PathBuf> {
-    let mut files = vec![PathBuf::from("/etc/staps/staps.conf")];
-    if let Some(home) = std::env::var_os("HOME") {
-        files.push(Path::new(&home).join(".staps.conf"));
-    }
-    files
-}
-
 /// What to do with a receiver whose queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlowClient {
@@ -297,13 +288,14 @@ const KNOWN: &[(&str, &[&str])] = &[
 /// The section name 0.1.6 actually read (cement's), accepted as `[staps]`.
 const LEGACY_SECTION: &str = "controller.base";
 
-/// Load the files (or only `cli.config`), then apply the command line.
-pub fn load(cli: &Cli) -> Result<Loaded, ConfigError> {
+/// Load the files (`defaults`, those that exist, or only `cli.config`),
+/// then apply the command line.
+pub fn load(cli: &Cli, defaults: &[PathBuf]) -> Result<Loaded, ConfigError> {
     let mut settings = Settings::default();
     let mut warnings = Vec::new();
     let files = match &cli.config {
         Some(path) => vec![(path.clone(), true)],
-        None => default_files().into_iter().map(|p| (p, false)).collect(),
+        None => defaults.iter().map(|p| (p.clone(), false)).collect(),
     };
     for (path, required) in files {
         let text = match std::fs::read_to_string(&path) {

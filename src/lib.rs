@@ -86,4 +86,5 @@ pub mod fuzz {
     pub use crate::frame::Kind;
     pub use crate::http::{Route, decode_path, is_uuid4_path, parse_head, route};
     pub use crate::incoming::Incoming;
+    pub use crate::resolve::resolve;
 }

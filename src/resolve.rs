@@ -1,9 +1,20 @@
-//! The one step that looks at the host: the configuration's users and
-//! groups become ids, and systemd's sockets are noticed, once at startup,
-//! after the configuration is parsed ([`crate::config`] looks at nothing).
+//! The one step that looks at the host: where the configuration files are
+//! (`HOME`), and, once they are parsed ([`crate::config`] looks at nothing
+//! else), the users and groups they name become ids and systemd's sockets
+//! are noticed, once at startup.
 
 use crate::config::{ConfigError, Settings};
 use crate::{sys, systemd};
+
+/// The files read when `-c` is not given, in order; later files win:
+/// `/etc/staps/staps.conf`, then `~/.staps.conf` (`HOME`).
+pub fn default_files() -> Vec<std::path::PathBuf> {
+    let mut files = vec![std::path::PathBuf::from("/etc/staps/staps.conf")];
+    if let Some(home) = std::env::var_os("HOME") {
+        files.push(std::path::Path::new(&home).join(".staps.conf"));
+    }
+    files
+}
 
 /// What the configuration names on this host.
 #[derive(Debug, Clone, Copy, Default)]

@@ -65,7 +65,7 @@ pub fn run() -> ExitCode {
             };
         }
     };
-    let loaded = match config::load(&cli) {
+    let loaded = match config::load(&cli, &resolve::default_files()) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("staps: {e}");

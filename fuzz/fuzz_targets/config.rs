@@ -10,7 +10,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    match config::from_text(Path::new("fuzz.conf"), text) {
+    // Parsed, then looked up as at startup (users, groups, listeners).
+    let checked = config::from_text(Path::new("fuzz.conf"), text)
+        .and_then(|loaded| config::resolve(&loaded.settings).map(|_| loaded));
+    match checked {
         Ok(loaded) => {
             // A valid file always names somewhere to listen.
             assert!(!loaded.settings.sockets.is_empty() || !loaded.settings.tcp.is_empty());
