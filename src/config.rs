@@ -245,45 +245,380 @@ pub struct Loaded {
     pub warnings: Vec<String>,
 }
 
-/// Sections and keys staps knows; anything else is reported.
-const KNOWN: &[(&str, &[&str])] = &[
-    (
-        "staps",
-        &[
-            "socket",
-            "mode",
-            "amqp",
-            "port",
-            "listen",
-            "socket_group",
-            "exchange",
-            "public_url",
-            "log_level",
-            "metrics",
-        ],
-    ),
-    (
-        "daemon",
-        &["user", "group", "dir", "pid_file", "umask", "log_file"],
-    ),
-    (
-        "limits",
-        &[
-            "max_message_size",
-            "max_clients_per_channel",
-            "max_connections",
-            "queue_length",
-            "slow_client",
-            "ping_interval",
-            "handshake_timeout",
-            "max_path_length",
-            "uuid_only",
-            "replay_length",
-            "replay_bytes",
-            "memory_budget",
-        ],
-    ),
+/// One configuration key, defined once: its section and name, what it
+/// means, how a value is read into the settings (from a file or the command
+/// line) and how the effective value is shown (`--check-config`). The
+/// defaults are [`Settings::default`]'s.
+struct Key {
+    section: &'static str,
+    name: &'static str,
+    doc: &'static str,
+    set: fn(&mut Settings, &str) -> Result<(), String>,
+    get: fn(&Settings) -> String,
+}
+
+/// `Some` for a non-empty value, `None` for an empty one (a key set to
+/// nothing turns its feature off).
+fn optional(value: &str) -> Option<String> {
+    (!value.is_empty()).then(|| value.to_owned())
+}
+
+fn show_path(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+fn show_tcp(s: &Settings, all_interfaces: bool) -> String {
+    let shown: Vec<String> = s
+        .tcp
+        .iter()
+        .filter_map(|t| match (t, all_interfaces) {
+            (TcpSpec::AllInterfaces(p), true) => Some(p.to_string()),
+            (TcpSpec::Addr(a), false) => Some(a.to_string()),
+            _ => None,
+        })
+        .collect();
+    shown.join(" ")
+}
+
+/// Every key staps knows, in the order `--check-config` shows them;
+/// anything else in a file is reported.
+const KEYS: &[Key] = &[
+    Key {
+        section: "staps",
+        name: "socket",
+        doc: "unix sockets to listen on",
+        set: |s, v| {
+            s.sockets = split_list(v).map(PathBuf::from).collect();
+            Ok(())
+        },
+        get: |s| {
+            let shown: Vec<String> = s.sockets.iter().map(|p| p.display().to_string()).collect();
+            shown.join(" ")
+        },
+    },
+    Key {
+        section: "staps",
+        name: "mode",
+        doc: "permissions of the socket files",
+        set: |s, v| {
+            s.mode = parse_octal(v, 0o7777)?;
+            Ok(())
+        },
+        get: |s| format!("{:04o}", s.mode),
+    },
+    Key {
+        section: "staps",
+        name: "amqp",
+        doc: "broker that links instances; empty: standalone",
+        set: |s, v| {
+            s.amqp = optional(v);
+            Ok(())
+        },
+        get: |s| s.amqp.as_deref().map(redact).unwrap_or_default(),
+    },
+    Key {
+        section: "staps",
+        name: "port",
+        doc: "TCP ports on every interface",
+        set: |s, v| {
+            s.tcp.retain(|t| !matches!(t, TcpSpec::AllInterfaces(_)));
+            for port in split_list(v) {
+                s.tcp.push(TcpSpec::AllInterfaces(parse_port(port)?));
+            }
+            Ok(())
+        },
+        get: |s| show_tcp(s, true),
+    },
+    Key {
+        section: "staps",
+        name: "listen",
+        doc: "TCP addresses to listen on",
+        set: |s, v| {
+            s.tcp.retain(|t| !matches!(t, TcpSpec::Addr(_)));
+            for addr in split_list(v) {
+                s.tcp.push(TcpSpec::Addr(parse_listen(addr)?));
+            }
+            Ok(())
+        },
+        get: |s| show_tcp(s, false),
+    },
+    Key {
+        section: "staps",
+        name: "socket_group",
+        doc: "group of the socket files, when it is not [daemon] group",
+        set: |s, v| {
+            s.socket_group = optional(v);
+            Ok(())
+        },
+        get: |s| s.socket_group.clone().unwrap_or_default(),
+    },
+    Key {
+        section: "staps",
+        name: "exchange",
+        doc: "AMQP exchange that links instances",
+        set: |s, v| {
+            s.exchange = v.to_owned();
+            Ok(())
+        },
+        get: |s| s.exchange.clone(),
+    },
+    Key {
+        section: "staps",
+        name: "public_url",
+        doc: "scheme, host and prefix of the usage page's channel URLs",
+        set: |s, v| {
+            s.public_url = match v {
+                "" => None,
+                v => Some(parse_public_url(v)?),
+            };
+            Ok(())
+        },
+        get: |s| s.public_url.clone().unwrap_or_default(),
+    },
+    Key {
+        section: "staps",
+        name: "log_level",
+        doc: "off, error, warn, info, debug or trace (-v, -q and RUST_LOG come first)",
+        set: |s, v| {
+            s.log_level = Some(v.parse().map_err(|_| {
+                format!("'{v}' is not a log level (off, error, warn, info, debug, trace)")
+            })?);
+            Ok(())
+        },
+        get: |s| {
+            s.log_level
+                .map(|l| l.to_string().to_lowercase())
+                .unwrap_or_default()
+        },
+    },
+    Key {
+        section: "staps",
+        name: "metrics",
+        doc: "ADDRESS:PORT or socket path of /metrics and /healthz",
+        set: |s, v| {
+            s.metrics = match v {
+                "" => None,
+                v if v.contains('/') => Some(Endpoint::Unix(PathBuf::from(v))),
+                v => Some(Endpoint::Tcp(
+                    parse_listen(v).map_err(|e| format!("{e}, or a unix socket path"))?,
+                )),
+            };
+            Ok(())
+        },
+        get: |s| match &s.metrics {
+            Some(Endpoint::Tcp(addr)) => addr.to_string(),
+            Some(Endpoint::Unix(path)) => path.display().to_string(),
+            None => String::new(),
+        },
+    },
+    Key {
+        section: "daemon",
+        name: "user",
+        doc: "user to run as after binding, when started as root",
+        set: |s, v| {
+            s.user = optional(v);
+            Ok(())
+        },
+        get: |s| s.user.clone().unwrap_or_default(),
+    },
+    Key {
+        section: "daemon",
+        name: "group",
+        doc: "group to run as after binding (with user)",
+        set: |s, v| {
+            s.group = optional(v);
+            Ok(())
+        },
+        get: |s| s.group.clone().unwrap_or_default(),
+    },
+    Key {
+        section: "daemon",
+        name: "dir",
+        doc: "working directory of the daemon",
+        set: |s, v| {
+            s.dir = PathBuf::from(v);
+            Ok(())
+        },
+        get: |s| s.dir.display().to_string(),
+    },
+    Key {
+        section: "daemon",
+        name: "pid_file",
+        doc: "pid file of the daemon",
+        set: |s, v| {
+            s.pid_file = optional(v).map(PathBuf::from);
+            Ok(())
+        },
+        get: |s| show_path(&s.pid_file),
+    },
+    Key {
+        section: "daemon",
+        name: "umask",
+        doc: "file mode creation mask of the daemon",
+        set: |s, v| {
+            s.umask = parse_octal(v, 0o777)?;
+            Ok(())
+        },
+        get: |s| format!("{:04o}", s.umask),
+    },
+    Key {
+        section: "daemon",
+        name: "log_file",
+        doc: "where stdout and stderr go; reopened on SIGHUP",
+        set: |s, v| {
+            s.log_file = optional(v).map(PathBuf::from);
+            Ok(())
+        },
+        get: |s| show_path(&s.log_file),
+    },
+    Key {
+        section: "limits",
+        name: "max_message_size",
+        doc: "largest message in bytes (at most 1 GiB); larger closes with 1009",
+        set: |s, v| {
+            let n = parse_count(v, 1)?;
+            if n > MAX_MESSAGE_SIZE {
+                return Err(format!(
+                    "'{v}' is more than staps takes: at most {MAX_MESSAGE_SIZE} (1 GiB)"
+                ));
+            }
+            s.limits.max_message_size = n;
+            Ok(())
+        },
+        get: |s| s.limits.max_message_size.to_string(),
+    },
+    Key {
+        section: "limits",
+        name: "max_clients_per_channel",
+        doc: "members of one channel (0: no limit); one more gets 503",
+        set: |s, v| {
+            s.limits.max_clients_per_channel = parse_count(v, 0)?;
+            Ok(())
+        },
+        get: |s| s.limits.max_clients_per_channel.to_string(),
+    },
+    Key {
+        section: "limits",
+        name: "max_connections",
+        doc: "websocket clients in all (0: no limit); one more gets 503",
+        set: |s, v| {
+            s.limits.max_connections = parse_count(v, 0)?;
+            Ok(())
+        },
+        get: |s| s.limits.max_connections.to_string(),
+    },
+    Key {
+        section: "limits",
+        name: "queue_length",
+        doc: "messages waiting for one receiver before slow_client applies",
+        set: |s, v| {
+            s.limits.queue_length = parse_count(v, 1)?;
+            Ok(())
+        },
+        get: |s| s.limits.queue_length.to_string(),
+    },
+    Key {
+        section: "limits",
+        name: "slow_client",
+        doc: "disconnect (1008) or drop, for a receiver whose queue is full",
+        set: |s, v| {
+            s.limits.slow_client = match v.to_ascii_lowercase().as_str() {
+                "disconnect" => SlowClient::Disconnect,
+                "drop" => SlowClient::Drop,
+                _ => return Err(format!("'{v}' is not one of: disconnect, drop")),
+            };
+            Ok(())
+        },
+        get: |s| {
+            match s.limits.slow_client {
+                SlowClient::Disconnect => "disconnect",
+                SlowClient::Drop => "drop",
+            }
+            .to_owned()
+        },
+    },
+    Key {
+        section: "limits",
+        name: "ping_interval",
+        doc: "seconds between pings (0: none); two silent intervals close a client",
+        set: |s, v| {
+            s.limits.ping_interval = parse_seconds(v, true)?;
+            Ok(())
+        },
+        get: |s| s.limits.ping_interval.as_secs_f64().to_string(),
+    },
+    Key {
+        section: "limits",
+        name: "handshake_timeout",
+        doc: "seconds a connection has for its request head",
+        set: |s, v| {
+            s.limits.handshake_timeout = parse_seconds(v, false)?;
+            Ok(())
+        },
+        get: |s| s.limits.handshake_timeout.as_secs_f64().to_string(),
+    },
+    Key {
+        section: "limits",
+        name: "max_path_length",
+        doc: "longest decoded channel path in bytes; longer gets 414",
+        set: |s, v| {
+            s.limits.max_path_length = parse_count(v, 1)?;
+            Ok(())
+        },
+        get: |s| s.limits.max_path_length.to_string(),
+    },
+    Key {
+        section: "limits",
+        name: "uuid_only",
+        doc: "accept only UUID4 channel paths",
+        set: |s, v| {
+            s.limits.uuid_only = parse_bool(v)?;
+            Ok(())
+        },
+        get: |s| s.limits.uuid_only.to_string(),
+    },
+    Key {
+        section: "limits",
+        name: "replay_length",
+        doc: "messages each channel keeps for replay=N (0: none)",
+        set: |s, v| {
+            s.limits.replay_length = parse_count(v, 0)?;
+            Ok(())
+        },
+        get: |s| s.limits.replay_length.to_string(),
+    },
+    Key {
+        section: "limits",
+        name: "replay_bytes",
+        doc: "bytes each channel's replay ring keeps",
+        set: |s, v| {
+            s.limits.replay_bytes = parse_count(v, 0)?;
+            Ok(())
+        },
+        get: |s| s.limits.replay_bytes.to_string(),
+    },
+    Key {
+        section: "limits",
+        name: "memory_budget",
+        doc: "bytes of partial, queued and replayed messages the process may hold",
+        // Less than a megabyte would refuse nearly everything.
+        set: |s, v| {
+            s.limits.memory_budget = parse_count(v, 1 << 20)?;
+            Ok(())
+        },
+        get: |s| s.limits.memory_budget.to_string(),
+    },
 ];
+
+/// The sections, in order.
+const SECTIONS: [&str; 3] = ["staps", "daemon", "limits"];
+
+/// The key `name` of `section`.
+fn key(section: &str, name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.section == section && k.name == name)
+}
 
 /// The section name 0.1.6 actually read (cement's), accepted as `[staps]`.
 const LEGACY_SECTION: &str = "controller.base";
@@ -369,23 +704,26 @@ pub fn apply_file(
         } else {
             lower.as_str()
         };
-        let Some((_, keys)) = KNOWN.iter().find(|(s, _)| *s == name) else {
+        if !SECTIONS.contains(&name) {
             warnings.push(format!(
                 "{}: unknown section [{raw_section}] is ignored",
                 Origin::File(path.to_owned(), line_of(text, Some(raw_section), ""))
             ));
             continue;
-        };
-        for (key, value) in props.iter() {
-            let key_lower = key.to_ascii_lowercase();
-            let origin = Origin::File(path.to_owned(), line_of(text, Some(raw_section), key));
-            if !keys.contains(&key_lower.as_str()) {
+        }
+        for (raw_key, value) in props.iter() {
+            let origin = Origin::File(path.to_owned(), line_of(text, Some(raw_section), raw_key));
+            let Some(key) = key(name, &raw_key.to_ascii_lowercase()) else {
                 warnings.push(format!(
-                    "{origin}: unknown key '{key}' in [{raw_section}] is ignored"
+                    "{origin}: unknown key '{raw_key}' in [{raw_section}] is ignored"
                 ));
                 continue;
-            }
-            set(settings, name, &key_lower, value.trim(), origin)?;
+            };
+            (key.set)(settings, value.trim()).map_err(|message| ConfigError {
+                origin,
+                key: format!("[{}] {}", key.section, key.name),
+                message,
+            })?;
         }
     }
     Ok(())
@@ -420,106 +758,6 @@ fn line_of(text: &str, section: Option<&str>, key: &str) -> usize {
     0
 }
 
-/// Apply one key's value; `section` is already the canonical name.
-fn set(
-    s: &mut Settings,
-    section: &str,
-    key: &str,
-    value: &str,
-    origin: Origin,
-) -> Result<(), ConfigError> {
-    let err = |message: String| ConfigError {
-        origin: origin.clone(),
-        key: format!("[{section}] {key}"),
-        message,
-    };
-    let optional = |v: &str| (!v.is_empty()).then(|| v.to_owned());
-    match (section, key) {
-        ("staps", "socket") => s.sockets = split_list(value).map(PathBuf::from).collect(),
-        ("staps", "mode") => s.mode = parse_octal(value, 0o7777).map_err(err)?,
-        ("staps", "amqp") => s.amqp = optional(value),
-        ("staps", "port") => {
-            s.tcp.retain(|t| !matches!(t, TcpSpec::AllInterfaces(_)));
-            for port in split_list(value) {
-                s.tcp
-                    .push(TcpSpec::AllInterfaces(parse_port(port).map_err(err)?));
-            }
-        }
-        ("staps", "listen") => {
-            s.tcp.retain(|t| !matches!(t, TcpSpec::Addr(_)));
-            for addr in split_list(value) {
-                s.tcp.push(TcpSpec::Addr(parse_listen(addr).map_err(err)?));
-            }
-        }
-        ("staps", "socket_group") => s.socket_group = optional(value),
-        ("staps", "exchange") => s.exchange = value.to_owned(),
-        ("staps", "public_url") => {
-            s.public_url = match value {
-                "" => None,
-                v => Some(parse_public_url(v).map_err(err)?),
-            }
-        }
-        ("staps", "log_level") => {
-            s.log_level = Some(value.parse().map_err(|_| {
-                err(format!(
-                    "'{value}' is not a log level (off, error, warn, info, debug, trace)"
-                ))
-            })?)
-        }
-        ("staps", "metrics") => {
-            s.metrics = match value {
-                "" => None,
-                v if v.contains('/') => Some(Endpoint::Unix(PathBuf::from(v))),
-                v => Some(Endpoint::Tcp(
-                    parse_listen(v).map_err(|e| err(format!("{e}, or a unix socket path")))?,
-                )),
-            }
-        }
-        ("daemon", "user") => s.user = optional(value),
-        ("daemon", "group") => s.group = optional(value),
-        ("daemon", "dir") => s.dir = PathBuf::from(value),
-        ("daemon", "pid_file") => s.pid_file = optional(value).map(PathBuf::from),
-        ("daemon", "umask") => s.umask = parse_octal(value, 0o777).map_err(err)?,
-        ("daemon", "log_file") => s.log_file = optional(value).map(PathBuf::from),
-        ("limits", key) => set_limit(&mut s.limits, key, value).map_err(err)?,
-        _ => unreachable!("key {section}.{key} is in KNOWN but not handled"),
-    }
-    Ok(())
-}
-
-fn set_limit(l: &mut Limits, key: &str, value: &str) -> Result<(), String> {
-    match key {
-        "max_message_size" => {
-            l.max_message_size = parse_count(value, 1)?;
-            if l.max_message_size > MAX_MESSAGE_SIZE {
-                return Err(format!(
-                    "'{value}' is more than staps takes: at most {MAX_MESSAGE_SIZE} (1 GiB)"
-                ));
-            }
-        }
-        "max_clients_per_channel" => l.max_clients_per_channel = parse_count(value, 0)?,
-        "max_connections" => l.max_connections = parse_count(value, 0)?,
-        "queue_length" => l.queue_length = parse_count(value, 1)?,
-        "slow_client" => {
-            l.slow_client = match value.to_ascii_lowercase().as_str() {
-                "disconnect" => SlowClient::Disconnect,
-                "drop" => SlowClient::Drop,
-                _ => return Err(format!("'{value}' is not one of: disconnect, drop")),
-            }
-        }
-        "ping_interval" => l.ping_interval = parse_seconds(value, true)?,
-        "handshake_timeout" => l.handshake_timeout = parse_seconds(value, false)?,
-        "max_path_length" => l.max_path_length = parse_count(value, 1)?,
-        "uuid_only" => l.uuid_only = parse_bool(value)?,
-        "replay_length" => l.replay_length = parse_count(value, 0)?,
-        "replay_bytes" => l.replay_bytes = parse_count(value, 0)?,
-        // Less than a megabyte would refuse nearly everything.
-        "memory_budget" => l.memory_budget = parse_count(value, 1 << 20)?,
-        _ => unreachable!("limit {key} is in KNOWN but not handled"),
-    }
-    Ok(())
-}
-
 /// Apply the command line over the files. Listeners given on the command line
 /// replace every listener of the files, so `staps --listen 127.0.0.1:8080` on a
 /// machine with an installed config does not also try to take its socket.
@@ -546,11 +784,10 @@ fn apply_cli(s: &mut Settings, cli: &Cli) -> Result<(), ConfigError> {
             s.tcp.push(TcpSpec::Addr(addr));
         }
     }
-    if let Some(mode) = &cli.mode {
-        s.mode = parse_octal(mode, 0o7777).map_err(|m| err("--mode", m))?;
-    }
-    if let Some(amqp) = &cli.amqp {
-        s.amqp = (!amqp.is_empty()).then(|| amqp.clone());
+    for (flag, name, value) in [("--mode", "mode", &cli.mode), ("--amqp", "amqp", &cli.amqp)] {
+        if let (Some(value), Some(key)) = (value, key("staps", name)) {
+            (key.set)(s, value).map_err(|m| err(flag, m))?;
+        }
     }
     s.daemon |= cli.daemon;
     Ok(())
@@ -687,82 +924,23 @@ fn parse_public_url(value: &str) -> Result<String, String> {
 }
 
 impl Settings {
-    /// The effective settings as an INI file, for `--check-config`.
+    /// The effective settings as an INI file, for `--check-config`: every
+    /// key, with what it means as a comment.
     pub fn render(&self) -> String {
-        let list = |items: Vec<String>| items.join(" ");
-        let opt = |v: &Option<String>| v.clone().unwrap_or_default();
-        let path = |v: &Option<PathBuf>| {
-            v.as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        };
-        let l = &self.limits;
-        let ports = self.tcp.iter().filter_map(|t| match t {
-            TcpSpec::AllInterfaces(p) => Some(p.to_string()),
-            TcpSpec::Addr(_) => None,
-        });
-        let addrs = self.tcp.iter().filter_map(|t| match t {
-            TcpSpec::Addr(a) => Some(a.to_string()),
-            TcpSpec::AllInterfaces(_) => None,
-        });
-        let files = list(self.files.iter().map(|f| f.display().to_string()).collect());
-        format!(
-            "; files read: {files}\n\
-             [staps]\n\
-             socket = {}\nmode = {:04o}\nsocket_group = {}\nport = {}\nlisten = {}\n\
-             amqp = {}\nexchange = {}\npublic_url = {}\nlog_level = {}\nmetrics = {}\n\n\
-             [daemon]\n\
-             user = {}\ngroup = {}\ndir = {}\npid_file = {}\numask = {:04o}\nlog_file = {}\n\n\
-             [limits]\n\
-             max_message_size = {}\nmax_clients_per_channel = {}\nmax_connections = {}\n\
-             queue_length = {}\nslow_client = {}\nping_interval = {}\nhandshake_timeout = {}\n\
-             max_path_length = {}\nuuid_only = {}\nreplay_length = {}\nreplay_bytes = {}\n\
-             memory_budget = {}\n",
-            list(
-                self.sockets
-                    .iter()
-                    .map(|s| s.display().to_string())
-                    .collect()
-            ),
-            self.mode,
-            opt(&self.socket_group),
-            list(ports.collect()),
-            list(addrs.collect()),
-            self.amqp.as_deref().map(redact).unwrap_or_default(),
-            self.exchange,
-            opt(&self.public_url),
-            self.log_level
-                .map(|l| l.to_string().to_lowercase())
-                .unwrap_or_default(),
-            self.metrics
-                .as_ref()
-                .map(|m| match m {
-                    Endpoint::Tcp(addr) => addr.to_string(),
-                    Endpoint::Unix(path) => path.display().to_string(),
-                })
-                .unwrap_or_default(),
-            opt(&self.user),
-            opt(&self.group),
-            self.dir.display(),
-            path(&self.pid_file),
-            self.umask,
-            path(&self.log_file),
-            l.max_message_size,
-            l.max_clients_per_channel,
-            l.max_connections,
-            l.queue_length,
-            match l.slow_client {
-                SlowClient::Disconnect => "disconnect",
-                SlowClient::Drop => "drop",
-            },
-            l.ping_interval.as_secs_f64(),
-            l.handshake_timeout.as_secs_f64(),
-            l.max_path_length,
-            l.uuid_only,
-            l.replay_length,
-            l.replay_bytes,
-            l.memory_budget,
-        )
+        let files: Vec<String> = self.files.iter().map(|f| f.display().to_string()).collect();
+        let mut out = format!("; files read: {}\n", files.join(" "));
+        for section in SECTIONS {
+            out.push_str(&format!("\n[{section}]\n"));
+            for key in KEYS.iter().filter(|k| k.section == section) {
+                out.push_str(&format!(
+                    "; {}\n{} = {}\n",
+                    key.doc,
+                    key.name,
+                    (key.get)(self)
+                ));
+            }
+        }
+        out
     }
 }
 
@@ -878,6 +1056,35 @@ mod tests {
         assert!(parse("[staps]\npublic_url = ws://<script>/\n").is_err());
     }
 
+    /// Every key reads back what it shows: --check-config's output is a
+    /// configuration file with the same settings.
+    #[test]
+    fn rendered_settings_read_back_the_same() {
+        let (s, w) = parse(
+            "[staps]\nsocket = /a.sock /b.sock\nmode = 0600\nport = 81\nlisten = [::1]:82\n\
+             socket_group = g\nexchange = ex\npublic_url = wss://h/p\nlog_level = debug\n\
+             metrics = /m.sock\n[daemon]\nuser = u\ngroup = g\ndir = /d\npid_file = /p\n\
+             umask = 0027\nlog_file = /l\n[limits]\nmax_message_size = 99\n\
+             max_clients_per_channel = 3\nmax_connections = 4\nqueue_length = 5\n\
+             slow_client = drop\nping_interval = 1.5\nhandshake_timeout = 2\n\
+             max_path_length = 6\nuuid_only = true\nreplay_length = 7\nreplay_bytes = 8\n\
+             memory_budget = 2097152\n",
+        )
+        .unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        let shown = s.render();
+        let (again, w) = parse(&shown).unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(again.render(), shown);
+        for key in KEYS {
+            assert!(
+                shown.contains(&format!("\n{} = ", key.name)),
+                "{}",
+                key.name
+            );
+        }
+    }
+
     #[test]
     fn the_shipped_config_is_valid_and_complete() {
         let (s, w) = parse(include_str!("../staps.conf")).unwrap();
@@ -886,14 +1093,15 @@ mod tests {
         assert_eq!(s.user.as_deref(), Some("staps"));
         // Every key staps knows is mentioned, so the file documents them all.
         let text = include_str!("../staps.conf");
-        for (section, keys) in KNOWN {
+        for section in SECTIONS {
             assert!(text.contains(&format!("[{section}]")), "{section}");
-            for key in *keys {
-                assert!(
-                    text.contains(&format!("{key} =")),
-                    "{key} missing from staps.conf"
-                );
-            }
+        }
+        for key in KEYS {
+            assert!(
+                text.contains(&format!("{} =", key.name)),
+                "{} missing from staps.conf",
+                key.name
+            );
         }
     }
 }
