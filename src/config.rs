@@ -6,7 +6,7 @@
 //! exit code 78 and a message that names the file, line, key and accepted form.
 
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -28,11 +28,30 @@ pub enum SlowClient {
     Drop,
 }
 
+/// `ADDRESS:PORT` as configured: an address, or a host name that
+/// [`crate::resolve`] looks up once at startup (to its first address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// An IP address and port.
+    Ip(SocketAddr),
+    /// `HOST:PORT`, not looked up yet.
+    Host(String),
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Ip(addr) => write!(f, "{addr}"),
+            Address::Host(host) => f.write_str(host),
+        }
+    }
+}
+
 /// Where the metrics listener is: an address or a unix socket path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
     /// `ADDRESS:PORT`.
-    Tcp(SocketAddr),
+    Tcp(Address),
     /// A path (anything with a `/`).
     Unix(PathBuf),
 }
@@ -52,7 +71,7 @@ pub enum TcpSpec {
     /// `port`/`--port`: every interface, IPv6 and IPv4, as 0.1.x did.
     AllInterfaces(u16),
     /// `listen`/`--listen`: one address.
-    Addr(SocketAddr),
+    Addr(Address),
 }
 
 impl fmt::Display for TcpSpec {
@@ -848,17 +867,24 @@ fn parse_port(value: &str) -> Result<u16, String> {
         .map_err(|_| format!("'{value}' is not a port number (0 to 65535)"))
 }
 
-fn parse_listen(value: &str) -> Result<SocketAddr, String> {
-    let hint = "expected ADDRESS:PORT, e.g. 127.0.0.1:8080 or [::1]:8080";
+/// How `ADDRESS:PORT` is written; for errors.
+pub const ADDRESS_FORM: &str = "expected ADDRESS:PORT, e.g. 127.0.0.1:8080 or [::1]:8080";
+
+fn parse_listen(value: &str) -> Result<Address, String> {
     if let Ok(addr) = value.parse() {
-        return Ok(addr);
+        return Ok(Address::Ip(addr));
     }
-    // Host names are resolved once, at startup, to their first address.
-    match value.to_socket_addrs() {
-        Ok(mut addrs) => addrs
-            .next()
-            .ok_or_else(|| format!("'{value}' resolves to no address; {hint}")),
-        Err(e) => Err(format!("'{value}': {e}; {hint}")),
+    // A host name: looked up at startup (resolve), not while parsing.
+    let host_port = value.rsplit_once(':').filter(|(host, port)| {
+        !host.is_empty()
+            && port.parse::<u16>().is_ok()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+    });
+    match host_port {
+        Some(_) => Ok(Address::Host(value.to_owned())),
+        None => Err(format!("'{value}': not an address; {ADDRESS_FORM}")),
     }
 }
 
@@ -1041,8 +1067,8 @@ mod tests {
         assert_eq!(
             s.tcp,
             vec![
-                TcpSpec::Addr("[::1]:8080".parse().unwrap()),
-                TcpSpec::Addr("127.0.0.1:81".parse().unwrap()),
+                TcpSpec::Addr(Address::Ip("[::1]:8080".parse().unwrap())),
+                TcpSpec::Addr(Address::Ip("127.0.0.1:81".parse().unwrap())),
                 TcpSpec::AllInterfaces(90),
             ]
         );

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 
-use crate::config::{Endpoint, Settings, TcpSpec};
+use crate::config::{Address, Endpoint, Settings, TcpSpec};
 use crate::logging::{Throttle, escape_path};
 use crate::resolve::Host;
 use crate::server::{Crowded, Server};
@@ -126,7 +126,7 @@ pub fn bind_all(settings: &Settings, host: &Host) -> Result<Vec<Listener>, Strin
             }
         }
     }
-    for spec in &settings.tcp {
+    for spec in &host.tcp {
         match bind_tcp(spec) {
             Ok(l) => listeners.push(l),
             Err(e) => {
@@ -140,11 +140,11 @@ pub fn bind_all(settings: &Settings, host: &Host) -> Result<Vec<Listener>, Strin
 
 /// Bind the metrics listener, when one is configured.
 pub fn bind_metrics(settings: &Settings, host: &Host) -> Result<Option<Listener>, String> {
-    let Some(endpoint) = &settings.metrics else {
+    let Some(endpoint) = &host.metrics else {
         return Ok(None);
     };
     let bound = match endpoint {
-        Endpoint::Tcp(addr) => bind_tcp(&TcpSpec::Addr(*addr)),
+        Endpoint::Tcp(addr) => bind_tcp(&TcpSpec::Addr(addr.clone())),
         Endpoint::Unix(path) => bind_unix(path, settings.mode, host.socket_owner),
     };
     bound
@@ -389,7 +389,11 @@ fn bind_tcp(spec: &TcpSpec) -> Result<Listener, String> {
         Ok(socket.into())
     };
     let listener = match spec {
-        TcpSpec::Addr(addr) => bind(*addr, false),
+        TcpSpec::Addr(Address::Ip(addr)) => bind(*addr, false),
+        // resolve looks every name up before anything is bound.
+        TcpSpec::Addr(Address::Host(name)) => {
+            Err(io::Error::other(format!("{name} was not looked up")))
+        }
         TcpSpec::AllInterfaces(port) => {
             // One dual-stack socket takes IPv6 and IPv4; a host without IPv6 gets IPv4.
             match bind((std::net::Ipv6Addr::UNSPECIFIED, *port).into(), true) {

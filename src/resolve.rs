@@ -3,7 +3,9 @@
 //! else), the users and groups they name become ids and systemd's sockets
 //! are noticed, once at startup.
 
-use crate::config::{ConfigError, Settings};
+use std::net::ToSocketAddrs;
+
+use crate::config::{ADDRESS_FORM, Address, ConfigError, Endpoint, Settings, TcpSpec};
 use crate::{sys, systemd};
 
 /// The files read when `-c` is not given, in order; later files win:
@@ -17,8 +19,12 @@ pub fn default_files() -> Vec<std::path::PathBuf> {
 }
 
 /// What the configuration names on this host.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Host {
+    /// The TCP listeners, host names looked up.
+    pub tcp: Vec<TcpSpec>,
+    /// The metrics listener, its host name looked up.
+    pub metrics: Option<Endpoint>,
     /// User and group to switch to after binding (when root).
     pub run_as: Option<(libc::uid_t, libc::gid_t)>,
     /// Owner and group of the socket files; `None` leaves one as it is.
@@ -75,7 +81,38 @@ pub fn resolve(settings: &Settings) -> Result<Host, ConfigError> {
         // An unprivileged user may still hand the socket to a group it is in.
         (None, socket_gid)
     };
+    let lookup = |key: &str, address: &Address| -> Result<Address, ConfigError> {
+        let Address::Host(name) = address else {
+            return Ok(address.clone());
+        };
+        // To its first address, once: a name that moves later is not followed.
+        let first = name
+            .to_socket_addrs()
+            .map_err(|e| err(key, format!("'{name}': {e}; {ADDRESS_FORM}")))?
+            .next()
+            .ok_or_else(|| {
+                err(
+                    key,
+                    format!("'{name}' resolves to no address; {ADDRESS_FORM}"),
+                )
+            })?;
+        Ok(Address::Ip(first))
+    };
+    let tcp = settings
+        .tcp
+        .iter()
+        .map(|spec| match spec {
+            TcpSpec::Addr(address) => lookup("[staps] listen", address).map(TcpSpec::Addr),
+            other => Ok(other.clone()),
+        })
+        .collect::<Result<_, _>>()?;
+    let metrics = match &settings.metrics {
+        Some(Endpoint::Tcp(address)) => Some(Endpoint::Tcp(lookup("[staps] metrics", address)?)),
+        other => other.clone(),
+    };
     Ok(Host {
+        tcp,
+        metrics,
         run_as,
         socket_owner,
         socket_activated,
@@ -104,5 +141,25 @@ mod tests {
         assert_eq!(h.run_as, Some((54321, 54321)));
         let e = host("[staps]\nmode = 0660\n").unwrap_err();
         assert!(e.to_string().starts_with("t.conf: listeners"), "{e}");
+    }
+
+    #[test]
+    fn host_names_are_looked_up_here_not_while_parsing() {
+        let text = "[staps]\nlisten = localhost:8080\nmetrics = localhost:9090\n";
+        let settings = crate::config::from_text(std::path::Path::new("t.conf"), text)
+            .unwrap()
+            .settings;
+        assert_eq!(
+            settings.tcp,
+            [TcpSpec::Addr(Address::Host("localhost:8080".into()))]
+        );
+        let h = resolve(&settings).unwrap();
+        let [TcpSpec::Addr(Address::Ip(addr))] = h.tcp.as_slice() else {
+            panic!("not looked up: {:?}", h.tcp);
+        };
+        assert!(addr.ip().is_loopback() && addr.port() == 8080, "{addr}");
+        assert!(matches!(h.metrics, Some(Endpoint::Tcp(Address::Ip(_)))));
+        let e = host("[staps]\nlisten = no-such-host.invalid:80\n").unwrap_err();
+        assert!(e.to_string().contains("[staps] listen"), "{e}");
     }
 }

@@ -114,7 +114,7 @@ pub fn run() -> ExitCode {
         }
     };
     let bind = {
-        let settings = settings.clone();
+        let (settings, host) = (settings.clone(), host.clone());
         move || bind_and_drop_privileges(&settings, &host)
     };
     let ((listeners, metrics), mut readiness) = if settings.daemon {
