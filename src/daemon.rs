@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io::{self, BufRead, Write};
 use std::os::fd::FromRawFd;
 use std::path::Path;
+use std::process::ExitCode;
 use std::sync::OnceLock;
 
 use crate::config::Settings;
@@ -73,41 +74,43 @@ impl Readiness {
         crate::systemd::notify("READY=1");
     }
 
-    /// Startup failed after detaching: let the parent report it and exit `code`.
-    pub fn fail(&mut self, code: i32, message: &str) -> ! {
+    /// Startup failed: let the parent (if any) report it and exit `code`;
+    /// the code for this process to exit with.
+    pub fn fail(&mut self, code: u8, message: &str) -> ExitCode {
         match self.0.take() {
             Some(mut pipe) => {
                 let _ = writeln!(pipe, "ERROR {code} {message}");
             }
             None => log::error!("{message}"),
         }
-        std::process::exit(code)
+        ExitCode::from(code)
     }
 }
 
 /// Detach classic-style with `settings`: fork, setsid, working directory,
 /// umask, locked pid file, stdout/stderr to `log_file` or /dev/null; then, still
 /// privileged, run `bind` (which binds and drops privileges). The parent waits
-/// until the child is ready and exits 0, or prints the child's error and exits
-/// with its code; only the child returns. No thread may exist before this.
+/// until the child is ready and returns `Err(0)`, or prints the child's
+/// error and returns `Err` with its code; the child gets `Ok`, or `Err` once
+/// it has told the parent why it failed. No thread may exist before this.
 pub fn detach<T: 'static>(
     settings: &Settings,
     host: &Host,
     bind: impl FnOnce() -> Result<T, String> + 'static,
-) -> (T, Readiness) {
-    let (read_end, write_end) = match pipe() {
-        Ok(ends) => ends,
-        Err(e) => {
-            eprintln!("staps: cannot create a pipe: {e}");
-            std::process::exit(1);
-        }
-    };
+) -> Result<(T, Readiness), ExitCode> {
+    let (read_end, write_end) = pipe().map_err(|e| {
+        eprintln!("staps: cannot create a pipe: {e}");
+        ExitCode::FAILURE
+    })?;
     let (stdout, stderr) = match &settings.log_file {
         Some(path) => match logging::open_log(path).and_then(|f| Ok((f.try_clone()?, f))) {
             Ok((out, err)) => (out.into(), err.into()),
             Err(e) => {
-                eprintln!("staps: cannot open log file {}: {e}", path.display());
-                std::process::exit(1);
+                eprintln!(
+                    "staps: cannot open log file {}: {e}",
+                    logging::escape_path(path)
+                );
+                return Err(ExitCode::FAILURE);
             }
         },
         None => (daemonize::Stdio::devnull(), daemonize::Stdio::devnull()),
@@ -130,27 +133,27 @@ pub fn detach<T: 'static>(
     match daemon.privileged_action(privileged).execute() {
         daemonize::Outcome::Parent(result) => {
             drop(write_end);
-            std::process::exit(wait_for_child(read_end, result.is_ok()))
+            Err(ExitCode::from(wait_for_child(read_end, result.is_ok())))
         }
         daemonize::Outcome::Child(result) => {
             drop(read_end);
             let mut readiness = Readiness(Some(write_end));
             match result {
                 Ok(child) => match child.privileged_action_result {
-                    Ok(bound) => (bound, readiness),
+                    Ok(bound) => Ok((bound, readiness)),
                     Err(e) => {
                         remove_pid_file(settings);
-                        readiness.fail(1, &e)
+                        Err(readiness.fail(1, &e))
                     }
                 },
-                Err(e) => readiness.fail(1, &format!("cannot detach: {e}")),
+                Err(e) => Err(readiness.fail(1, &format!("cannot detach: {e}"))),
             }
         }
     }
 }
 
 /// The parent's side: wait for the child's line, report it, give the exit code.
-fn wait_for_child(pipe: File, forked: bool) -> i32 {
+fn wait_for_child(pipe: File, forked: bool) -> u8 {
     let mut line = String::new();
     let _ = io::BufReader::new(pipe).read_line(&mut line);
     let line = line.trim_end();

@@ -1,7 +1,7 @@
 //! The wiring of the staps daemon: the modules of the library together, from
-//! the command line to the signal loop (layer 8 in `lib.rs`). No other module
-//! exits the process on its own account, but for the daemon's parent and a
-//! second signal.
+//! the command line to the signal loop (layer 8 in `lib.rs`). Startup
+//! failures come back here as exit codes; only the signal loop, which runs
+//! until the process ends, exits it itself.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -118,7 +118,11 @@ pub fn run() -> ExitCode {
         move || bind_and_drop_privileges(&settings, &host)
     };
     let ((listeners, metrics), mut readiness) = if settings.daemon {
-        daemon::detach(&settings, &host, bind)
+        match daemon::detach(&settings, &host, bind) {
+            Ok(detached) => detached,
+            // The parent, done waiting, or a child that could not start.
+            Err(code) => return code,
+        }
     } else {
         match bind() {
             Ok(bound) => (bound, daemon::Readiness::foreground()),
@@ -157,7 +161,7 @@ pub fn run() -> ExitCode {
             });
         if let Err(e) = started {
             files.remove();
-            readiness.fail(1, &e);
+            return readiness.fail(1, &e);
         }
     }
     // The metrics listener answers through a shutdown, for /healthz.
@@ -192,7 +196,7 @@ pub fn run() -> ExitCode {
         );
         if let Err(e) = spawned {
             files.remove();
-            readiness.fail(1, &format!("cannot start the accept thread for {l}: {e}"));
+            return readiness.fail(1, &format!("cannot start the accept thread for {l}: {e}"));
         }
         log::info!("{what} {l}");
     }
