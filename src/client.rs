@@ -300,8 +300,9 @@ struct ReadHalf {
     /// nears, or while a large message is in progress).
     ping: Duration,
     shortened: bool,
-    /// What the client has sent of a message not complete yet.
-    incoming: Incoming,
+    /// What the client has sent of a message not complete yet. On the heap:
+    /// the reader's stack stays within two resident pages.
+    incoming: Box<Incoming>,
     /// How long a large message may go without progress (`handshake_timeout`).
     stall: Duration,
     /// The read timeout is `stall` for a large message in progress.
@@ -464,7 +465,7 @@ fn read_loop(
         writer_due: first_ping,
         ping,
         shortened: false,
-        incoming: Incoming::new(limits.max_message_size, &BUDGET),
+        incoming: Box::new(Incoming::new(limits.max_message_size, &BUDGET)),
         stall: limits.handshake_timeout,
         watching: false,
     };
