@@ -383,7 +383,7 @@ impl ReadHalf {
     /// Follow what was read; refuse a message the memory budget cannot take.
     fn follow(&mut self, bytes: &[u8], now: Instant) -> io::Result<()> {
         if !self.incoming.follow(bytes, now) {
-            return Err(io::Error::other("memory budget reached"));
+            return Err(refused());
         }
         if self.incoming.in_large_message() != self.watching {
             self.watching = !self.watching;
@@ -393,10 +393,16 @@ impl ReadHalf {
     }
 }
 
+/// The read error of a message the memory budget refused; the read loop
+/// answers it with 1009.
+fn refused() -> io::Error {
+    io::Error::other("memory budget reached")
+}
+
 impl Read for ReadHalf {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.incoming.refused() {
-            return Err(io::Error::other("memory budget reached"));
+            return Err(refused());
         }
         let limit = self.incoming.read_limit(buf.len());
         let buf = &mut buf[..limit];

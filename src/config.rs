@@ -786,26 +786,21 @@ fn apply_cli(s: &mut Settings, cli: &Cli) -> Result<(), ConfigError> {
         key: key.to_owned(),
         message,
     };
+    // Each option sets its key as a file would, so it is read the same way.
+    let mut options: Vec<(&str, &str, String)> = Vec::new();
     if !cli.socket.is_empty() || !cli.port.is_empty() || !cli.listen.is_empty() {
-        s.sockets = cli
-            .socket
-            .iter()
-            .flat_map(|v| split_list(v))
-            .map(PathBuf::from)
-            .collect();
-        s.tcp.clear();
-        for port in cli.port.iter().flat_map(|v| split_list(v)) {
-            let port = parse_port(port).map_err(|m| err("--port", m))?;
-            s.tcp.push(TcpSpec::AllInterfaces(port));
-        }
-        for addr in cli.listen.iter().flat_map(|v| split_list(v)) {
-            let addr = parse_listen(addr).map_err(|m| err("--listen", m))?;
-            s.tcp.push(TcpSpec::Addr(addr));
-        }
+        // Every listener, also those not given, so none of the files' stays.
+        options.extend([
+            ("--socket", "socket", cli.socket.join(" ")),
+            ("--port", "port", cli.port.join(" ")),
+            ("--listen", "listen", cli.listen.join(" ")),
+        ]);
     }
-    for (flag, name, value) in [("--mode", "mode", &cli.mode), ("--amqp", "amqp", &cli.amqp)] {
-        if let (Some(value), Some(key)) = (value, key("staps", name)) {
-            (key.set)(s, value).map_err(|m| err(flag, m))?;
+    options.extend(cli.mode.iter().map(|v| ("--mode", "mode", v.clone())));
+    options.extend(cli.amqp.iter().map(|v| ("--amqp", "amqp", v.clone())));
+    for (flag, name, value) in options {
+        if let Some(key) = key("staps", name) {
+            (key.set)(s, &value).map_err(|m| err(flag, m))?;
         }
     }
     s.daemon |= cli.daemon;
