@@ -2,33 +2,33 @@
 //!
 //! The way of a message: the sender's **reader** (`read_loop`) gets it whole
 //! from tungstenite, encodes it once into a [`Frame`] and hands it to
-//! [`Channel::publish`], which queues it for every other member; writers that
-//! sleep are woken once the reader has published what its last socket read
-//! brought (`ReadHalf`). Each member's **writer** (`write_loop`) drains
-//! its queue and writes the batch with one vectored write. The writer owns
-//! every websocket frame written to the socket: pongs and close frames that
-//! the reader decides on go through the same queue, so frames can never
-//! interleave. The reader writes only the `101` answer, before the writer
-//! exists; the writer starts when there is first something to write.
+//! [`Channel::publish`], which queues it for every other member. Once the
+//! reader has published what its last socket read brought (`ReadHalf`), it
+//! sends to each idle receiver what it queued there, with one non-blocking
+//! send; a receiver with a backlog has a **writer** thread that drains it
+//! (`Peer::write_backlog`). Who may write to a socket when is the write lock
+//! of `peer.rs`: pongs, pings and close frames take the same way, so frames
+//! never interleave. The reader writes the `101` answer before anyone else
+//! may write, and sends its client's pings.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 use uuid::Uuid;
 
 use crate::budget::BUDGET;
 use crate::channels::{Channel, JoinError};
+use crate::config::Limits;
 use crate::frame::{Frame, Kind};
 use crate::http::{self, HeadError, Options, Route, respond};
 use crate::incoming::Incoming;
 use crate::logging::{Throttle, escape, fingerprint};
-use crate::peer::{Close, Launch, Out, Peer, Wakes};
-use crate::server::{self, CLOSE_TIMEOUT, Handshake, Server, Slot};
+use crate::peer::{CLOSE_TIMEOUT, Close, Flushes, Launch, Peer};
+use crate::server::{self, Handshake, Server, Slot};
 use crate::stats;
 use crate::stream::{Stream, is_timeout};
 
@@ -48,22 +48,21 @@ const READ_BUFFER: usize = 1024;
 /// stay resident for as long as its connection is idle; in one frame they
 /// would keep a page more per connection (figures: BENCHMARKS.md, "Measurements behind the constants").
 pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot, place: Handshake) {
+    // The connection's place is held until its reader is done with it.
+    let _slot = slot;
     let handshaken = handshake(stream, &server);
     drop(place);
-    let Some((joined, writer)) = handshaken else {
+    let Some((joined, handshake)) = handshaken else {
         return;
     };
-    let ping = server.settings.limits.ping_interval;
-    // Pings are due from the handshake on, whenever the writer starts.
-    let first_ping = (!ping.is_zero()).then(|| Instant::now() + ping);
-    if joined.answer(&server, slot, writer, first_ping) {
-        joined.run(&server, first_ping);
+    if joined.answer(&server, &handshake) {
+        joined.run(&server);
     }
 }
 
 /// Read the request and answer it; for a websocket upgrade, join its channel.
 #[inline(never)]
-fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, WriterStart)> {
+fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, Vec<u8>)> {
     let limits = &server.settings.limits;
     let now = Instant::now();
     let deadline = now + limits.handshake_timeout;
@@ -109,7 +108,7 @@ fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, WriterStar
     }
 }
 
-/// A client that has joined its channel, before its writer starts. However
+/// A client that has joined its channel, before its `101` is out. However
 /// its thread ends, even by a panic, dropping it leaves the channel, so that
 /// no client stays counted (against `max_connections`, or by a shutdown that
 /// waits for every client to leave) after its thread is gone.
@@ -124,15 +123,8 @@ struct Joined {
     rest: Vec<u8>,
 }
 
-/// What the reader needs to let a writer start: the `101` answer to send
-/// first and the client's queue for the writer.
-struct WriterStart {
-    queue: Receiver<Out>,
-    handshake: Vec<u8>,
-}
-
 /// Join the channel at `path`, or refuse with 503. Returns the client and
-/// what its writer starts with.
+/// its `101` answer.
 fn join(
     stream: Stream,
     server: &Arc<Server>,
@@ -140,10 +132,10 @@ fn join(
     accept: String,
     options: Options,
     rest: Vec<u8>,
-) -> Option<(Joined, WriterStart)> {
+) -> Option<(Joined, Vec<u8>)> {
     let id = server.next_id();
     let path: Arc<str> = path.into();
-    let (peer, queue) = Peer::new(id, options.echo);
+    let peer = Peer::new(id, options.echo);
     let channel = match server
         .registry
         .join(&path, &peer, &options, &server.settings.limits)
@@ -179,58 +171,42 @@ fn join(
         peer,
         rest,
     };
-    let writer = WriterStart {
-        queue,
-        handshake: http::switching_protocols(&accept),
-    };
-    Some((joined, writer))
+    Some((joined, http::switching_protocols(&accept)))
 }
 
 impl Joined {
-    /// Send the `101` answer, then let the writer start when there is first
-    /// something to write ([`Peer`]); false if the client is gone already.
+    /// Send the `101` answer, then let others write to the client
+    /// ([`Peer::ready`]); false if the client is gone already.
     ///
     /// The reader writes the answer, as it writes every other HTTP answer:
-    /// no writer exists yet, so nothing can interleave with it, and every
-    /// websocket frame still goes through the writer.
+    /// until the peer is ready nobody else writes, so nothing can interleave
+    /// with it.
     #[inline(never)]
-    fn answer(
-        &self,
-        server: &Arc<Server>,
-        slot: Slot,
-        writer: WriterStart,
-        first_ping: Option<Instant>,
-    ) -> bool {
-        let WriterStart { queue, handshake } = writer;
-        if let Err(e) = self.stream.send_all(&handshake) {
+    fn answer(&self, server: &Arc<Server>, handshake: &[u8]) -> bool {
+        if let Err(e) = self.stream.send_all(handshake) {
             log::debug!("client {}: cannot answer: {e}", self.peer.id);
+            self.peer.never_ready();
             return false;
         }
-        let out = Arc::clone(&self.stream);
-        let server = Arc::clone(server);
-        // Weak: the peer holds this until it runs.
-        let peer = Arc::downgrade(&self.peer);
-        self.peer.ready_to_launch(Launch::new(move || {
-            let Some(peer) = peer.upgrade() else {
-                return;
-            };
-            let (cut, failed) = (Arc::clone(&out), Arc::clone(&peer));
-            let writers = Arc::clone(&server.writers);
-            let started = writers.run(move || {
-                let _slot = slot;
-                write_loop(out, &queue, &peer, first_ping, &server);
-            });
-            if let Err(e) = started {
-                // Past the 101 no answer is possible: cut the connection, which
-                // ends the reader.
+        let writers = Arc::clone(&server.writers);
+        let ping = server.settings.limits.ping_interval;
+        // A client that takes nothing for as long as the ping timeout is gone.
+        let stall = if ping.is_zero() {
+            Duration::from_secs(60)
+        } else {
+            2 * ping
+        };
+        let launch: Launch = Box::new(move |peer: Arc<Peer>| {
+            let started = writers.run(move || peer.write_backlog(stall));
+            if let Err(e) = &started {
                 static THROTTLE: Throttle = Throttle::new();
                 if THROTTLE.ready() {
                     log::warn!("cannot start a writer thread (once a minute at most): {e}");
                 }
-                failed.close(Close::ABORT);
-                let _ = cut.shutdown(Shutdown::Both);
             }
-        }));
+            started
+        });
+        self.peer.ready(Arc::clone(&self.stream), launch);
         true
     }
 
@@ -248,27 +224,23 @@ impl Joined {
 
     /// Read and publish until the connection ends, then leave the channel.
     #[inline(never)]
-    fn run(mut self, server: &Server, first_ping: Option<Instant>) {
+    fn run(mut self, server: &Server) {
         let rest = std::mem::take(&mut self.rest);
-        let (close, stream) = read_loop(&self, rest, server, first_ping);
-        // A failed connection gets no close frame: a writer that has not
-        // started need not start for it.
-        let unwritten = !close.send && self.peer.forgo_writer();
-        self.peer.close(close);
+        let (close, stream) = read_loop(&self, rest, server);
+        self.peer.end(close);
         self.leave();
         log::debug!(
             "client {} left channel {}: {close:?}",
             self.peer.id,
             fingerprint(&self.path)
         );
-        if unwritten {
-            let _ = stream.shutdown(Shutdown::Both);
-        } else {
-            // Read what is left until the client closes (it has our close frame, or
-            // the connection failed) or the writer cuts it after CLOSE_TIMEOUT.
+        if self.peer.close_reason().is_some_and(|c| c.send) {
+            // Read what is left until the client closes (it has our close
+            // frame) or CLOSE_TIMEOUT has passed.
             stream.drain(Instant::now() + CLOSE_TIMEOUT + Duration::from_secs(1));
         }
         self.peer.reader_finished();
+        let _ = stream.shutdown(Shutdown::Both);
     }
 }
 
@@ -283,21 +255,23 @@ impl Drop for Joined {
 }
 
 /// The reader's half of the socket. tungstenite wants to write pongs itself;
-/// staps queues them for the writer instead, so writes here go nowhere.
-struct ReadHalf {
+/// staps queues them like every other frame instead, so writes here go
+/// nowhere.
+struct ReadHalf<'a> {
     stream: Arc<Stream>,
     peer: Arc<Peer>,
+    limits: &'a Limits,
     last_rx: Instant,
-    /// Receivers' writers owed a wake-up by what this reader has published.
-    wakes: Wakes,
-    /// Messages published and reads done since those writers were last woken.
+    /// Receivers owed a send of what this reader has queued for them.
+    flushes: Flushes,
+    /// Messages published and reads done since those were last sent.
     deferred: usize,
     /// The last read filled the buffer: more has probably arrived.
     full: bool,
-    /// The first ping, while the writer has not started.
-    writer_due: Option<Instant>,
-    /// The ping interval, the read timeout (shortened while the first ping
-    /// nears, or while a large message is in progress).
+    /// When the client's next ping is due.
+    ping_due: Option<Instant>,
+    /// The ping interval, the read timeout (shortened while a ping nears, or
+    /// while a large message is in progress).
     ping: Duration,
     shortened: bool,
     /// What the client has sent of a message not complete yet. On the heap:
@@ -309,58 +283,60 @@ struct ReadHalf {
     watching: bool,
 }
 
-/// Messages a reader publishes (or reads it does) at most before it wakes the
-/// writers it owes.
+/// Messages a reader publishes (or reads it does) at most before it sends
+/// to the receivers it owes.
 ///
 /// A publisher whose client sends faster than one read takes goes on with
-/// what is already in the socket before waking the receivers' writers, so
-/// that each writer wakes once for all of it and writes it at once: at
-/// fan-out, wake-ups (the publisher's futex calls, the writers' context
-/// switches) and one small write per wake-up were most of the cost, and the
-/// gain flattens past 128 (figures: BENCHMARKS.md, "Measurements behind the constants"). This bounds the delay it adds to a
-/// receiver's first message: the fan-out of 128 messages. Reads count too, so that a large
-/// frame streaming in behind a message does not hold back its wake-ups until
-/// the frame is whole. A client that sends one message at a time leaves the
-/// socket empty after each, so its messages are not delayed at all.
-const WAKE_AFTER: usize = 128;
+/// what is already in the socket before sending to the receivers, so that
+/// each receiver gets all of it with one send (or its writer, one wake-up):
+/// at fan-out, system calls and wake-ups per message were most of the cost,
+/// and the gain flattens past 128 (figures: BENCHMARKS.md, "Measurements
+/// behind the constants"). This bounds the delay it adds to a receiver's
+/// first message: the fan-out of 128 messages. Reads count too, so that a
+/// large frame streaming in behind a message does not hold back the sends
+/// until the frame is whole. A client that sends one message at a time
+/// leaves the socket empty after each, so its messages are not delayed at
+/// all.
+const FLUSH_AFTER: usize = 128;
 
-impl ReadHalf {
-    /// Publish `frame` to `channel` for client `from`; the writers it owes a
-    /// wake-up are woken with those of the messages before it, at the latest
-    /// with the [`WAKE_AFTER`]th.
+impl ReadHalf<'_> {
+    /// Publish `frame` to `channel` for client `from`; it is sent with the
+    /// messages before it, at the latest with the [`FLUSH_AFTER`]th.
     fn publish(&mut self, channel: &Channel, from: u64, frame: &Frame, server: &Server) {
         let limits = &server.settings.limits;
-        channel.publish(from, frame, limits, &server.stats, &mut self.wakes);
+        channel.publish(from, frame, limits, &server.stats, &mut self.flushes);
         self.defer();
     }
 
-    /// One more message or read since the writers were woken.
+    /// One more message or read since the receivers were sent to.
     fn defer(&mut self) {
         self.deferred += 1;
-        if self.deferred >= WAKE_AFTER {
-            self.wake_writers();
+        if self.deferred >= FLUSH_AFTER {
+            self.flush();
         }
     }
 
-    fn wake_writers(&mut self) {
-        self.wakes.flush();
+    fn flush(&mut self) {
+        self.flushes.flush();
         self.deferred = 0;
     }
 
-    /// A writer that has not started still starts in time for the client's
-    /// first ping: the reader, which always runs, sees to it before it
-    /// waits. The timeout of that wait is shortened only when it would
-    /// otherwise end over an eighth of an interval past the first ping, so
-    /// that short connections pay no extra system call.
-    fn start_writer_when_due(&mut self) {
-        let Some(due) = self.writer_due else {
+    /// The reader pings its client, before it waits, when a ping is due. The
+    /// timeout of that wait is shortened only when it would otherwise end
+    /// over an eighth of an interval past the ping, so that a busy
+    /// connection pays no extra system call.
+    fn ping_when_due(&mut self) {
+        let Some(due) = self.ping_due else {
             return;
         };
         let now = Instant::now();
-        if now >= due || self.peer.writer_started() {
-            self.peer.start_writer();
-            self.writer_due = None;
+        if now >= due {
+            self.peer
+                .send_control(Frame::ping(), self.limits, &mut self.flushes);
+            self.flush();
+            self.ping_due = Some(now + self.ping);
             if self.shortened {
+                self.shortened = false;
                 let _ = self.stream.set_read_timeout(self.read_timeout());
             }
         } else if due - now < self.ping - self.ping / 8 {
@@ -399,7 +375,7 @@ fn refused() -> io::Error {
     io::Error::other("memory budget reached")
 }
 
-impl Read for ReadHalf {
+impl Read for ReadHalf<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.incoming.refused() {
             return Err(refused());
@@ -413,9 +389,9 @@ impl Read for ReadHalf {
         };
         let n = match ready {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // About to wait for the client: wake the writers first.
-                self.wake_writers();
-                self.start_writer_when_due();
+                // About to wait for the client: send what is owed first.
+                self.flush();
+                self.ping_when_due();
                 (&mut &*self.stream).read(buf)?
             }
             ready => {
@@ -433,7 +409,7 @@ impl Read for ReadHalf {
     }
 }
 
-impl Write for ReadHalf {
+impl Write for ReadHalf<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         Ok(buf.len())
     }
@@ -445,12 +421,7 @@ impl Write for ReadHalf {
 
 /// Read messages and publish them until the connection ends; returns how it
 /// ends, and the socket for the last reads.
-fn read_loop(
-    client: &Joined,
-    rest: Vec<u8>,
-    server: &Server,
-    first_ping: Option<Instant>,
-) -> (Close, Arc<Stream>) {
+fn read_loop(client: &Joined, rest: Vec<u8>, server: &Server) -> (Close, Arc<Stream>) {
     let Joined {
         stream,
         path,
@@ -464,11 +435,12 @@ fn read_loop(
     let mut half = ReadHalf {
         stream: Arc::clone(stream),
         peer: Arc::clone(peer),
+        limits,
         last_rx: Instant::now(),
-        wakes: Wakes::default(),
+        flushes: Flushes::new(true),
         deferred: 0,
         full: false,
-        writer_due: first_ping,
+        ping_due: (!ping.is_zero()).then(|| Instant::now() + ping),
         ping,
         shortened: false,
         incoming: Box::new(Incoming::new(limits.max_message_size, &BUDGET)),
@@ -504,7 +476,7 @@ fn read_loop(
                 frame
             }
             Event::Ping(pong) => {
-                peer.send_control(pong, limits);
+                peer.send_control(pong, limits, &mut ws.get_mut().flushes);
                 continue;
             }
             Event::Nothing => continue,
@@ -596,203 +568,10 @@ fn close_for(e: &WsError, id: u64) -> Close {
     close
 }
 
-/// Write everything queued, in batches, with a ping when one is due, until the
-/// connection closes; then the close frame, and cut the connection when the
-/// reader is done or after [`CLOSE_TIMEOUT`].
-fn write_loop(
-    out: Arc<Stream>,
-    queue: &Receiver<Out>,
-    peer: &Peer,
-    first_ping: Option<Instant>,
-    server: &Server,
-) {
-    peer.attach_writer();
-    let ping = server.settings.limits.ping_interval;
-    // A client that takes nothing for as long as the ping timeout is gone.
-    let stall = if ping.is_zero() {
-        Duration::from_secs(60)
-    } else {
-        2 * ping
-    };
-    // Writes wake this often to see whether the client closed meanwhile.
-    let _ = out.set_write_timeout(Some(CLOSE_TIMEOUT.min(stall)));
-    let result = write_batches(&out, queue, peer, ping, first_ping, stall);
-    let close = match result {
-        Ok(()) => peer.close_reason().unwrap_or(Close::ABORT),
-        Err(e) => {
-            log::debug!("client {}: write failed: {e}", peer.id);
-            peer.close(Close::ABORT);
-            Close::ABORT
-        }
-    };
-    if close.send {
-        let _ = out.set_write_timeout(Some(CLOSE_TIMEOUT));
-        if out
-            .send_all(Frame::close(close.code, close.reason).as_bytes())
-            .is_ok()
-        {
-            let _ = out.shutdown(Shutdown::Write);
-            peer.wait_for_reader(CLOSE_TIMEOUT);
-        }
-    }
-    let _ = out.shutdown(Shutdown::Both);
-}
-
-/// Drain the queue into the socket until the peer is closing.
-fn write_batches(
-    out: &Stream,
-    queue: &Receiver<Out>,
-    peer: &Peer,
-    ping: Duration,
-    first_ping: Option<Instant>,
-    stall: Duration,
-) -> io::Result<()> {
-    let mut next_ping = first_ping;
-    let mut batch = Batch::default();
-    loop {
-        match peer.next(queue, next_ping) {
-            Ok(Out::Frame(frame)) => batch.push(frame),
-            Ok(Out::Wake) | Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return Ok(()),
-        }
-        while !batch.is_full() {
-            match queue.try_recv() {
-                Ok(Out::Frame(frame)) => batch.push(frame),
-                Ok(Out::Wake) => {}
-                Err(_) => break,
-            }
-        }
-        peer.taken(batch.size);
-        if let Some(at) = next_ping {
-            let now = Instant::now();
-            if now >= at {
-                batch.push(Frame::ping());
-                next_ping = Some(now + ping);
-            }
-        }
-        if peer.is_closing() {
-            return Ok(());
-        }
-        batch.write(out, stall, || peer.is_closing())?;
-        if queue.is_empty() {
-            // About to sleep: an idle connection keeps no buffer.
-            batch = Batch::default();
-        }
-    }
-}
-
-/// Frames up to this size are copied into the batch's buffer: the kernel
-/// copies one segment faster than many small ones (figures: BENCHMARKS.md, "Measurements behind the constants").
-const COPY_MAX: usize = 512;
-
-/// Bytes gathered for one write at most.
-const BATCH_BYTES: usize = 64 * 1024;
-
-/// Larger frames gathered for one write at most, each written from where it
-/// is (shared by all receivers) rather than copied.
-const BATCH_LARGE: usize = 32;
-
-/// What the writer sends with its next vectored write: small frames copied
-/// into one buffer, larger ones by reference, in queue order.
-#[derive(Default)]
-struct Batch {
-    bytes: Vec<u8>,
-    /// Each large frame, after `bytes[..at]`.
-    large: Vec<(usize, Frame)>,
-    size: usize,
-}
-
-impl Batch {
-    fn push(&mut self, frame: Frame) {
-        let data = frame.as_bytes();
-        self.size += data.len();
-        if data.len() <= COPY_MAX {
-            // A page to start with rather than growing from a few bytes.
-            if self.bytes.capacity() == 0 {
-                self.bytes.reserve_exact(4096);
-            }
-            self.bytes.extend_from_slice(data);
-        } else {
-            self.large.push((self.bytes.len(), frame));
-        }
-    }
-
-    fn is_full(&self) -> bool {
-        self.size >= BATCH_BYTES || self.large.len() >= BATCH_LARGE
-    }
-
-    /// Write it all and empty it, keeping its buffers; see
-    /// [`Stream::write_all_vectored`] for `stall` and `closing`.
-    fn write(
-        &mut self,
-        out: &Stream,
-        stall: Duration,
-        closing: impl Fn() -> bool,
-    ) -> io::Result<()> {
-        if self.size == 0 {
-            return Ok(());
-        }
-        let mut slices = [IoSlice::new(&[]); 2 * BATCH_LARGE + 1];
-        let mut n = 0;
-        let mut from = 0;
-        for (at, frame) in &self.large {
-            if *at > from {
-                slices[n] = IoSlice::new(&self.bytes[from..*at]);
-                n += 1;
-            }
-            slices[n] = IoSlice::new(frame.as_bytes());
-            n += 1;
-            from = *at;
-        }
-        if self.bytes.len() > from {
-            slices[n] = IoSlice::new(&self.bytes[from..]);
-            n += 1;
-        }
-        out.write_all_vectored(&mut slices[..n], stall, CLOSE_TIMEOUT, closing)?;
-        self.bytes.clear();
-        self.large.clear();
-        self.size = 0;
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
-
-    /// Small frames are copied and large ones written in place, so the order
-    /// on the wire must still be the queue's, whatever the mix.
-    #[test]
-    fn batches_keep_queue_order_across_copied_and_shared_frames() {
-        let (a, mut b) = UnixStream::pair().unwrap();
-        let out = Stream::Unix(a);
-        let sizes = [10, 600, 20, 30, 4000, 5, COPY_MAX, COPY_MAX + 1, 0, 70_000];
-        let mut batch = Batch::default();
-        let mut expected = Vec::new();
-        for (i, size) in sizes.into_iter().enumerate() {
-            let frame = Frame::message(Kind::Binary, &vec![i as u8; size]);
-            expected.extend_from_slice(frame.as_bytes());
-            batch.push(frame);
-        }
-        // The 70 000-byte frame alone passes BATCH_BYTES.
-        assert!(batch.is_full());
-        let reader = std::thread::spawn(move || {
-            let mut got = vec![0; expected.len()];
-            b.read_exact(&mut got).unwrap();
-            assert_eq!(got, expected);
-        });
-        batch
-            .write(&out, Duration::from_secs(30), || false)
-            .unwrap();
-        reader.join().unwrap();
-        // Emptied for the next batch, keeping its buffers.
-        assert_eq!(
-            (batch.size, batch.bytes.len(), batch.large.len()),
-            (0, 0, 0)
-        );
-        assert!(!batch.is_full());
-    }
 
     /// A reader thread that panics must not leave its client registered.
     #[test]
@@ -819,15 +598,5 @@ mod tests {
         assert!(died.is_err());
         assert_eq!(server.registry.counts(), (0, 0));
         assert!(peer.is_closing());
-    }
-
-    #[test]
-    fn a_batch_is_full_at_its_count_of_large_frames() {
-        let mut batch = Batch::default();
-        for _ in 0..BATCH_LARGE {
-            assert!(!batch.is_full());
-            batch.push(Frame::message(Kind::Binary, &[0; COPY_MAX + 1]));
-        }
-        assert!(batch.is_full());
     }
 }

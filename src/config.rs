@@ -26,6 +26,30 @@ pub enum SlowClient {
     Disconnect,
     /// Drop the message for that receiver only, and count it.
     Drop,
+    /// Lossless: the publisher waits for room; a receiver that takes nothing
+    /// for `slow_timeout` is closed with 1008.
+    Wait,
+}
+
+impl SlowClient {
+    /// The policy named `name` (`disconnect`, `drop`, `wait`; any case).
+    pub fn from_name(name: &str) -> Option<SlowClient> {
+        match name.to_ascii_lowercase().as_str() {
+            "disconnect" => Some(SlowClient::Disconnect),
+            "drop" => Some(SlowClient::Drop),
+            "wait" => Some(SlowClient::Wait),
+            _ => None,
+        }
+    }
+
+    /// The policy's name, as the configuration spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SlowClient::Disconnect => "disconnect",
+            SlowClient::Drop => "drop",
+            SlowClient::Wait => "wait",
+        }
+    }
 }
 
 /// `ADDRESS:PORT` as configured: an address, or a host name that
@@ -87,6 +111,11 @@ impl fmt::Display for TcpSpec {
 /// memory, and a larger bound invites allocations the system cannot make.
 pub const MAX_MESSAGE_SIZE: usize = 1 << 30;
 
+/// `queue_bytes` unless configured: a burst of a few thousand messages
+/// queued for every receiver of a busy channel, while the memory budget
+/// (frames shared by all receivers count once) bounds them all together.
+pub const DEFAULT_QUEUE_BYTES: usize = 4 << 20;
+
 /// The `[limits]` section.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -96,10 +125,17 @@ pub struct Limits {
     pub max_clients_per_channel: usize,
     /// Websocket clients of the whole instance (0 = no limit); one more is answered 503.
     pub max_connections: usize,
-    /// Messages waiting for one receiver before `slow_client` applies.
+    /// Bytes of frames waiting for one receiver before `slow_client` applies
+    /// (a receiver with nothing queued takes one frame of any size).
+    pub queue_bytes: usize,
+    /// Messages waiting for one receiver before `slow_client` applies; 0: no
+    /// bound by count.
     pub queue_length: usize,
     /// What happens to a receiver whose queue is full.
     pub slow_client: SlowClient,
+    /// Under `slow_client = wait`, how long a full receiver may take nothing
+    /// before it is closed with 1008.
+    pub slow_timeout: Duration,
     /// How often every client is pinged; silence for two intervals closes it. Zero: never.
     pub ping_interval: Duration,
     /// Time a new connection has to send its complete request head.
@@ -123,8 +159,10 @@ impl Default for Limits {
             max_message_size: 1 << 20,
             max_clients_per_channel: 1024,
             max_connections: 10_000,
-            queue_length: 1024,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
+            queue_length: 0,
             slow_client: SlowClient::Disconnect,
+            slow_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             max_path_length: 255,
@@ -530,10 +568,21 @@ const KEYS: &[Key] = &[
     },
     Key {
         section: "limits",
-        name: "queue_length",
-        doc: "messages waiting for one receiver before slow_client applies",
+        name: "queue_bytes",
+        doc: "bytes waiting for one receiver before slow_client applies",
+        // Less than a frame header would make every receiver slow.
         set: |s, v| {
-            s.limits.queue_length = parse_count(v, 1)?;
+            s.limits.queue_bytes = parse_count(v, 1024)?;
+            Ok(())
+        },
+        get: |s| s.limits.queue_bytes.to_string(),
+    },
+    Key {
+        section: "limits",
+        name: "queue_length",
+        doc: "messages waiting for one receiver before slow_client applies (0: no bound)",
+        set: |s, v| {
+            s.limits.queue_length = parse_count(v, 0)?;
             Ok(())
         },
         get: |s| s.limits.queue_length.to_string(),
@@ -541,22 +590,23 @@ const KEYS: &[Key] = &[
     Key {
         section: "limits",
         name: "slow_client",
-        doc: "disconnect (1008) or drop, for a receiver whose queue is full",
+        doc: "disconnect (1008), drop, or wait (lossless), for a receiver whose queue is full",
         set: |s, v| {
-            s.limits.slow_client = match v.to_ascii_lowercase().as_str() {
-                "disconnect" => SlowClient::Disconnect,
-                "drop" => SlowClient::Drop,
-                _ => return Err(format!("'{v}' is not one of: disconnect, drop")),
-            };
+            s.limits.slow_client = SlowClient::from_name(v)
+                .ok_or_else(|| format!("'{v}' is not one of: disconnect, drop, wait"))?;
             Ok(())
         },
-        get: |s| {
-            match s.limits.slow_client {
-                SlowClient::Disconnect => "disconnect",
-                SlowClient::Drop => "drop",
-            }
-            .to_owned()
+        get: |s| s.limits.slow_client.name().to_owned(),
+    },
+    Key {
+        section: "limits",
+        name: "slow_timeout",
+        doc: "seconds a full receiver may take nothing under slow_client = wait",
+        set: |s, v| {
+            s.limits.slow_timeout = parse_seconds(v, false)?;
+            Ok(())
         },
+        get: |s| s.limits.slow_timeout.as_secs_f64().to_string(),
     },
     Key {
         section: "limits",
@@ -1046,7 +1096,18 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("ADDRESS:PORT"), "{e}");
-        assert!(parse("[limits]\nqueue_length = 0\n").is_err());
+        assert_eq!(
+            parse("[limits]\nqueue_length = 0\n")
+                .unwrap()
+                .0
+                .limits
+                .queue_length,
+            0
+        );
+        assert!(parse("[limits]\nqueue_bytes = 10\n").is_err());
+        let (s, _) = parse("[limits]\nslow_client = WAIT\nslow_timeout = 2.5\n").unwrap();
+        assert_eq!(s.limits.slow_client, SlowClient::Wait);
+        assert_eq!(s.limits.slow_timeout, Duration::from_millis(2500));
         assert!(parse("[limits]\nmax_message_size = 1073741824\n").is_ok());
         let e = parse("[limits]\nmax_message_size = 1000000000000\n")
             .err()
@@ -1087,7 +1148,7 @@ mod tests {
              metrics = /m.sock\n[daemon]\nuser = u\ngroup = g\ndir = /d\npid_file = /p\n\
              umask = 0027\nlog_file = /l\n[limits]\nmax_message_size = 99\n\
              max_clients_per_channel = 3\nmax_connections = 4\nqueue_length = 5\n\
-             slow_client = drop\nping_interval = 1.5\nhandshake_timeout = 2\n\
+             queue_bytes = 4096\nslow_client = drop\nslow_timeout = 3\nping_interval = 1.5\nhandshake_timeout = 2\n\
              max_path_length = 6\nuuid_only = true\nreplay_length = 7\nreplay_bytes = 8\n\
              memory_budget = 2097152\n",
         )

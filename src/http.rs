@@ -10,7 +10,7 @@ use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use crate::amqp_url::percent_decode;
-use crate::config::{Limits, Settings};
+use crate::config::{Limits, Settings, SlowClient};
 use crate::stream::Stream;
 
 /// Largest request head staps reads; a larger one is answered 431.
@@ -234,6 +234,9 @@ pub struct Options {
     pub replay: usize,
     /// `max=N`: a channel this client creates takes at most N members.
     pub max: Option<usize>,
+    /// `slow=wait|drop|disconnect`: the slow-client policy of a channel this
+    /// client creates.
+    pub slow: Option<SlowClient>,
 }
 
 /// What a request head gets.
@@ -376,6 +379,11 @@ pub fn parse_options(target: &str, limits: &Limits) -> Result<Options, String> {
                 0 => return Err("max=0: at least 1 is expected".into()),
                 n => options.max = Some(n),
             },
+            "slow" => {
+                options.slow = Some(SlowClient::from_name(value).ok_or_else(|| {
+                    format!("slow={value}: one of wait, drop, disconnect is expected")
+                })?)
+            }
             _ => {}
         }
     }

@@ -49,11 +49,15 @@ pub struct Ends {
     pub control: Receiver<Control>,
 }
 
+/// Messages waiting for the broker at most; more are counted as relay
+/// dropped. A burst of this many fits while the relay publishes (about 30 µs
+/// a message); a broker slower than the clients for longer loses them.
+pub const OUTBOUND: usize = 4096;
+
 impl Link {
-    /// A relay handle and the ends its thread will read; `queue_length` bounds
-    /// the messages waiting for the broker, as it bounds each receiver's.
-    pub fn new(queue_length: usize) -> (Link, Ends) {
-        let (outbound_tx, outbound_rx) = crossbeam_channel::bounded(queue_length);
+    /// A relay handle and the ends its thread will read.
+    pub fn new() -> (Link, Ends) {
+        let (outbound_tx, outbound_rx) = crossbeam_channel::bounded(OUTBOUND);
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let relay = Link {
             outbound: outbound_tx,

@@ -1,30 +1,54 @@
 //! A channel member as the others see it, and the protocol between a
 //! client's reader, its writer and the publishers that queue for it: the
-//! queue, the writer's start and wake-ups, and closing.
+//! queue, who may write to the socket, and closing.
+//!
+//! # Who writes to a client's socket
+//!
+//! Frames must never interleave, so one thread at a time owns the right to
+//! write, and that right is the client's **write lock**: the `write` mutex,
+//! and the [`State::Busy`] it hands to a writer thread.
+//!
+//! - While the client has no backlog ([`State::Idle`]) no writer thread
+//!   exists. A thread that has queued frames for it (a publishing reader,
+//!   the relay thread, its own reader with a pong or ping, whoever closes
+//!   it) takes the lock and writes what is queued itself, with one
+//!   non-blocking vectored send (`MSG_DONTWAIT`), holding the lock only for
+//!   that call: it never waits on the client's socket.
+//! - Whatever that send leaves (the socket is full, or took part of it)
+//!   stays first in line: the lock turns `Busy` and a writer thread from the
+//!   pool takes over, writes it and then the queue with blocking writes,
+//!   without the mutex (it owns `Busy`), and goes back to the pool once the
+//!   queue is empty, turning the state `Idle` again under the mutex.
+//! - A publisher that finds the state `Busy` only queues: the writer finds
+//!   the frame before it lets go ([`Peer::go_idle`] pairs with
+//!   [`Peer::deliver`]).
+//!
+//! Messages of one sender keep their order: each sender is one thread, and
+//! whatever it queued goes out in queue order, by its own send or by the
+//! writer that takes over the rest.
 
-use std::sync::Arc;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering, fence};
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-use parking_lot::Mutex;
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Condvar, Mutex};
 
 use crate::budget::BUDGET;
 use crate::config::{Limits, SlowClient};
 use crate::frame::Frame;
+use crate::stream::Stream;
 
-/// What a writer thread finds in its queue.
-#[derive(Debug)]
-pub enum Out {
-    /// Bytes to send.
-    Frame(Frame),
-    /// Look at the peer's state: it is closing.
-    Wake,
-}
+/// How long clients get to answer the close frame when the server stops,
+/// how long one connection lingers after its close frame before it is cut,
+/// and how long a writer whose closed client still takes a trickle goes on.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How a connection ends, as the writer will tell the client.
+/// How a connection ends, as the client will be told.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Close {
     /// Status code of the close frame; 0 sends a close frame without one.
@@ -53,236 +77,300 @@ impl Close {
     };
 }
 
+/// Who may write to the socket (see the module's doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum State {
+    /// The `101` answer is not out yet: nothing may be written.
+    Pending = 0,
+    /// No backlog: whoever holds the mutex may send without blocking.
+    Idle = 1,
+    /// A writer thread owns the socket.
+    Busy = 2,
+    /// Nothing more is written (the close frame is out, or the connection failed).
+    Done = 3,
+}
+
+/// What the write lock guards.
+#[derive(Debug)]
+struct Write {
+    state: State,
+    /// Frames taken from the queue but not sent, first in line; the first
+    /// has `sent` bytes out already.
+    head: VecDeque<Frame>,
+    sent: usize,
+    /// The close frame is in `head` already (a direct send took part of it).
+    close_queued: bool,
+    /// The writer thread, while it waits for the reader to finish.
+    writer: Option<Thread>,
+}
+
+/// Starts a writer thread for a peer: given by the reader once the `101` is
+/// out, called whenever a backlog needs one.
+pub type Launch = Box<dyn Fn(Arc<Peer>) -> io::Result<()> + Send + Sync>;
+
+/// The socket and how to start a writer for it.
+struct Sink {
+    stream: Arc<Stream>,
+    launch: Launch,
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sink")
+    }
+}
+
 /// A channel member as the other members see it: a queue and a way to close it.
-///
-/// The writer sleeps with `park`, not in crossbeam's blocking `recv`: that one
-/// spins and calls `sched_yield` before it sleeps, every time a queue runs
-/// empty, which with thousands of writers cost more than the messages did.
-/// `idle` says the writer is (about to be) parked; a sender that finds it set
-/// unparks it, so a busy writer costs its senders no wake-up at all.
-///
-/// The writer thread starts when there is first something to write: the first
-/// frame queued, a close, or the first ping (`start` says where it is in its
-/// life; once the `101` answer is out, it holds how to start it). A client that only sends and then leaves, the common
-/// short-lived one, never costs a second thread, and one that receives costs
-/// none of the writer's own wake-ups before its first frame.
 #[derive(Debug)]
 pub struct Peer {
     /// Unique for the life of the process.
     pub id: u64,
     /// Receives its own messages too (`echo=1`).
     pub echo: bool,
-    tx: Sender<Out>,
-    /// The queue's other end, for emptying it the moment the peer closes.
-    rx: Receiver<Out>,
-    /// Bytes of the frames in the queue.
+    tx: Sender<Frame>,
+    rx: Receiver<Frame>,
+    /// Bytes of the frames queued and in `head`, not yet sent.
     queued: AtomicUsize,
     closing: AtomicBool,
     close: Mutex<Option<Close>>,
-    /// The writer thread, once it runs: who senders unpark. Read on every
-    /// delivery, so apart from `start`, which only starting takes.
-    writer: OnceLock<Thread>,
-    idle: AtomicBool,
+    write: Mutex<Write>,
+    /// `write.state`, for the lock-free look of every delivery.
+    state: AtomicU8,
+    /// A publisher owes this peer a flush already ([`Flushes`]).
+    owed: AtomicBool,
+    sink: OnceLock<Sink>,
     /// The reader thread is finished with the connection.
     reader_done: AtomicBool,
-    start: Mutex<WriterStart>,
+    /// Publishers waiting for room under `slow_client = wait`.
+    waiting: AtomicUsize,
+    room: Mutex<()>,
+    roomy: Condvar,
 }
 
-/// Where a client's writer thread is in its life.
-#[derive(Debug)]
-enum WriterStart {
-    /// The `101` answer is not out yet: nothing may be written.
-    Pending,
-    /// The `101` is out; the writer starts with the first thing to write.
-    Ready(Launch),
-    /// Started (its thread may still be on its way to `writer`).
-    Started,
-    /// The connection failed before anything was written: it never starts.
-    Forgone,
-}
-
-/// Starts a client's writer thread.
-pub struct Launch(Box<dyn FnOnce() + Send>);
-
-impl Launch {
-    /// A launch that runs `start`.
-    pub fn new(start: impl FnOnce() + Send + 'static) -> Launch {
-        Launch(Box::new(start))
-    }
-}
-
-impl std::fmt::Debug for Launch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Launch")
-    }
+/// What happened to one delivery.
+pub enum Delivery {
+    Queued,
+    Dropped,
+    Disconnected,
+    Skipped,
 }
 
 impl Peer {
-    /// A new peer and the receiving end of its queue, for its writer thread.
-    pub fn new(id: u64, echo: bool) -> (Arc<Peer>, Receiver<Out>) {
+    /// A new peer, before its `101` is out.
+    pub fn new(id: u64, echo: bool) -> Arc<Peer> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let peer = Peer {
+        Arc::new(Peer {
             id,
             echo,
             tx,
-            rx: rx.clone(),
+            rx,
             queued: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             close: Mutex::new(None),
-            writer: OnceLock::new(),
-            idle: AtomicBool::new(false),
+            write: Mutex::new(Write {
+                state: State::Pending,
+                head: VecDeque::new(),
+                sent: 0,
+                close_queued: false,
+                writer: None,
+            }),
+            state: AtomicU8::new(State::Pending as u8),
+            owed: AtomicBool::new(false),
+            sink: OnceLock::new(),
             reader_done: AtomicBool::new(false),
-            start: Mutex::new(WriterStart::Pending),
-        };
-        (Arc::new(peer), rx)
+            waiting: AtomicUsize::new(0),
+            room: Mutex::new(()),
+            roomy: Condvar::new(),
+        })
     }
 
-    /// Queue `out` and wake the writer if it sleeps.
-    fn push(&self, out: Out) {
-        if let Some(writer) = self.queue(out) {
-            writer.unpark();
-        }
+    fn set_state(&self, write: &mut Write, state: State) {
+        write.state = state;
+        self.state.store(state as u8, Ordering::SeqCst);
     }
 
-    /// Queue `out`; the writer if it sleeps and this call must wake it (then
-    /// no other call will). A writer that has not started is started. The
-    /// queue is never disconnected while the peer exists, so sending cannot
-    /// fail.
+    /// Queue `frame`; true when the peer is idle and this caller must see
+    /// that what is queued is sent ([`Flushes`]), because no other will.
     #[inline(always)]
-    fn queue(&self, out: Out) -> Option<&Thread> {
-        if let Out::Frame(frame) = &out {
-            self.queued
-                .fetch_add(frame.as_bytes().len(), Ordering::Relaxed);
-        }
-        let _ = self.tx.send(out);
-        // Pairs with the fence in `next`: either the writer sees the message
-        // before it parks, or we see it idle and wake it.
+    fn queue(&self, frame: Frame) -> bool {
+        self.queued
+            .fetch_add(frame.as_bytes().len(), Ordering::Relaxed);
+        // The queue is never disconnected while the peer exists.
+        let _ = self.tx.send(frame);
+        // Pairs with the fence in `go_idle`: either the writer sees the frame
+        // before it lets go, or we see the peer idle.
         fence(Ordering::SeqCst);
-        if self.idle.load(Ordering::Relaxed) && self.idle.swap(false, Ordering::AcqRel) {
-            self.writer.get()
-        } else {
-            if self.writer.get().is_none() {
-                self.start_writer();
-            }
-            None
-        }
+        self.state.load(Ordering::Relaxed) == State::Idle as u8
+            && !self.owed.swap(true, Ordering::AcqRel)
     }
 
-    /// For the reader, once the `101` answer is out: how to start the writer,
-    /// which starts now if something is queued already (replayed messages,
-    /// messages that came during the handshake, a close).
-    pub fn ready_to_launch(&self, launch: Launch) {
-        *self.start.lock() = WriterStart::Ready(launch);
-        // The lock orders this against `queue`: a sender either queued before
-        // it took the lock (and the queue is not empty here) or finds `Ready`.
-        if !self.tx.is_empty() {
-            self.start_writer();
-        }
-    }
-
-    /// Start the writer if it is ready and has not started.
-    pub fn start_writer(&self) {
-        // Marked started before it runs: starting may fail and close the
-        // peer, which comes back here.
-        let launch = {
-            let mut start = self.start.lock();
-            match std::mem::replace(&mut *start, WriterStart::Started) {
-                WriterStart::Ready(launch) => Some(launch),
-                other => {
-                    *start = other;
-                    None
-                }
-            }
-        };
-        if let Some(Launch(start)) = launch {
-            start();
-        }
-    }
-
-    /// Whether the writer has started, or never will.
-    pub fn writer_started(&self) -> bool {
-        matches!(
-            *self.start.lock(),
-            WriterStart::Started | WriterStart::Forgone
-        )
-    }
-
-    /// For the reader, when the connection failed: a writer that has not
-    /// started never will. Returns whether none ever started, so that the
-    /// reader closes the socket itself.
-    pub fn forgo_writer(&self) -> bool {
-        let mut start = self.start.lock();
-        let ready = matches!(*start, WriterStart::Ready(_));
-        if ready {
-            *start = WriterStart::Forgone;
-        }
-        ready
-    }
-
-    /// For the writer thread, once, before it reads its queue: who to unpark.
-    pub fn attach_writer(&self) {
-        let _ = self.writer.set(thread::current());
-    }
-
-    /// For the reader thread: it is done with the connection.
-    pub fn reader_finished(&self) {
-        self.reader_done.store(true, Ordering::Release);
-        if let Some(writer) = self.writer.get() {
-            writer.unpark();
-        }
-    }
-
-    /// For the writer thread: wait until the reader is done, at most `timeout`.
-    pub fn wait_for_reader(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.reader_done.load(Ordering::Acquire) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+    /// For the reader, once the `101` answer is out: the socket, and how to
+    /// start a writer for a backlog. What came during the handshake (replayed
+    /// messages, a close) goes out now.
+    pub fn ready(self: &Arc<Self>, stream: Arc<Stream>, launch: Launch) {
+        let _ = self.sink.set(Sink { stream, launch });
+        {
+            let mut write = self.write.lock();
+            if write.state != State::Pending {
                 return;
             }
-            thread::park_timeout(left);
+            self.set_state(&mut write, State::Idle);
+        }
+        if self.is_closing() {
+            self.hand_over();
+        } else {
+            self.flush();
         }
     }
 
-    /// The writer's next item, waiting until `deadline` (or forever).
-    pub fn next(
-        &self,
-        rx: &Receiver<Out>,
-        deadline: Option<Instant>,
-    ) -> Result<Out, RecvTimeoutError> {
-        loop {
-            match rx.try_recv() {
-                Ok(out) => return Ok(out),
-                Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
-                Err(TryRecvError::Empty) => {}
+    /// For the reader, when the connection failed before its `101` went out:
+    /// nothing will ever be written.
+    pub fn never_ready(&self) {
+        let mut write = self.write.lock();
+        if write.state == State::Pending {
+            self.set_state(&mut write, State::Done);
+        }
+    }
+
+    /// Send what is queued without waiting, if the peer is idle; what does
+    /// not go out at once goes to a writer thread.
+    pub fn flush(self: &Arc<Self>) {
+        self.owed.store(false, Ordering::Release);
+        let Some(sink) = self.sink.get() else {
+            return;
+        };
+        let mut write = self.write.lock();
+        // Rounds at most: a receiver that others keep feeding gets a writer
+        // rather than this thread's time.
+        for _ in 0..2 {
+            if write.state != State::Idle || self.rx.is_empty() {
+                return;
             }
-            self.idle.store(true, Ordering::Relaxed);
-            fence(Ordering::SeqCst);
-            if let Ok(out) = rx.try_recv() {
-                self.idle.store(false, Ordering::Relaxed);
-                return Ok(out);
-            }
-            match deadline {
-                Some(at) => {
-                    let now = Instant::now();
-                    if now >= at {
-                        self.idle.store(false, Ordering::Relaxed);
-                        return Err(RecvTimeoutError::Timeout);
-                    }
-                    thread::park_timeout(at - now);
+            let mut batch = Batch::default();
+            while !batch.is_full() {
+                match self.rx.try_recv() {
+                    Ok(frame) => batch.push(frame),
+                    Err(_) => break,
                 }
-                None => thread::park(),
             }
-            self.idle.store(false, Ordering::Relaxed);
+            match batch.send_now(&sink.stream) {
+                Ok(None) => self.taken(batch.size),
+                Ok(Some(sent)) => {
+                    // What is left goes first, to a writer; Busy before the
+                    // lock goes, or another sender could overtake it.
+                    write.head = batch.into_frames();
+                    write.sent = sent;
+                    self.set_state(&mut write, State::Busy);
+                    drop(write);
+                    self.launch(sink);
+                    return;
+                }
+                Err(e) => {
+                    drop(write);
+                    log::debug!("client {}: write failed: {e}", self.id);
+                    self.taken(batch.size);
+                    self.close(Close::ABORT);
+                    return;
+                }
+            }
+        }
+        if !self.rx.is_empty() {
+            drop(write);
+            self.hand_over();
         }
     }
 
-    /// Start closing with `close`; the first call wins. Returns whether this call did.
+    /// Give the socket to a writer thread, if it is idle.
+    fn hand_over(self: &Arc<Self>) {
+        let Some(sink) = self.sink.get() else {
+            return;
+        };
+        {
+            let mut write = self.write.lock();
+            if write.state != State::Idle {
+                return;
+            }
+            self.set_state(&mut write, State::Busy);
+        }
+        self.launch(sink);
+    }
+
+    /// Start a writer thread for the state turned `Busy`.
+    fn launch(self: &Arc<Self>, sink: &Sink) {
+        if let Err(e) = (sink.launch)(Arc::clone(self)) {
+            // Past the 101 no answer is possible: cut the connection, which
+            // ends the reader.
+            log::debug!("client {}: no writer thread: {e}", self.id);
+            self.set_state(&mut self.write.lock(), State::Done);
+            self.close(Close::ABORT);
+            let _ = sink.stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// For the reader: it is done with the connection.
+    pub fn reader_finished(&self) {
+        self.reader_done.store(true, Ordering::Release);
+        if let Some(writer) = &self.write.lock().writer {
+            writer.unpark();
+        }
+    }
+
+    /// Start closing with `close`; the first call wins. Returns whether this
+    /// call did. An idle peer gets a writer thread to send the close frame and
+    /// cut the connection if the client does not finish the close handshake
+    /// in time.
     ///
-    /// What is queued will never be sent (the writer sends the close frame
-    /// next), so it is let go of at once: a slow consumer's backlog goes back
-    /// to the memory budget now, not when its socket finally gives way.
-    pub fn close(&self, close: Close) -> bool {
+    /// What is queued will never be sent (the close frame goes next), so it
+    /// is let go of at once: a slow consumer's backlog goes back to the
+    /// memory budget now, not when its socket finally gives way.
+    pub fn close(self: &Arc<Self>, close: Close) -> bool {
+        if !self.start_closing(close) {
+            return false;
+        }
+        self.hand_over();
+        true
+    }
+
+    /// For the reader, which ends the connection itself: like
+    /// [`Peer::close`], but an idle peer's close frame is sent from here
+    /// without waiting, and no writer thread is needed when it goes out.
+    pub fn end(self: &Arc<Self>, close: Close) {
+        if !self.start_closing(close) {
+            return;
+        }
+        let Some(sink) = self.sink.get() else {
+            return;
+        };
+        let mut write = self.write.lock();
+        if write.state != State::Idle {
+            return;
+        }
+        if !close.send {
+            self.set_state(&mut write, State::Done);
+            return;
+        }
+        let mut batch = Batch::default();
+        batch.push(Frame::close(close.code, close.reason));
+        match batch.send_now(&sink.stream) {
+            Ok(None) => {
+                self.set_state(&mut write, State::Done);
+                let _ = sink.stream.shutdown(Shutdown::Write);
+            }
+            Ok(Some(sent)) => {
+                write.head = batch.into_frames();
+                write.sent = sent;
+                write.close_queued = true;
+                self.set_state(&mut write, State::Busy);
+                drop(write);
+                self.launch(sink);
+            }
+            Err(_) => self.set_state(&mut write, State::Done),
+        }
+    }
+
+    /// Mark the peer closing and empty its queue; false if it was already.
+    fn start_closing(&self, close: Close) -> bool {
         let mut slot = self.close.lock();
         if slot.is_some() {
             return false;
@@ -290,25 +378,26 @@ impl Peer {
         *slot = Some(close);
         self.closing.store(true, Ordering::Release);
         drop(slot);
-        let mut freed = 0;
-        while let Ok(out) = self.rx.try_recv() {
-            if let Out::Frame(frame) = out {
-                freed += frame.as_bytes().len();
-            }
-        }
+        let freed: usize = self.rx.try_iter().map(|f| f.as_bytes().len()).sum();
         self.taken(freed);
-        self.push(Out::Wake);
         true
     }
 
-    /// For the writer: it took frames of `bytes` from the queue.
-    pub fn taken(&self, bytes: usize) {
-        if bytes > 0 {
-            self.queued.fetch_sub(bytes, Ordering::Relaxed);
+    /// Frames of `bytes` left the queue (sent, or in a writer's hands).
+    fn taken(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+        // Pairs with the fence in `wait_for_room`.
+        fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            let _room = self.room.lock();
+            self.roomy.notify_all();
         }
     }
 
-    /// Bytes of the frames waiting in the queue.
+    /// Bytes of the frames waiting to be sent.
     pub fn queued_bytes(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
     }
@@ -323,80 +412,470 @@ impl Peer {
         *self.close.lock()
     }
 
-    /// Queue a control frame (a pong). Skipped when the queue is full: a client
-    /// that floods pings and never reads must not grow the server's memory.
-    pub fn send_control(&self, frame: Frame, limits: &Limits) {
-        if !self.is_closing() && self.tx.len() < limits.queue_length {
-            self.push(Out::Frame(frame));
+    /// Whether another frame of `len` bytes would be over the queue's bounds.
+    fn is_full(&self, len: usize, limits: &Limits) -> bool {
+        let queued = self.queued_bytes();
+        // A receiver with nothing queued takes any frame: otherwise a message
+        // larger than queue_bytes could never reach anyone.
+        (queued > 0 && queued + len > limits.queue_bytes)
+            || (limits.queue_length > 0 && self.rx.len() >= limits.queue_length)
+            // Under memory pressure a receiver with a backlog is a slow
+            // one: its backlog is what can be given back.
+            || (queued >= PRESSURE_BACKLOG && BUDGET.is_full())
+    }
+
+    /// Queue a control frame (a pong, a ping) for the reader, which sends it
+    /// with `flushes`. Skipped when the queue is full: a client that floods
+    /// pings and never reads must not grow the server's memory.
+    pub fn send_control(self: &Arc<Self>, frame: Frame, limits: &Limits, flushes: &mut Flushes) {
+        if !self.is_closing() && !self.is_full(frame.as_bytes().len(), limits) && self.queue(frame)
+        {
+            flushes.owe(self);
         }
     }
-}
 
-/// What happened to one delivery.
-pub enum Delivery {
-    Queued,
-    Dropped,
-    Disconnected,
-    Skipped,
-}
-
-/// Writers to wake before the publishing thread waits for anything.
-///
-/// A reader that publishes several messages from one socket read wakes each
-/// sleeping writer once for all of them instead of once per message, and the
-/// writer then finds them all in its queue for one write: a wake-up (a futex
-/// call, often a context switch) costs more than a 64 B delivery does. The
-/// writers are woken by [`Wakes::flush`], at the latest when this is dropped;
-/// until then no one else wakes them.
-#[derive(Debug, Default)]
-pub struct Wakes(Vec<Thread>);
-
-impl Wakes {
-    /// Wake every writer owed a wake-up.
-    pub fn flush(&mut self) {
-        for writer in self.0.drain(..) {
-            writer.unpark();
-        }
-    }
-}
-
-impl Drop for Wakes {
-    fn drop(&mut self) {
-        self.flush();
-    }
-}
-
-impl Peer {
-    /// Queue `frame` for this member, or apply its slow-client policy when
-    /// its queue is full; a writer to wake goes to `wakes`.
+    /// Queue `frame` for this member, or apply `policy` when its queue is
+    /// full; a send this caller owes goes to `flushes`. Under
+    /// [`SlowClient::Wait`] a caller that may wait waits for room (one that
+    /// may not, the relay thread, disconnects the receiver instead).
     #[inline(always)]
-    pub fn deliver(&self, frame: &Frame, limits: &Limits, wakes: &mut Wakes) -> Delivery {
+    pub fn deliver(
+        self: &Arc<Self>,
+        frame: &Frame,
+        limits: &Limits,
+        policy: SlowClient,
+        flushes: &mut Flushes,
+    ) -> Delivery {
         if self.is_closing() {
             return Delivery::Skipped;
         }
-        // Under memory pressure a receiver with a backlog is a slow one: its
-        // backlog is what can be given back.
-        if self.tx.len() >= limits.queue_length
-            || (self.queued_bytes() >= PRESSURE_BACKLOG && BUDGET.is_full())
-        {
-            return match limits.slow_client {
-                SlowClient::Drop => Delivery::Dropped,
-                SlowClient::Disconnect => {
-                    if self.close(Close::with(1008, "slow consumer")) {
-                        Delivery::Disconnected
-                    } else {
-                        Delivery::Skipped
+        if self.is_full(frame.as_bytes().len(), limits) {
+            let make_room = policy == SlowClient::Wait && flushes.may_wait;
+            if !(make_room && self.wait_for_room(frame, limits, flushes)) {
+                return match policy {
+                    SlowClient::Drop => Delivery::Dropped,
+                    SlowClient::Disconnect | SlowClient::Wait => {
+                        if self.close(Close::with(1008, "slow consumer")) {
+                            Delivery::Disconnected
+                        } else {
+                            Delivery::Skipped
+                        }
                     }
-                }
-            };
+                };
+            }
+            if self.is_closing() {
+                return Delivery::Skipped;
+            }
         }
-        if let Some(writer) = self.queue(Out::Frame(frame.clone())) {
-            wakes.0.push(writer.clone());
+        if self.queue(frame.clone()) {
+            flushes.owe(self);
         }
         Delivery::Queued
+    }
+
+    /// Wait until `frame` fits, for as long as the receiver keeps taking
+    /// frames and at most `slow_timeout` without it; false when it took
+    /// nothing for that long.
+    fn wait_for_room(
+        self: &Arc<Self>,
+        frame: &Frame,
+        limits: &Limits,
+        flushes: &mut Flushes,
+    ) -> bool {
+        // What this caller owes may be what the receiver is waiting for.
+        flushes.flush();
+        let len = frame.as_bytes().len();
+        let mut room = self.room.lock();
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        let mut deadline = Instant::now() + limits.slow_timeout;
+        let mut before = self.queued_bytes();
+        let fits = loop {
+            if self.is_closing() || !self.is_full(len, limits) {
+                break true;
+            }
+            if self.roomy.wait_until(&mut room, deadline).timed_out() {
+                let now = self.queued_bytes();
+                if now >= before {
+                    break false;
+                }
+                // It took something meanwhile: that is progress.
+                before = now;
+                deadline = Instant::now() + limits.slow_timeout;
+            } else {
+                before = before.min(self.queued_bytes());
+                deadline = Instant::now() + limits.slow_timeout;
+            }
+        };
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        fits
+    }
+}
+
+/// The peers a publishing thread owes a send, sent before it waits for
+/// anything.
+///
+/// A reader that publishes several messages from one socket read sends to
+/// each idle receiver once for all of them instead of once per message: a
+/// send (a system call) costs more than a 64 B delivery does. The sends go
+/// out at [`Flushes::flush`], at the latest when this is dropped; until
+/// then no other thread sends what this one queued for those peers.
+#[derive(Debug)]
+pub struct Flushes {
+    peers: Vec<Arc<Peer>>,
+    /// The owner may wait for room under `slow_client = wait` (the relay
+    /// thread, which serves every channel, may not).
+    may_wait: bool,
+}
+
+impl Flushes {
+    /// For a thread that may wait for a receiver's room (`may_wait`) or not.
+    pub fn new(may_wait: bool) -> Flushes {
+        Flushes {
+            peers: Vec::new(),
+            may_wait,
+        }
+    }
+
+    fn owe(&mut self, peer: &Arc<Peer>) {
+        self.peers.push(Arc::clone(peer));
+    }
+
+    /// Send to every peer owed a send.
+    pub fn flush(&mut self) {
+        for peer in std::mem::take(&mut self.peers) {
+            peer.flush();
+        }
+    }
+}
+
+impl Drop for Flushes {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
 /// A receiver with this many bytes queued is treated as a slow consumer
 /// while the memory budget is used up.
 pub const PRESSURE_BACKLOG: usize = 64 * 1024;
+
+// ------------------------------------------------------------ the writer
+
+impl Peer {
+    /// A writer thread's work: send the backlog with blocking writes until
+    /// it is gone, then give the socket back ([`State::Idle`]); or, once
+    /// the peer is closing, send the close frame and cut the connection when
+    /// the reader is done or after [`CLOSE_TIMEOUT`]. `stall`: a client that
+    /// takes nothing for this long is gone.
+    pub fn write_backlog(&self, stall: Duration) {
+        let Some(sink) = self.sink.get() else {
+            return;
+        };
+        let out = &*sink.stream;
+        // Writes wake this often to see whether the client closed meanwhile.
+        let _ = out.set_write_timeout(Some(CLOSE_TIMEOUT.min(stall)));
+        let close = match self.write_until_idle(out, stall) {
+            Ok(true) => return,
+            Ok(false) => self.close_reason().unwrap_or(Close::ABORT),
+            Err(e) => {
+                log::debug!("client {}: write failed: {e}", self.id);
+                let _ = self.start_closing(Close::ABORT);
+                Close::ABORT
+            }
+        };
+        let close_queued = {
+            let mut write = self.write.lock();
+            write.writer = Some(thread::current());
+            std::mem::take(&mut write.close_queued)
+        };
+        if close.send {
+            let _ = out.set_write_timeout(Some(CLOSE_TIMEOUT));
+            let sent = close_queued
+                || out
+                    .send_all(Frame::close(close.code, close.reason).as_bytes())
+                    .is_ok();
+            if sent {
+                let _ = out.shutdown(Shutdown::Write);
+                self.wait_for_reader(CLOSE_TIMEOUT);
+            }
+        }
+        let _ = out.shutdown(Shutdown::Both);
+        let mut write = self.write.lock();
+        write.writer = None;
+        self.set_state(&mut write, State::Done);
+    }
+
+    /// Write the head and the queue in batches; Ok(true) once the socket went
+    /// back to idle, Ok(false) when the peer is closing.
+    fn write_until_idle(&self, out: &Stream, stall: Duration) -> io::Result<bool> {
+        let mut batch = Batch::default();
+        {
+            let mut write = self.write.lock();
+            batch.skip = std::mem::take(&mut write.sent);
+            for frame in std::mem::take(&mut write.head) {
+                batch.push(frame);
+            }
+        }
+        loop {
+            while !batch.is_full() {
+                match self.rx.try_recv() {
+                    Ok(frame) => batch.push(frame),
+                    Err(_) => break,
+                }
+            }
+            self.taken(batch.size);
+            if self.is_closing() {
+                // The close frame goes after a frame begun, never inside it.
+                if batch.skip > 0 {
+                    batch.write(out, stall, || self.is_closing())?;
+                }
+                return Ok(false);
+            }
+            if batch.size == 0 {
+                if self.go_idle() {
+                    return Ok(true);
+                }
+                continue;
+            }
+            batch.write(out, stall, || self.is_closing())?;
+        }
+    }
+
+    /// Turn idle if nothing is queued; false when something is after all.
+    fn go_idle(&self) -> bool {
+        let mut write = self.write.lock();
+        self.set_state(&mut write, State::Idle);
+        // Pairs with the fence in `queue`: a publisher that queued before
+        // this saw `Busy` and sent nothing, so its frame is ours.
+        fence(Ordering::SeqCst);
+        if self.rx.is_empty() && !self.is_closing() {
+            return true;
+        }
+        self.set_state(&mut write, State::Busy);
+        false
+    }
+
+    /// Wait until the reader is done, at most `timeout`.
+    fn wait_for_reader(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.reader_done.load(Ordering::Acquire) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            thread::park_timeout(left);
+        }
+    }
+}
+
+/// Frames up to this size are copied into the batch's buffer: the kernel
+/// copies one segment faster than many small ones (figures: BENCHMARKS.md,
+/// "Measurements behind the constants").
+const COPY_MAX: usize = 512;
+
+/// Bytes gathered for one write at most.
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// Larger frames gathered for one write at most, each written from where it
+/// is (shared by all receivers) rather than copied.
+const BATCH_LARGE: usize = 32;
+
+/// What goes out with one vectored write, in queue order: runs of small
+/// frames copied into one buffer, larger frames (and a small one alone) by
+/// reference, from where they are (shared by all receivers).
+#[derive(Default)]
+struct Batch {
+    frames: Vec<Frame>,
+    /// Frames over [`COPY_MAX`] among them.
+    large: usize,
+    /// Bytes of its frames.
+    size: usize,
+    /// Bytes of the batch already sent.
+    skip: usize,
+    /// The copies, made when the batch is sent.
+    bytes: Vec<u8>,
+}
+
+/// A piece of what a batch sends.
+enum Part {
+    Copied(usize, usize),
+    Frame(usize),
+}
+
+impl Batch {
+    fn push(&mut self, frame: Frame) {
+        let len = frame.as_bytes().len();
+        self.size += len;
+        self.large += usize::from(len > COPY_MAX);
+        self.frames.push(frame);
+    }
+
+    fn is_full(&self) -> bool {
+        self.size >= BATCH_BYTES || self.large >= BATCH_LARGE
+    }
+
+    /// The slices to write, in queue order, past what was sent.
+    fn slices(&mut self) -> Vec<IoSlice<'_>> {
+        self.bytes.clear();
+        let mut parts = Vec::with_capacity(2 * self.large + 1);
+        let mut run = 0..0;
+        let small = |f: &Frame| f.as_bytes().len() <= COPY_MAX;
+        for i in 0..=self.frames.len() {
+            if self.frames.get(i).is_some_and(small) {
+                if run.is_empty() {
+                    run = i..i;
+                }
+                run.end = i + 1;
+                continue;
+            }
+            match run.len() {
+                0 => {}
+                1 => parts.push(Part::Frame(run.start)),
+                _ => {
+                    if self.bytes.capacity() == 0 {
+                        // A page to start with rather than growing from a few bytes.
+                        self.bytes.reserve(4096);
+                    }
+                    let from = self.bytes.len();
+                    for frame in &self.frames[run.clone()] {
+                        self.bytes.extend_from_slice(frame.as_bytes());
+                    }
+                    parts.push(Part::Copied(from, self.bytes.len()));
+                }
+            }
+            run = 0..0;
+            if i < self.frames.len() {
+                parts.push(Part::Frame(i));
+            }
+        }
+        let mut slices: Vec<IoSlice<'_>> = parts
+            .into_iter()
+            .map(|part| match part {
+                Part::Copied(from, to) => IoSlice::new(&self.bytes[from..to]),
+                Part::Frame(i) => IoSlice::new(self.frames[i].as_bytes()),
+            })
+            .collect();
+        let mut view = &mut slices[..];
+        IoSlice::advance_slices(&mut view, self.skip);
+        let left = view.len();
+        let done = slices.len() - left;
+        // advance_slices left the first slice shortened in place.
+        slices.drain(..done);
+        slices
+    }
+
+    /// Send without waiting: None when all went out, else how much of it did.
+    fn send_now(&mut self, out: &Stream) -> io::Result<Option<usize>> {
+        let (skip, size) = (self.skip, self.size);
+        let sent = match out.send_now(&self.slices()) {
+            Ok(sent) => sent,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        Ok((skip + sent < size).then_some(skip + sent))
+    }
+
+    /// Its frames in queue order, for whoever sends the rest.
+    fn into_frames(self) -> VecDeque<Frame> {
+        self.frames.into()
+    }
+
+    /// Write it all and empty it, keeping its buffers; see
+    /// [`Stream::write_all_vectored`] for `stall` and `closing`.
+    fn write(
+        &mut self,
+        out: &Stream,
+        stall: Duration,
+        closing: impl Fn() -> bool,
+    ) -> io::Result<()> {
+        if self.size > self.skip {
+            let mut slices = self.slices();
+            out.write_all_vectored(&mut slices, stall, CLOSE_TIMEOUT, closing)?;
+        }
+        self.frames.clear();
+        self.large = 0;
+        self.size = 0;
+        self.skip = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::Kind;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    fn frames(sizes: &[usize]) -> (Batch, Vec<u8>) {
+        let mut batch = Batch::default();
+        let mut expected = Vec::new();
+        for (i, size) in sizes.iter().enumerate() {
+            let frame = Frame::message(Kind::Binary, &vec![i as u8; *size]);
+            expected.extend_from_slice(frame.as_bytes());
+            batch.push(frame);
+        }
+        (batch, expected)
+    }
+
+    /// Small frames are copied and large ones written in place, so the order
+    /// on the wire must still be the queue's, whatever the mix.
+    #[test]
+    fn batches_keep_queue_order_across_copied_and_shared_frames() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let out = Stream::Unix(a);
+        let sizes = [10, 600, 20, 30, 4000, 5, COPY_MAX, COPY_MAX + 1, 0, 70_000];
+        let (mut batch, expected) = frames(&sizes);
+        // The 70 000-byte frame alone passes BATCH_BYTES.
+        assert!(batch.is_full());
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0; expected.len()];
+            b.read_exact(&mut got).unwrap();
+            assert_eq!(got, expected);
+        });
+        batch
+            .write(&out, Duration::from_secs(30), || false)
+            .unwrap();
+        reader.join().unwrap();
+        // Emptied for the next batch.
+        assert_eq!((batch.size, batch.frames.len(), batch.large), (0, 0, 0));
+        assert!(!batch.is_full());
+    }
+
+    /// What a send without waiting leaves, a writer sends from where it
+    /// stopped: the bytes on the wire are the queue's, once each.
+    #[test]
+    fn a_partial_send_is_finished_from_where_it_stopped() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let out = Stream::Unix(a);
+        let sizes = [30, 40, 300_000, 7, 8, 100_000, 50];
+        let (mut batch, expected) = frames(&sizes);
+        let left = batch.send_now(&out).unwrap();
+        let sent = left.expect("a socket pair takes less than 400 kB at once");
+        assert!(sent > 0 && sent < expected.len(), "{sent}");
+        let mut rest = Batch {
+            skip: sent,
+            ..Batch::default()
+        };
+        for frame in batch.into_frames() {
+            rest.push(frame);
+        }
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0; expected.len()];
+            b.read_exact(&mut got).unwrap();
+            assert_eq!(got, expected);
+        });
+        rest.write(&out, Duration::from_secs(30), || false).unwrap();
+        reader.join().unwrap();
+    }
+
+    #[test]
+    fn a_batch_is_full_at_its_count_of_large_frames() {
+        let mut batch = Batch::default();
+        for _ in 0..BATCH_LARGE {
+            assert!(!batch.is_full());
+            batch.push(Frame::message(Kind::Binary, &[0; COPY_MAX + 1]));
+        }
+        assert!(batch.is_full());
+    }
+}

@@ -30,7 +30,7 @@ use crate::amqp_url::{BrokerUrl, Credentials};
 use crate::channels::Control;
 use crate::frame::{Frame, Kind};
 use crate::link::{Ends, Link, Outbound, State};
-use crate::peer::Wakes;
+use crate::peer::Flushes;
 use crate::server::Server;
 use crate::stats;
 
@@ -401,7 +401,8 @@ impl<'c> Session<'c> {
                 &frame,
                 &self.server.settings.limits,
                 &self.server.stats,
-                &mut Wakes::default(),
+                // The relay serves every channel: it never waits for one.
+                &mut Flushes::new(false),
             );
         }
     }

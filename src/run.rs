@@ -135,7 +135,7 @@ pub fn run() -> ExitCode {
 
     let (relay, relay_ends) = match &settings.amqp {
         Some(_) => {
-            let (relay, ends) = crate::link::Link::new(settings.limits.queue_length);
+            let (relay, ends) = crate::link::Link::new();
             (Some(relay), Some(ends))
         }
         None => (None, None),

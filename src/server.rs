@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -22,10 +21,6 @@ pub const READER_STACK: usize = 128 * 1024;
 
 /// Stack of a writer thread: it only moves bytes from its queue to the socket.
 pub const WRITER_STACK: usize = 64 * 1024;
-
-/// How long clients get to answer the close frame when the server stops, and
-/// how long one connection lingers after its close frame before it is cut.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Finished connection threads kept waiting for new connections, per kind:
 /// enough for bursts of reconnecting clients, few enough that idle ones cost

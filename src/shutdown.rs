@@ -6,8 +6,9 @@ use std::time::Instant;
 
 use crate::config::Settings;
 use crate::listener::Listener;
+use crate::peer::CLOSE_TIMEOUT;
 use crate::peer::Close;
-use crate::server::{CLOSE_TIMEOUT, Server};
+use crate::server::Server;
 use crate::{daemon, systemd};
 
 /// What a running instance has on disk and must remove when it ends: its

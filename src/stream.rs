@@ -97,6 +97,28 @@ impl Stream {
         Ok(())
     }
 
+    /// Send what the socket takes now, without waiting (`WouldBlock` when it
+    /// takes nothing): for threads that must never wait on this client.
+    pub fn send_now(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let fd = both!(self, s => s.as_raw_fd());
+        // SAFETY: an all-zero msghdr is valid; IoSlice is ABI-compatible
+        // with iovec, and the slices outlive the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = bufs.len().min(1024) as _;
+        loop {
+            // SAFETY: `msg` points at valid iovecs; `fd` is open while `self` is.
+            let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
     /// Read and discard until the peer closes, the connection fails, or `deadline`.
     pub fn drain(&self, deadline: Instant) {
         let mut sink = [0u8; 512];
