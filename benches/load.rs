@@ -508,14 +508,12 @@ fn cpu_rows(row: &mut Row, cpu: CpuUse, units: f64) {
 
 // ---------------------------------------------------------------- scenarios
 
-fn fanout(kind: Kind, size: usize) -> Row {
+/// `config`: staps' `[limits]` beyond its shipped defaults (none, or the
+/// lossless policy); wsbroad has no such setting.
+fn fanout(kind: Kind, size: usize, config: &str) -> Row {
     const SUBSCRIBERS: usize = 100;
     const MESSAGES: u64 = 20_000;
-    // Room for the whole burst, so that any loss would be the server's doing.
-    let server = Server::start(
-        kind,
-        &format!("[limits]\nqueue_length = {MESSAGES}\nmax_clients_per_channel = 0\n"),
-    );
+    let server = Server::start(kind, config);
     let path = format!("/{}", uuid::Uuid::new_v4());
     let subscribers = Audience::join(server.addr, &path, SUBSCRIBERS, MESSAGES);
     let epoch = subscribers.epoch;
@@ -1062,21 +1060,25 @@ fn main() {
         )
         .trim()
     );
-    if wanted("fanout") || wanted("fanout-64") {
-        compare(
-            "fan-out, 64 B, 1 -> 100, 20 000 messages",
-            runs,
-            with_wsbroad,
-            |k| fanout(k, 64),
-        );
-    }
-    if wanted("fanout") || wanted("fanout-4k") {
-        compare(
-            "fan-out, 4 KiB, 1 -> 100, 20 000 messages",
-            runs,
-            with_wsbroad,
-            |k| fanout(k, 4096),
-        );
+    // staps as shipped, then with the lossless policy, which must lose nothing.
+    for (size, name) in [(64, "64"), (4096, "4k")] {
+        let shown = if size == 64 { "64 B" } else { "4 KiB" };
+        if wanted("fanout") || wanted(&format!("fanout-{name}")) {
+            compare(
+                &format!("fan-out, {shown}, 1 -> 100, 20 000 messages (defaults)"),
+                runs,
+                with_wsbroad,
+                |k| fanout(k, size, ""),
+            );
+        }
+        if wanted("fanout") || wanted(&format!("fanout-{name}-wait")) {
+            compare(
+                &format!("fan-out, {shown}, 1 -> 100, 20 000 messages (slow_client = wait)"),
+                runs,
+                with_wsbroad,
+                |k| fanout(k, size, "[limits]\nslow_client = wait\n"),
+            );
+        }
     }
     if wanted("many") {
         compare(

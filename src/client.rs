@@ -305,43 +305,56 @@ impl ReadHalf<'_> {
     fn publish(&mut self, channel: &Channel, from: u64, frame: &Frame, server: &Server) {
         let limits = &server.settings.limits;
         channel.publish(from, frame, limits, &server.stats, &mut self.flushes);
-        self.defer();
-    }
-
-    /// One more message or read since the receivers were sent to.
-    fn defer(&mut self) {
         self.deferred += 1;
-        if self.deferred >= FLUSH_AFTER {
-            self.flush();
-        }
     }
 
-    fn flush(&mut self) {
+    /// Whether the reader owes a send (to receivers, or its client's ping)
+    /// before it may wait for its client.
+    fn owes(&self) -> bool {
+        self.deferred >= FLUSH_AFTER
+            || !self.flushes.is_empty()
+            || self.ping_due.is_some_and(|due| Instant::now() >= due)
+    }
+
+    /// Send what is owed: to the receivers, and the client's ping if due.
+    ///
+    /// The read loop calls this between calls of [`read_events`], from its
+    /// own shallow frame, never from inside tungstenite's read (which
+    /// [`ReadHalf::read`] leaves with `WouldBlock` instead): the deepest
+    /// moment of a reader's life sets how many stack pages stay resident
+    /// while its connection is idle, and sending from down there kept a page
+    /// more per connection (BENCHMARKS.md, "Measurements behind the
+    /// constants").
+    #[inline(never)]
+    fn catch_up(&mut self) {
+        if let Some(due) = self.ping_due {
+            let now = Instant::now();
+            if now >= due {
+                self.peer
+                    .send_control(Frame::ping(), self.limits, &mut self.flushes);
+                self.ping_due = Some(now + self.ping);
+            }
+        }
         self.flushes.flush();
         self.deferred = 0;
     }
 
-    /// The reader pings its client, before it waits, when a ping is due. The
-    /// timeout of that wait is shortened only when it would otherwise end
-    /// over an eighth of an interval past the ping, so that a busy
-    /// connection pays no extra system call.
-    fn ping_when_due(&mut self) {
+    /// Before a blocking read: its timeout is shortened only when it would
+    /// otherwise end over an eighth of an interval past the next ping, so
+    /// that a busy connection pays no extra system call.
+    fn time_the_wait(&mut self) {
         let Some(due) = self.ping_due else {
             return;
         };
-        let now = Instant::now();
-        if now >= due {
-            self.peer
-                .send_control(Frame::ping(), self.limits, &mut self.flushes);
-            self.flush();
-            self.ping_due = Some(now + self.ping);
-            if self.shortened {
-                self.shortened = false;
-                let _ = self.stream.set_read_timeout(self.read_timeout());
-            }
-        } else if due - now < self.ping - self.ping / 8 {
-            let _ = self.stream.set_read_timeout(Some(due - now));
+        let left = due.saturating_duration_since(Instant::now());
+        if left < self.ping - self.ping / 8 {
+            let _ = self
+                .stream
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))));
             self.shortened = true;
+        } else if self.shortened {
+            self.shortened = false;
+            let _ = self.stream.set_read_timeout(self.read_timeout());
         }
     }
 
@@ -380,6 +393,11 @@ impl Read for ReadHalf<'_> {
         if self.incoming.refused() {
             return Err(refused());
         }
+        if self.deferred >= FLUSH_AFTER {
+            // Reads count too, so that a large frame streaming in does not
+            // hold back what was published before it until it is whole.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         let limit = self.incoming.read_limit(buf.len());
         let buf = &mut buf[..limit];
         let ready = if self.full {
@@ -389,15 +407,17 @@ impl Read for ReadHalf<'_> {
         };
         let n = match ready {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // About to wait for the client: send what is owed first.
-                self.flush();
-                self.ping_when_due();
+                if self.owes() {
+                    // About to wait for the client: the read loop sends
+                    // what is owed first, and reads again.
+                    return Err(e);
+                }
+                self.time_the_wait();
                 (&mut &*self.stream).read(buf)?
             }
             ready => {
-                let n = ready?;
-                self.defer();
-                n
+                self.deferred += 1;
+                ready?
             }
         };
         self.full = n == buf.len();
@@ -419,17 +439,10 @@ impl Write for ReadHalf<'_> {
     }
 }
 
-/// Read messages and publish them until the connection ends; returns how it
-/// ends, and the socket for the last reads.
-fn read_loop(client: &Joined, rest: Vec<u8>, server: &Server) -> (Close, Arc<Stream>) {
-    let Joined {
-        stream,
-        path,
-        channel,
-        peer,
-        ..
-    } = client;
-    let limits = &server.settings.limits;
+/// The client's websocket, reading from `rest` first.
+#[inline(never)]
+fn open<'a>(client: &Joined, rest: Vec<u8>, limits: &'a Limits) -> WebSocket<ReadHalf<'a>> {
+    let Joined { stream, peer, .. } = client;
     let ping = limits.ping_interval;
     let _ = stream.set_read_timeout((!ping.is_zero()).then_some(ping));
     let mut half = ReadHalf {
@@ -450,60 +463,114 @@ fn read_loop(client: &Joined, rest: Vec<u8>, server: &Server) -> (Close, Arc<Str
     // Bytes that came with the request head are the first tungstenite reads;
     // a refusal shows at the first read.
     let _ = half.follow(&rest, half.last_rx);
-    let mut ws = websocket(half, rest, limits.max_message_size);
+    websocket(half, rest, limits.max_message_size)
+}
+
+/// Read messages and publish them until the connection ends; returns how it
+/// ends, and the socket for the last reads.
+fn read_loop(client: &Joined, rest: Vec<u8>, server: &Server) -> (Close, Arc<Stream>) {
+    let limits = &server.settings.limits;
+    let mut ws = open(client, rest, limits);
     // Other instances learn who sent a message (0.1.x's correlation_id).
     let sender = server.relay.as_ref().map(|_| Uuid::new_v4());
+    // The sends the reader owes go out from here, between calls of
+    // `read_events`, whose frame (tungstenite's read inlined) is the deep
+    // one: sending from inside it kept a third stack page per connection.
     let close = loop {
+        match read_events(&mut ws, client, server, sender) {
+            Step::CatchUp => ws.get_mut().catch_up(),
+            Step::Rebuild => {
+                // tungstenite's buffer grew to a large message and is empty
+                // now: start over with a small one.
+                ws = websocket(ws.into_inner(), Vec::new(), limits.max_message_size);
+            }
+            Step::End(close) => break close,
+        }
+    };
+    (close, ws.into_inner().stream)
+}
+
+/// Why [`read_events`] returned.
+enum Step {
+    /// The reader owes sends before it may wait for its client.
+    CatchUp,
+    /// tungstenite's read buffer should start small again.
+    Rebuild,
+    /// The connection ends so.
+    End(Close),
+}
+
+/// Read and publish until the reader owes sends, its websocket wants
+/// rebuilding, or the connection ends.
+#[inline(never)]
+fn read_events(
+    ws: &mut WebSocket<ReadHalf<'_>>,
+    client: &Joined,
+    server: &Server,
+    sender: Option<Uuid>,
+) -> Step {
+    let Joined {
+        path,
+        channel,
+        peer,
+        ..
+    } = client;
+    let limits = &server.settings.limits;
+    loop {
         let event = next_event(ws.read(), peer.id);
         if peer.is_closing() {
-            // Closed by someone else (shutdown, slow consumer): the writer has sent
-            // the close frame; whatever arrived now is not published.
-            break Close::ABORT;
+            // Closed by someone else (shutdown, slow consumer): the close
+            // frame is on its way; whatever arrived now is not published.
+            return Step::End(Close::ABORT);
         }
         let incoming = &ws.get_ref().incoming;
         if incoming.stalled(limits.handshake_timeout) {
             // Trickled pings keep a connection alive, not a half-sent message.
             log::debug!("client {}: message stalled", peer.id);
-            break Close::with(1008, "message stalled");
+            return Step::End(Close::with(1008, "message stalled"));
         }
         let frame = match event {
-            Event::Message(frame) => {
-                if incoming.clean_end() {
-                    // tungstenite's buffer grew to the message and is empty
-                    // now: start over with a small one.
-                    ws = websocket(ws.into_inner(), Vec::new(), limits.max_message_size);
-                }
-                frame
-            }
+            Event::Message(frame) => frame,
             Event::Ping(pong) => {
                 peer.send_control(pong, limits, &mut ws.get_mut().flushes);
                 continue;
             }
             Event::Nothing => continue,
             Event::Quiet => {
-                if ws.get_ref().last_rx.elapsed() >= 2 * ping {
-                    break Close::with(1001, "ping timeout");
+                let ping = limits.ping_interval;
+                if !ping.is_zero() && ws.get_ref().last_rx.elapsed() >= 2 * ping {
+                    return Step::End(Close::with(1001, "ping timeout"));
                 }
-                continue;
+                return Step::CatchUp;
             }
             Event::End(_) if incoming.refused() => {
                 BUDGET.refuse("large messages are refused with 1009");
-                break Close::with(1009, "server memory budget reached");
+                return Step::End(Close::with(1009, "server memory budget reached"));
             }
-            Event::End(close) => break close,
+            Event::End(close) => return Step::End(close),
         };
+        let rebuild = incoming.clean_end();
         stats::add(&server.stats.messages_in, 1);
         stats::add(&server.stats.bytes_in, frame.payload().len() as u64);
-        ws.get_mut().publish(channel, peer.id, &frame, server);
+        let half = ws.get_mut();
+        half.publish(channel, peer.id, &frame, server);
         if let (Some(relay), Some(sender)) = (&server.relay, sender) {
             relay.publish(path, &frame, sender, &server.stats);
         }
-    };
-    (close, ws.into_inner().stream)
+        if rebuild {
+            return Step::Rebuild;
+        }
+        if half.deferred >= FLUSH_AFTER {
+            return Step::CatchUp;
+        }
+    }
 }
 
 /// The server side of a websocket over `stream`, whose first bytes `rest`
 /// were read with the request head, with staps' buffer and size limits.
+/// Not inlined: its temporaries would stay in the read loop's frame, below
+/// every send the reader makes.
+#[inline(never)]
 pub fn websocket<S: Read + Write>(
     stream: S,
     rest: Vec<u8>,

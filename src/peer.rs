@@ -30,7 +30,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
@@ -130,15 +130,20 @@ pub struct Peer {
     pub echo: bool,
     tx: Sender<Frame>,
     rx: Receiver<Frame>,
-    /// Bytes of the frames queued and in `head`, not yet sent.
+    /// Bytes of the frames waiting to be sent (queued, owed by a publisher,
+    /// or in `head`).
     queued: AtomicUsize,
+    /// How many frames those are.
+    count: AtomicUsize,
     closing: AtomicBool,
     close: Mutex<Option<Close>>,
     write: Mutex<Write>,
     /// `write.state`, for the lock-free look of every delivery.
     state: AtomicU8,
-    /// A publisher owes this peer a flush already ([`Flushes`]).
-    owed: AtomicBool,
+    /// The publisher that holds frames for this idle peer, and where
+    /// ([`Flushes`]): its id in the high half, the entry + 1 in the low; 0
+    /// when none does.
+    owed: AtomicU64,
     sink: OnceLock<Sink>,
     /// The reader thread is finished with the connection.
     reader_done: AtomicBool,
@@ -166,6 +171,7 @@ impl Peer {
             tx,
             rx,
             queued: AtomicUsize::new(0),
+            count: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             close: Mutex::new(None),
             write: Mutex::new(Write {
@@ -176,7 +182,7 @@ impl Peer {
                 writer: None,
             }),
             state: AtomicU8::new(State::Pending as u8),
-            owed: AtomicBool::new(false),
+            owed: AtomicU64::new(0),
             sink: OnceLock::new(),
             reader_done: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
@@ -190,19 +196,56 @@ impl Peer {
         self.state.store(state as u8, Ordering::SeqCst);
     }
 
-    /// Queue `frame`; true when the peer is idle and this caller must see
-    /// that what is queued is sent ([`Flushes`]), because no other will.
+    /// Hand `frame` on for sending. While the peer is idle, the frames a
+    /// publisher delivers stay with it (`flushes`) until it sends them all at
+    /// once; otherwise they go into the queue, for the writer, or for the
+    /// publisher that holds this peer's frames already.
     #[inline(always)]
-    fn queue(&self, frame: Frame) -> bool {
+    fn enqueue(self: &Arc<Self>, frame: Frame, flushes: &mut Flushes) {
         self.queued
             .fetch_add(frame.as_bytes().len(), Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let owed = self.owed.load(Ordering::Acquire);
+        if owed >> 32 == u64::from(flushes.id) {
+            // Ours: everything this publisher sends here goes the same way,
+            // so its messages keep their order. (Checked: ids come round
+            // again after 2^32 publishers.)
+            if let Some((peer, frames)) = flushes.entries.get_mut((owed as u32 - 1) as usize) {
+                if Arc::ptr_eq(peer, self) {
+                    frames.push(frame);
+                    return;
+                }
+            }
+        }
+        if owed == 0 && self.state.load(Ordering::Acquire) == State::Idle as u8 {
+            if let Some(entry) = self.claim(flushes) {
+                flushes.entries[entry].1.push(frame);
+                return;
+            }
+        }
         // The queue is never disconnected while the peer exists.
         let _ = self.tx.send(frame);
-        // Pairs with the fence in `go_idle`: either the writer sees the frame
-        // before it lets go, or we see the peer idle.
+        // Pairs with the fences in `go_idle` and `send_owed`: if the peer
+        // went idle, or its publisher sent what it held, before this frame
+        // was queued, nobody else will send it: this publisher must.
         fence(Ordering::SeqCst);
-        self.state.load(Ordering::Relaxed) == State::Idle as u8
-            && !self.owed.swap(true, Ordering::AcqRel)
+        if self.state.load(Ordering::Relaxed) == State::Idle as u8
+            && self.owed.load(Ordering::Relaxed) == 0
+        {
+            self.claim(flushes);
+        }
+    }
+
+    /// Make `flushes` the publisher that sends to this peer; its entry.
+    #[inline(never)]
+    fn claim(self: &Arc<Self>, flushes: &mut Flushes) -> Option<usize> {
+        let entry = flushes.entries.len();
+        let mark = (u64::from(flushes.id) << 32) | (entry as u64 + 1);
+        self.owed
+            .compare_exchange(0, mark, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()?;
+        flushes.entries.push((Arc::clone(self), Vec::new()));
+        Some(entry)
     }
 
     /// For the reader, once the `101` answer is out: the socket, and how to
@@ -220,7 +263,7 @@ impl Peer {
         if self.is_closing() {
             self.hand_over();
         } else {
-            self.flush();
+            self.send_owed(Vec::new(), 0);
         }
     }
 
@@ -233,33 +276,50 @@ impl Peer {
         }
     }
 
-    /// Send what is queued without waiting, if the peer is idle; what does
-    /// not go out at once goes to a writer thread.
-    pub fn flush(self: &Arc<Self>) {
-        self.owed.store(false, Ordering::Release);
-        let Some(sink) = self.sink.get() else {
+    /// Send what is queued, and `mine` after it, without waiting, if the
+    /// peer is idle; what does not go out at once goes to a writer thread.
+    /// Otherwise `mine` joins the queue, for the writer (or, before the
+    /// `101`, for [`Peer::ready`]).
+    /// `mark`: the caller's owner mark (`owed`), 0 for none.
+    fn send_owed(self: &Arc<Self>, mine: Vec<Frame>, mark: u64) {
+        let mut write = self.write.lock();
+        if mark != 0 {
+            // Under the lock and before the queue is read: a frame queued
+            // after this finds no owner and its publisher sends it itself.
+            let _ = self
+                .owed
+                .compare_exchange(mark, 0, Ordering::AcqRel, Ordering::Relaxed);
+        }
+        fence(Ordering::SeqCst);
+        let sink = self.sink.get();
+        let (State::Idle, Some(sink), false) = (write.state, sink, self.is_closing()) else {
+            if matches!(write.state, State::Pending | State::Busy) && !self.is_closing() {
+                for frame in mine {
+                    let _ = self.tx.send(frame);
+                }
+            } else {
+                self.taken(mine.len(), mine.iter().map(|f| f.as_bytes().len()).sum());
+            }
             return;
         };
-        let mut write = self.write.lock();
-        // Rounds at most: a receiver that others keep feeding gets a writer
-        // rather than this thread's time.
-        for _ in 0..2 {
-            if write.state != State::Idle || self.rx.is_empty() {
-                return;
-            }
+        let mut frames: VecDeque<Frame> = self.rx.try_iter().collect();
+        frames.extend(mine);
+        while !frames.is_empty() {
             let mut batch = Batch::default();
             while !batch.is_full() {
-                match self.rx.try_recv() {
-                    Ok(frame) => batch.push(frame),
-                    Err(_) => break,
-                }
+                let Some(frame) = frames.pop_front() else {
+                    break;
+                };
+                batch.push(frame);
             }
             match batch.send_now(&sink.stream) {
-                Ok(None) => self.taken(batch.size),
+                Ok(None) => self.taken(batch.frames.len(), batch.size),
                 Ok(Some(sent)) => {
                     // What is left goes first, to a writer; Busy before the
                     // lock goes, or another sender could overtake it.
-                    write.head = batch.into_frames();
+                    let mut head = batch.into_frames();
+                    head.extend(frames);
+                    write.head = head;
                     write.sent = sent;
                     self.set_state(&mut write, State::Busy);
                     drop(write);
@@ -269,15 +329,12 @@ impl Peer {
                 Err(e) => {
                     drop(write);
                     log::debug!("client {}: write failed: {e}", self.id);
-                    self.taken(batch.size);
+                    let bytes = frames.iter().map(|f| f.as_bytes().len()).sum::<usize>();
+                    self.taken(batch.frames.len() + frames.len(), batch.size + bytes);
                     self.close(Close::ABORT);
                     return;
                 }
             }
-        }
-        if !self.rx.is_empty() {
-            drop(write);
-            self.hand_over();
         }
     }
 
@@ -297,6 +354,7 @@ impl Peer {
     }
 
     /// Start a writer thread for the state turned `Busy`.
+    #[inline(never)]
     fn launch(self: &Arc<Self>, sink: &Sink) {
         if let Err(e) = (sink.launch)(Arc::clone(self)) {
             // Past the 101 no answer is possible: cut the connection, which
@@ -378,17 +436,23 @@ impl Peer {
         *slot = Some(close);
         self.closing.store(true, Ordering::Release);
         drop(slot);
-        let freed: usize = self.rx.try_iter().map(|f| f.as_bytes().len()).sum();
-        self.taken(freed);
+        let (mut count, mut bytes) = (0, 0);
+        for frame in self.rx.try_iter() {
+            count += 1;
+            bytes += frame.as_bytes().len();
+        }
+        self.taken(count, bytes);
         true
     }
 
-    /// Frames of `bytes` left the queue (sent, or in a writer's hands).
-    fn taken(&self, bytes: usize) {
-        if bytes == 0 {
+    /// `count` frames of `bytes` are no longer waiting (sent, in a writer's
+    /// hands, or let go of).
+    fn taken(&self, count: usize, bytes: usize) {
+        if count == 0 {
             return;
         }
         self.queued.fetch_sub(bytes, Ordering::Relaxed);
+        self.count.fetch_sub(count, Ordering::Relaxed);
         // Pairs with the fence in `wait_for_room`.
         fence(Ordering::SeqCst);
         if self.waiting.load(Ordering::Relaxed) > 0 {
@@ -418,7 +482,7 @@ impl Peer {
         // A receiver with nothing queued takes any frame: otherwise a message
         // larger than queue_bytes could never reach anyone.
         (queued > 0 && queued + len > limits.queue_bytes)
-            || (limits.queue_length > 0 && self.rx.len() >= limits.queue_length)
+            || (limits.queue_length > 0 && self.count.load(Ordering::Relaxed) >= limits.queue_length)
             // Under memory pressure a receiver with a backlog is a slow
             // one: its backlog is what can be given back.
             || (queued >= PRESSURE_BACKLOG && BUDGET.is_full())
@@ -428,9 +492,8 @@ impl Peer {
     /// with `flushes`. Skipped when the queue is full: a client that floods
     /// pings and never reads must not grow the server's memory.
     pub fn send_control(self: &Arc<Self>, frame: Frame, limits: &Limits, flushes: &mut Flushes) {
-        if !self.is_closing() && !self.is_full(frame.as_bytes().len(), limits) && self.queue(frame)
-        {
-            flushes.owe(self);
+        if !self.is_closing() && !self.is_full(frame.as_bytes().len(), limits) {
+            self.enqueue(frame, flushes);
         }
     }
 
@@ -467,9 +530,7 @@ impl Peer {
                 return Delivery::Skipped;
             }
         }
-        if self.queue(frame.clone()) {
-            flushes.owe(self);
-        }
+        self.enqueue(frame.clone(), flushes);
         Delivery::Queued
     }
 
@@ -522,7 +583,10 @@ impl Peer {
 /// then no other thread sends what this one queued for those peers.
 #[derive(Debug)]
 pub struct Flushes {
-    peers: Vec<Arc<Peer>>,
+    /// Unique among the live ones: the owner marks of `Peer::owed`.
+    id: u32,
+    /// Each idle peer this publisher sends to, and the frames it holds for it.
+    entries: Vec<(Arc<Peer>, Vec<Frame>)>,
     /// The owner may wait for room under `slow_client = wait` (the relay
     /// thread, which serves every channel, may not).
     may_wait: bool,
@@ -531,20 +595,28 @@ pub struct Flushes {
 impl Flushes {
     /// For a thread that may wait for a receiver's room (`may_wait`) or not.
     pub fn new(may_wait: bool) -> Flushes {
+        static IDS: AtomicU32 = AtomicU32::new(1);
+        let mut id = IDS.fetch_add(1, Ordering::Relaxed);
+        if id == 0 {
+            // 0 is no owner; the ids of ended publishers come round again.
+            id = IDS.fetch_add(1, Ordering::Relaxed);
+        }
         Flushes {
-            peers: Vec::new(),
+            id,
+            entries: Vec::new(),
             may_wait,
         }
     }
 
-    fn owe(&mut self, peer: &Arc<Peer>) {
-        self.peers.push(Arc::clone(peer));
+    /// Whether no send is owed.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     /// Send to every peer owed a send.
     pub fn flush(&mut self) {
-        for peer in std::mem::take(&mut self.peers) {
-            peer.flush();
+        for (i, (peer, frames)) in std::mem::take(&mut self.entries).into_iter().enumerate() {
+            peer.send_owed(frames, (u64::from(self.id) << 32) | (i as u64 + 1));
         }
     }
 }
@@ -623,7 +695,8 @@ impl Peer {
                     Err(_) => break,
                 }
             }
-            self.taken(batch.size);
+            // Each round starts with an empty batch (`write` empties it).
+            self.taken(batch.frames.len(), batch.size);
             if self.is_closing() {
                 // The close frame goes after a frame begun, never inside it.
                 if batch.skip > 0 {
@@ -645,8 +718,8 @@ impl Peer {
     fn go_idle(&self) -> bool {
         let mut write = self.write.lock();
         self.set_state(&mut write, State::Idle);
-        // Pairs with the fence in `queue`: a publisher that queued before
-        // this saw `Busy` and sent nothing, so its frame is ours.
+        // Pairs with the fence in `enqueue`: a publisher that queued before
+        // this saw `Busy` and left its frame to us.
         fence(Ordering::SeqCst);
         if self.rx.is_empty() && !self.is_closing() {
             return true;
