@@ -308,10 +308,16 @@ impl ReadHalf<'_> {
         self.deferred += 1;
     }
 
+    /// Whether the sends owed must go out before the next read: after
+    /// [`FLUSH_AFTER`] messages or reads, or a writer's batch for one peer.
+    fn is_due(&self) -> bool {
+        self.deferred >= FLUSH_AFTER || self.flushes.is_due()
+    }
+
     /// Whether the reader owes a send (to receivers, or its client's ping)
     /// before it may wait for its client.
     fn owes(&self) -> bool {
-        self.deferred >= FLUSH_AFTER
+        self.is_due()
             || !self.flushes.is_empty()
             || self.ping_due.is_some_and(|due| Instant::now() >= due)
     }
@@ -393,7 +399,7 @@ impl Read for ReadHalf<'_> {
         if self.incoming.refused() {
             return Err(refused());
         }
-        if self.deferred >= FLUSH_AFTER {
+        if self.is_due() {
             // Reads count too, so that a large frame streaming in does not
             // hold back what was published before it until it is whole.
             return Err(io::ErrorKind::WouldBlock.into());
@@ -560,7 +566,7 @@ fn read_events(
         if rebuild {
             return Step::Rebuild;
         }
-        if half.deferred >= FLUSH_AFTER {
+        if half.is_due() {
             return Step::CatchUp;
         }
     }

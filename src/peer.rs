@@ -200,29 +200,37 @@ impl Peer {
     /// publisher delivers stay with it (`flushes`) until it sends them all at
     /// once; otherwise they go into the queue, for the writer, or for the
     /// publisher that holds this peer's frames already.
+    ///
+    /// Frames a publisher holds do not count against the queue's bounds
+    /// until they fail to go out: a receiver that keeps up never looks slow
+    /// for what its publishers have not tried to send yet (they send at the
+    /// latest once they hold a writer's batch for it).
     #[inline(always)]
     fn enqueue(self: &Arc<Self>, frame: Frame, flushes: &mut Flushes) {
-        self.queued
-            .fetch_add(frame.as_bytes().len(), Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
         let owed = self.owed.load(Ordering::Acquire);
         if owed >> 32 == u64::from(flushes.id) {
             // Ours: everything this publisher sends here goes the same way,
             // so its messages keep their order. (Checked: ids come round
             // again after 2^32 publishers.)
-            if let Some((peer, frames)) = flushes.entries.get_mut((owed as u32 - 1) as usize) {
-                if Arc::ptr_eq(peer, self) {
-                    frames.push(frame);
-                    return;
-                }
+            let entry = (owed as u32 - 1) as usize;
+            if flushes
+                .entries
+                .get(entry)
+                .is_some_and(|(peer, ..)| Arc::ptr_eq(peer, self))
+            {
+                flushes.hold(entry, frame);
+                return;
             }
         }
         if owed == 0 && self.state.load(Ordering::Acquire) == State::Idle as u8 {
             if let Some(entry) = self.claim(flushes) {
-                flushes.entries[entry].1.push(frame);
+                flushes.hold(entry, frame);
                 return;
             }
         }
+        self.queued
+            .fetch_add(frame.as_bytes().len(), Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
         // The queue is never disconnected while the peer exists.
         let _ = self.tx.send(frame);
         // Pairs with the fences in `go_idle` and `send_owed`: if the peer
@@ -244,7 +252,7 @@ impl Peer {
         self.owed
             .compare_exchange(0, mark, Ordering::AcqRel, Ordering::Relaxed)
             .ok()?;
-        flushes.entries.push((Arc::clone(self), Vec::new()));
+        flushes.entries.push((Arc::clone(self), Vec::new(), 0));
         Some(entry)
     }
 
@@ -282,6 +290,10 @@ impl Peer {
     /// `101`, for [`Peer::ready`]).
     /// `mark`: the caller's owner mark (`owed`), 0 for none.
     fn send_owed(self: &Arc<Self>, mine: Vec<Frame>, mark: u64) {
+        // From here on they count, like what is queued.
+        let bytes = mine.iter().map(|f| f.as_bytes().len()).sum();
+        self.queued.fetch_add(bytes, Ordering::Relaxed);
+        self.count.fetch_add(mine.len(), Ordering::Relaxed);
         let mut write = self.write.lock();
         if mark != 0 {
             // Under the lock and before the queue is read: a frame queued
@@ -585,8 +597,11 @@ impl Peer {
 pub struct Flushes {
     /// Unique among the live ones: the owner marks of `Peer::owed`.
     id: u32,
-    /// Each idle peer this publisher sends to, and the frames it holds for it.
-    entries: Vec<(Arc<Peer>, Vec<Frame>)>,
+    /// Each idle peer this publisher sends to, the frames it holds for it,
+    /// and their bytes.
+    entries: Vec<(Arc<Peer>, Vec<Frame>, usize)>,
+    /// The most bytes held for one peer.
+    largest: usize,
     /// The owner may wait for room under `slow_client = wait` (the relay
     /// thread, which serves every channel, may not).
     may_wait: bool,
@@ -604,6 +619,7 @@ impl Flushes {
         Flushes {
             id,
             entries: Vec::new(),
+            largest: 0,
             may_wait,
         }
     }
@@ -613,9 +629,25 @@ impl Flushes {
         self.entries.is_empty()
     }
 
+    /// Whether one peer is owed so much that the sends should go out now:
+    /// what a publisher holds counts against the peer's queue bound, and a
+    /// receiver that keeps up must never look slow for it.
+    pub fn is_due(&self) -> bool {
+        self.largest >= FLUSH_BYTES
+    }
+
+    /// Hold `frame` for the peer of `entry`.
+    fn hold(&mut self, entry: usize, frame: Frame) {
+        let (_, frames, bytes) = &mut self.entries[entry];
+        *bytes += frame.as_bytes().len();
+        self.largest = self.largest.max(*bytes);
+        frames.push(frame);
+    }
+
     /// Send to every peer owed a send.
     pub fn flush(&mut self) {
-        for (i, (peer, frames)) in std::mem::take(&mut self.entries).into_iter().enumerate() {
+        self.largest = 0;
+        for (i, (peer, frames, _)) in std::mem::take(&mut self.entries).into_iter().enumerate() {
             peer.send_owed(frames, (u64::from(self.id) << 32) | (i as u64 + 1));
         }
     }
@@ -626,6 +658,10 @@ impl Drop for Flushes {
         self.flush();
     }
 }
+
+/// Bytes a publisher holds for one idle peer at most before it sends: a
+/// writer's batch.
+const FLUSH_BYTES: usize = BATCH_BYTES;
 
 /// A receiver with this many bytes queued is treated as a slow consumer
 /// while the memory budget is used up.

@@ -302,6 +302,10 @@ impl<'c> Session<'c> {
         let deliveries = consumer.receiver();
         let mut unacked: Option<Delivery> = None;
         let mut since_ack = 0;
+        // What a burst from the broker queued for idle clients goes out
+        // with one send per client, once the burst is handled. The relay
+        // serves every channel: it never waits for one client's room.
+        let mut flushes = Flushes::new(false);
         loop {
             select! {
                 recv(ends.outbound) -> message => {
@@ -317,7 +321,7 @@ impl<'c> Session<'c> {
                 }
                 recv(deliveries) -> message => match message {
                     Ok(ConsumerMessage::Delivery(delivery)) => {
-                        self.deliver(&delivery);
+                        self.deliver(&delivery, &mut flushes);
                         unacked = Some(delivery);
                         since_ack += 1;
                     }
@@ -326,7 +330,11 @@ impl<'c> Session<'c> {
                 },
             }
             // Acknowledge in batches: once the broker's burst is handled.
+            if flushes.is_due() {
+                flushes.flush();
+            }
             if since_ack >= ACK_BATCH || (since_ack > 0 && deliveries.is_empty()) {
+                flushes.flush();
                 if let Some(delivery) = unacked.take() {
                     consumer.ack_multiple(delivery)?;
                 }
@@ -375,7 +383,7 @@ impl<'c> Session<'c> {
 
     /// A message from the broker: to every local client of its channel, unless
     /// this instance sent it (it was delivered locally already).
-    fn deliver(&self, delivery: &Delivery) {
+    fn deliver(&self, delivery: &Delivery, flushes: &mut Flushes) {
         let properties = &delivery.properties;
         if properties.app_id().as_deref() == Some(self.instance.as_str()) {
             return;
@@ -401,8 +409,7 @@ impl<'c> Session<'c> {
                 &frame,
                 &self.server.settings.limits,
                 &self.server.stats,
-                // The relay serves every channel: it never waits for one.
-                &mut Flushes::new(false),
+                flushes,
             );
         }
     }

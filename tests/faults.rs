@@ -314,3 +314,50 @@ fn sigterm_under_heavy_traffic_gives_every_client_1001_and_exits_0() {
     }
     assert_eq!(staps.wait_exit().code(), Some(0));
 }
+
+/// As shipped: a publisher to 100 receivers of which 50 never read goes on
+/// at the pace of the 50 that do, who get every message in order; the 50
+/// are closed as slow consumers once their queues pass `queue_bytes`.
+#[test]
+fn half_the_receivers_never_read_and_the_others_keep_up() {
+    const STALLED: usize = 50;
+    const READERS: usize = 50;
+    const SIZE: usize = 4096;
+    const MESSAGES: usize = 3000; // 12 MB, three times queue_bytes
+    let mut staps = Staps::start(&tcp_config(""), &[]);
+    let ch = channel();
+    let _stalled: Vec<TcpStream> = (0..STALLED).map(|_| stalled_client(&staps, &ch)).collect();
+    let mut publisher = connect(staps.addr(), &ch);
+    let (ack_tx, ack_rx) = mpsc::channel();
+    let readers: Vec<_> = (0..READERS)
+        .map(|_| {
+            let mut ws = connect(staps.addr(), &ch);
+            let ack = ack_tx.clone();
+            thread::spawn(move || {
+                for i in 0..MESSAGES {
+                    let Message::Binary(data) = recv(&mut ws) else {
+                        panic!("not binary")
+                    };
+                    assert_eq!(&data[..8], &(i as u64).to_be_bytes(), "lost or reordered");
+                    ack.send(()).unwrap();
+                }
+            })
+        })
+        .collect();
+    for i in 0..MESSAGES {
+        // A window of 16 messages on the readers: only the stalled ones lag.
+        if i >= 16 {
+            for _ in 0..READERS {
+                ack_rx.recv_timeout(DEADLINE).expect("a reader is stuck");
+            }
+        }
+        let mut data = vec![0u8; SIZE];
+        data[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        publisher.send(Message::binary(data)).unwrap();
+    }
+    for r in readers {
+        r.join().expect("reader");
+    }
+    let line = staps.wait_stats(|l| counter(l, "slow_disconnects") == STALLED as u64);
+    assert_eq!(counter(&line, "dropped"), 0, "{line}");
+}

@@ -274,3 +274,79 @@ fn client_pings_are_answered_with_pongs() {
         .unwrap();
     assert_eq!(server_frame(&mut raw), (0xA, b"are you there".to_vec()));
 }
+
+#[test]
+fn queue_bytes_bounds_a_stalled_receiver_by_default() {
+    // No queue_length: the byte bound alone (64 KiB of 16 KiB messages).
+    let mut staps = Staps::start(&tcp_config("queue_bytes = 65536"), &[]);
+    let ch = channel();
+    let _stalled = stalled_client(&staps, &ch);
+    assert_eq!(publish_past_a_stalled_client(&staps, &ch, 2000), 2000);
+    let line = staps.wait_stats(|l| counter(l, "slow_disconnects") == 1);
+    assert_eq!(counter(&line, "dropped"), 0, "{line}");
+}
+
+/// Under `wait` a receiver gets every message, the publisher waiting for
+/// room; one that never reads holds everyone up for `slow_timeout`, then is
+/// closed with 1008, and the others go on, nothing lost.
+#[test]
+fn wait_loses_nothing_and_closes_a_dead_receiver_after_slow_timeout() {
+    const N: usize = 2000;
+    let mut staps = Staps::start(
+        &tcp_config("slow_client = wait\nqueue_bytes = 65536\nslow_timeout = 1"),
+        &[],
+    );
+    let ch = channel();
+    let mut publisher = connect(staps.addr(), &ch);
+    let mut reader = connect(staps.addr(), &ch);
+    let stalled = stalled_client(&staps, &ch);
+    let reader = thread::spawn(move || {
+        for i in 0..N {
+            let Message::Binary(data) = recv(&mut reader) else {
+                panic!("not binary")
+            };
+            assert_eq!(&data[..8], &(i as u64).to_be_bytes(), "lost or reordered");
+        }
+    });
+    // 32 MB: far more than the socket buffers and the 64 KiB queue hold.
+    let sender = thread::spawn(move || {
+        for i in 0..N {
+            let mut data = vec![0u8; 16 * 1024];
+            data[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            publisher.send(Message::binary(data)).unwrap();
+        }
+        publisher
+    });
+    // The dead receiver holds everyone up for slow_timeout, then goes.
+    let line = staps.wait_stats(|l| counter(l, "slow_disconnects") == 1);
+    assert_eq!(counter(&line, "dropped"), 0, "{line}");
+    let mut ws =
+        tungstenite::WebSocket::from_raw_socket(stalled, tungstenite::protocol::Role::Client, None);
+    let code = loop {
+        match ws.read() {
+            Ok(Message::Close(Some(frame))) => break u16::from(frame.code),
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    };
+    assert_eq!(code, 1008);
+    reader.join().expect("the reader got everything");
+    sender.join().expect("the publisher finished");
+    let line = staps.stats();
+    assert_eq!(counter(&line, "dropped"), 0, "{line}");
+    assert_eq!(counter(&line, "slow_disconnects"), 1, "{line}");
+}
+
+#[test]
+fn the_creator_picks_the_slow_client_policy() {
+    let mut staps = Staps::start(&tcp_config("queue_bytes = 65536"), &[]);
+    let bad = try_connect(staps.addr(), &format!("{}?slow=never", channel()));
+    assert_eq!(bad.map(|_| 0).unwrap_or_else(|e| status_of(&e)), 400);
+    // The server's policy is disconnect; this channel drops instead.
+    let ch = channel();
+    let _creator = connect(staps.addr(), &format!("{ch}?slow=drop"));
+    let _stalled = stalled_client(&staps, &ch);
+    assert_eq!(publish_past_a_stalled_client(&staps, &ch, 2000), 2000);
+    let line = staps.wait_stats(|l| counter(l, "dropped") > 0);
+    assert_eq!(counter(&line, "slow_disconnects"), 0, "{line}");
+}
