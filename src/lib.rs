@@ -22,7 +22,7 @@
 //!  6  client       a connection's reader and writer threads
 //!  5  server       the state every thread shares: settings, registry,
 //!                  counters, thread pools, the link to the relay
-//!  4  peer         a member's queue, its writer's start and wake-ups, closing
+//!  4  peer         a member's queue, who writes to its socket, closing
 //!     channels     the registry and the fan-out
 //!     link         the relay's queue and state, as the rest holds them
 //!  3  frame        a server frame, encoded once and shared
@@ -40,11 +40,13 @@
 //! registry (`channels`). The reader (`client`) gets each message whole
 //! from tungstenite, following its frames for the memory budget
 //! (`incoming`, `budget`), encodes it once into a `frame::Frame`, and
-//! publishes it: a reference goes onto every other member's queue, and
+//! publishes it: a reference goes to every other member (`peer`), and
 //! onto the `link` to the `relay` thread, which publishes it to the
-//! broker. Each receiver's writer thread drains its queue and writes the
-//! batch with one vectored write. Messages from the broker take the same
-//! way from the relay thread onwards.
+//! broker. Before it waits for its client again, the reader sends what it
+//! published to each receiver that keeps up, with one non-blocking send;
+//! a receiver whose socket is full gets a writer thread that drains its
+//! queue with vectored writes until the backlog is gone. Messages from the
+//! broker take the same way from the relay thread onwards.
 
 mod amqp_url;
 mod budget;

@@ -314,8 +314,15 @@ impl Peer {
             }
             return;
         };
-        let mut frames: VecDeque<Frame> = self.rx.try_iter().collect();
-        frames.extend(mine);
+        // What others queued first; most often there is none, and `mine`
+        // is all (its allocation is reused).
+        let mut frames = VecDeque::from(mine);
+        if !self.rx.is_empty() {
+            let queued: Vec<Frame> = self.rx.try_iter().collect();
+            for frame in queued.into_iter().rev() {
+                frames.push_front(frame);
+            }
+        }
         while !frames.is_empty() {
             let mut batch = Batch::default();
             while !batch.is_full() {
@@ -876,7 +883,12 @@ impl Batch {
     /// Send without waiting: None when all went out, else how much of it did.
     fn send_now(&mut self, out: &Stream) -> io::Result<Option<usize>> {
         let (skip, size) = (self.skip, self.size);
-        let sent = match out.send_now(&self.slices()) {
+        let sent = match self.frames.as_slice() {
+            // The common case of a receiver that keeps up: nothing to gather.
+            [frame] => out.send_now(&[IoSlice::new(&frame.as_bytes()[skip..])]),
+            _ => out.send_now(&self.slices()),
+        };
+        let sent = match sent {
             Ok(sent) => sent,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(e),

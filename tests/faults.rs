@@ -96,38 +96,7 @@ fn receivers_that_never_read_hold_bounded_memory_and_readers_keep_up() {
     let _stalled: Vec<TcpStream> = (0..STALLED).map(|_| stalled_client(&staps, &ch)).collect();
     let before = proc_status(pid, "VmRSS");
 
-    let mut publisher = connect(staps.addr(), &ch);
-    let (ack_tx, ack_rx) = mpsc::channel();
-    let readers: Vec<_> = (0..2)
-        .map(|_| {
-            let mut ws = connect(staps.addr(), &ch);
-            let ack = ack_tx.clone();
-            thread::spawn(move || {
-                for i in 0..MESSAGES {
-                    let Message::Binary(data) = recv(&mut ws) else {
-                        panic!("not binary")
-                    };
-                    assert_eq!(data.len(), SIZE);
-                    assert_eq!(&data[..8], &(i as u64).to_be_bytes(), "lost or reordered");
-                    ack.send(()).unwrap();
-                }
-            })
-        })
-        .collect();
-    for i in 0..MESSAGES {
-        // A window of 16 messages on the readers: only the stalled ones lag.
-        if i >= 16 {
-            for _ in 0..2 {
-                ack_rx.recv_timeout(DEADLINE).expect("a reader is stuck");
-            }
-        }
-        let mut data = vec![0u8; SIZE];
-        data[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        publisher.send(Message::binary(data)).unwrap();
-    }
-    for r in readers {
-        r.join().expect("reader");
-    }
+    publish_to_readers(&staps, &ch, 2, MESSAGES, SIZE);
     // The documented bound (README, "Reliability"): each receiver holds at
     // most queue_length + 32 messages of this size (its queue and its
     // writer's batch) and a 64 KiB copy of small frames, and messages are
@@ -327,37 +296,45 @@ fn half_the_receivers_never_read_and_the_others_keep_up() {
     let mut staps = Staps::start(&tcp_config(""), &[]);
     let ch = channel();
     let _stalled: Vec<TcpStream> = (0..STALLED).map(|_| stalled_client(&staps, &ch)).collect();
-    let mut publisher = connect(staps.addr(), &ch);
+    publish_to_readers(&staps, &ch, READERS, MESSAGES, SIZE);
+    let line = staps.wait_stats(|l| counter(l, "slow_disconnects") == STALLED as u64);
+    assert_eq!(counter(&line, "dropped"), 0, "{line}");
+}
+
+/// Publish `messages` numbered binary messages of `size` bytes to channel
+/// `ch`, where `readers` new clients read them, with a window of 16 messages
+/// on the readers (only receivers that do not read fall behind); each reader
+/// must get every message, in order.
+fn publish_to_readers(staps: &Staps, ch: &str, readers: usize, messages: usize, size: usize) {
+    let mut publisher = connect(staps.addr(), ch);
     let (ack_tx, ack_rx) = mpsc::channel();
-    let readers: Vec<_> = (0..READERS)
+    let threads: Vec<_> = (0..readers)
         .map(|_| {
-            let mut ws = connect(staps.addr(), &ch);
+            let mut ws = connect(staps.addr(), ch);
             let ack = ack_tx.clone();
             thread::spawn(move || {
-                for i in 0..MESSAGES {
+                for i in 0..messages {
                     let Message::Binary(data) = recv(&mut ws) else {
                         panic!("not binary")
                     };
+                    assert_eq!(data.len(), size);
                     assert_eq!(&data[..8], &(i as u64).to_be_bytes(), "lost or reordered");
                     ack.send(()).unwrap();
                 }
             })
         })
         .collect();
-    for i in 0..MESSAGES {
-        // A window of 16 messages on the readers: only the stalled ones lag.
+    for i in 0..messages {
         if i >= 16 {
-            for _ in 0..READERS {
+            for _ in 0..readers {
                 ack_rx.recv_timeout(DEADLINE).expect("a reader is stuck");
             }
         }
-        let mut data = vec![0u8; SIZE];
+        let mut data = vec![0u8; size];
         data[..8].copy_from_slice(&(i as u64).to_be_bytes());
         publisher.send(Message::binary(data)).unwrap();
     }
-    for r in readers {
-        r.join().expect("reader");
+    for t in threads {
+        t.join().expect("reader");
     }
-    let line = staps.wait_stats(|l| counter(l, "slow_disconnects") == STALLED as u64);
-    assert_eq!(counter(&line, "dropped"), 0, "{line}");
 }
