@@ -263,14 +263,6 @@ fn the_debian_package_installs_serves_and_purges() {
     assert!(rc.trim().is_empty(), "init links left: {rc}");
 }
 
-/// A port that was free a moment ago, for a web server that takes no port 0.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// staps on a socket nginx's or Apache's workers (www-data) may use.
 fn staps_for_proxy() -> Staps {
@@ -298,7 +290,7 @@ fn check_proxy(port: u16) {
     c.send(Message::text("c")).unwrap();
     assert_eq!(recv(&mut a), Message::text("c"));
     // The usage page comes through, with the proxy's host.
-    let page = raw_http(addr, b"GET / HTTP/1.1\r\nHost: relay.example\r\n\r\n");
+    let page = raw_http(addr, b"GET / HTTP/1.1\r\nHost: relay.example\r\nConnection: close\r\n\r\n");
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(page.contains("ws://relay.example/"), "{page}");
     // Other paths are refused by the proxy itself.
@@ -313,60 +305,121 @@ fn check_proxy(port: u16) {
     }
 }
 
+/// The tests that run Debian's stock nginx and Apache on port 80 and change
+/// their configuration in /etc: one at a time.
+static STOCK_WEB_SERVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A directory of /etc as it was, put back when the test ends, however it ends.
+struct Restore {
+    dir: PathBuf,
+    saved: tempfile::TempDir,
+}
+
+impl Restore {
+    fn save(dir: &str) -> Restore {
+        let saved = tempfile::tempdir().unwrap();
+        let (ok, out) = run(Command::new("cp").arg("-a").arg(dir).arg(saved.path()));
+        assert!(ok, "saving {dir}: {out}");
+        Restore {
+            dir: PathBuf::from(dir),
+            saved,
+        }
+    }
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let name = self.dir.file_name().unwrap();
+        let _ = fs::remove_dir_all(&self.dir);
+        let _ = Command::new("cp")
+            .arg("-a")
+            .arg(self.saved.path().join(name))
+            .arg(self.dir.parent().unwrap())
+            .status();
+    }
+}
+
+/// Runs a command when the test ends, however it ends (stopping a server).
+struct Finally(Vec<&'static str>);
+
+impl Drop for Finally {
+    fn drop(&mut self) {
+        let _ = Command::new(self.0[0]).args(&self.0[1..]).status();
+    }
+}
+
+/// Follow the steps an example's comment gives an operator (its lines
+/// `#   $ COMMAND`), as they are written, from Debian's stock configuration.
+/// Two things differ from a real install, and only these: the example is
+/// this checkout's, with the socket of the test's staps in place of
+/// `/run/staps/staps.sock` (the package's staps is not running), and the last
+/// step, `systemctl reload SERVER` (there is no systemd here), is `start`.
+fn follow_the_steps(example: &str, socket: &Path, start: &[&str]) {
+    let text = fs::read_to_string(root_dir().join("packaging").join(example)).unwrap();
+    let examples = tempfile::tempdir().unwrap();
+    fs::write(
+        examples.path().join(example),
+        text.replace("/run/staps/staps.sock", socket.to_str().unwrap()),
+    )
+    .unwrap();
+    let steps: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("#   $ "))
+        .collect();
+    assert!(
+        steps.last().is_some_and(|s| s.starts_with("systemctl reload ")),
+        "{example}: the steps end with a reload: {steps:?}"
+    );
+    for step in &steps[..steps.len() - 1] {
+        let step = step.replace(
+            "/usr/share/doc/staps/examples",
+            examples.path().to_str().unwrap(),
+        );
+        let (ok, out) = run(Command::new("sh").arg("-ec").arg(&step));
+        assert!(ok, "{example}: the step `{step}` failed:\n{out}");
+    }
+    let (ok, out) = run(Command::new(start[0]).args(&start[1..]));
+    assert!(ok, "{example}: {start:?} failed:\n{out}");
+}
+
+/// Port 80 must be free for the stock web servers' configuration (a server
+/// stopped by the test before may take a moment to let go of it).
+fn port_80_is_free() {
+    wait_until("port 80 to be free for the stock configuration", || {
+        std::net::TcpListener::bind("0.0.0.0:80").is_ok()
+    });
+}
+
 #[test]
 fn nginx_with_the_shipped_example() {
     if skip_system("nginx_with_the_shipped_example", &[("nginx", "nginx")]) {
         return;
     }
+    let _one = STOCK_WEB_SERVER.lock().unwrap_or_else(|e| e.into_inner());
+    let _etc = Restore::save("/etc/nginx");
+    // Debian's configuration as installed: its default site enabled.
+    assert!(
+        Path::new("/etc/nginx/sites-enabled/default").exists(),
+        "not the stock configuration: /etc/nginx/sites-enabled/default is missing"
+    );
+    port_80_is_free();
     let staps = staps_for_proxy();
-    let dir = staps.dir.path();
-    let port = free_port();
-    let site = fs::read_to_string(root_dir().join("packaging/nginx-staps.conf"))
-        .unwrap()
-        .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
-        .replace("listen [::]:80;", "")
-        .replace("/run/staps/staps.sock", staps.sockets[0].to_str().unwrap())
-        .replace(
-            "/var/log/nginx/staps-access.log",
-            dir.join("access.log").to_str().unwrap(),
-        );
-    fs::write(dir.join("site.conf"), site).unwrap();
-    let d = dir.display();
-    fs::write(
-        dir.join("nginx.conf"),
-        format!(
-            "user www-data;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err;\n\
-             events {{}}\nhttp {{\n access_log off;\n client_body_temp_path {d}/body;\n\
-             proxy_temp_path {d}/proxy;\n fastcgi_temp_path {d}/fcgi;\n uwsgi_temp_path {d}/uwsgi;\n\
-             scgi_temp_path {d}/scgi;\n include {d}/site.conf;\n}}\n"
-        ),
-    )
-    .unwrap();
-    let (ok, out) = run(Command::new("nginx")
-        .arg("-t")
-        .arg("-c")
-        .arg(dir.join("nginx.conf")));
-    assert!(ok, "nginx -t:\n{out}");
-    let nginx = Command::new("nginx")
-        .arg("-c")
-        .arg(dir.join("nginx.conf"))
-        .args(["-g", "daemon off;"])
-        .spawn()
-        .unwrap();
-    let _nginx = Killed(nginx);
-    check_proxy(port);
+    let log = Path::new("/var/log/nginx/staps-access.log");
+    let _ = fs::remove_file(log);
+    let _stop = Finally(vec!["nginx", "-s", "quit"]);
+    follow_the_steps("nginx-staps.conf", &staps.sockets[0], &["nginx"]);
+    check_proxy(80);
     // The page keeps the port the client used.
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let page = raw_http(addr, b"GET / HTTP/1.1\r\nHost: relay.example:8443\r\n\r\n");
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], 80).into();
+    let page = raw_http(addr, b"GET / HTTP/1.1\r\nHost: relay.example:8443\r\nConnection: close\r\n\r\n");
     assert!(page.contains("ws://relay.example:8443/"), "{page}");
     // The access log has the requests, and no channel path.
     let ch = channel();
     drop(connect(addr, &ch));
-    let log = dir.join("access.log");
     wait_until("nginx to log the channel's request", || {
-        fs::read_to_string(&log).is_ok_and(|t| t.contains("\"GET\" 101"))
+        fs::read_to_string(log).is_ok_and(|t| t.contains("\"GET\" 101"))
     });
-    let text = fs::read_to_string(&log).unwrap();
+    let text = fs::read_to_string(log).unwrap();
     assert!(
         !text.contains(&ch[1..]),
         "a channel path in the access log:\n{text}"
@@ -375,57 +428,23 @@ fn nginx_with_the_shipped_example() {
 
 #[test]
 fn apache_with_the_shipped_example() {
-    if skip_system("apache_with_the_shipped_example", &[("apache2", "apache2")]) {
+    if skip_system(
+        "apache_with_the_shipped_example",
+        &[("apache2", "apache2"), ("a2enmod", "apache2")],
+    ) {
         return;
     }
+    let _one = STOCK_WEB_SERVER.lock().unwrap_or_else(|e| e.into_inner());
+    let _etc = Restore::save("/etc/apache2");
+    assert!(
+        Path::new("/etc/apache2/sites-enabled/000-default.conf").exists(),
+        "not the stock configuration: 000-default is not enabled"
+    );
+    port_80_is_free();
     let staps = staps_for_proxy();
-    let dir = staps.dir.path();
-    let port = free_port();
-    let site = fs::read_to_string(root_dir().join("packaging/apache-staps.conf"))
-        .unwrap()
-        .replace(
-            "<VirtualHost *:80>",
-            &format!("<VirtualHost 127.0.0.1:{port}>"),
-        )
-        .replace("/run/staps/staps.sock", staps.sockets[0].to_str().unwrap());
-    fs::write(dir.join("site.conf"), site).unwrap();
-    let d = dir.display();
-    let modules = ["mpm_event", "authz_core", "proxy", "proxy_http", "headers"]
-        .map(|m| format!("LoadModule {m}_module /usr/lib/apache2/modules/mod_{m}.so\n"))
-        .concat();
-    fs::write(
-        dir.join("httpd.conf"),
-        format!(
-            "ServerRoot {d}\n{modules}Listen 127.0.0.1:{port}\nServerName localhost\n\
-             PidFile {d}/httpd.pid\nErrorLog {d}/httpd.err\nDefaultRuntimeDir {d}\nMutex file:{d}\n\
-             User www-data\nGroup www-data\nInclude {d}/site.conf\n"
-        ),
-    )
-    .unwrap();
-    let (ok, out) = run(Command::new("apache2")
-        .arg("-t")
-        .arg("-f")
-        .arg(dir.join("httpd.conf")));
-    assert!(ok, "apache2 -t:\n{out}");
-    let apache = Command::new("apache2")
-        .arg("-f")
-        .arg(dir.join("httpd.conf"))
-        .arg("-DFOREGROUND")
-        .spawn()
-        .unwrap();
-    let _apache = Killed(apache);
-    check_proxy(port);
-}
-
-/// A child process killed when the test ends, however it ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        // SIGTERM lets nginx and Apache take their workers with them.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
+    let _stop = Finally(vec!["apache2ctl", "stop"]);
+    follow_the_steps("apache-staps.conf", &staps.sockets[0], &["apache2ctl", "start"]);
+    check_proxy(80);
 }
 
 #[test]
