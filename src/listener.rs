@@ -75,15 +75,17 @@ impl Listener {
         let _ = socket.shutdown(std::net::Shutdown::Both);
     }
 
-    /// Remove the socket file, if it is still the one we created.
-    pub fn remove_file(&self) {
+    /// Remove the socket file, if it is still the one we created; the error
+    /// when it could not be removed.
+    pub fn remove_file(&self) -> io::Result<()> {
         if let Listener::Unix { path, id, .. } = self {
             if let Ok(meta) = std::fs::symlink_metadata(path) {
                 if Some((meta.dev(), meta.ino())) == *id {
-                    let _ = std::fs::remove_file(path);
+                    std::fs::remove_file(path)?;
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -121,7 +123,7 @@ pub fn bind_all(settings: &Settings, host: &Host) -> Result<Vec<Listener>, Strin
         match bind_unix(path, settings.mode, host.socket_owner) {
             Ok(l) => listeners.push(l),
             Err(e) => {
-                listeners.iter().for_each(Listener::remove_file);
+                listeners.iter().for_each(|l| drop(l.remove_file()));
                 return Err(format!("cannot listen on unix:{}: {e}", escape_path(path)));
             }
         }
@@ -130,7 +132,7 @@ pub fn bind_all(settings: &Settings, host: &Host) -> Result<Vec<Listener>, Strin
         match bind_tcp(spec) {
             Ok(l) => listeners.push(l),
             Err(e) => {
-                listeners.iter().for_each(Listener::remove_file);
+                listeners.iter().for_each(|l| drop(l.remove_file()));
                 return Err(format!("cannot listen on {spec}: {e}"));
             }
         }

@@ -40,7 +40,9 @@ pub fn resolve(settings: &Settings) -> Result<Host, ConfigError> {
     if settings.sockets.is_empty() && settings.tcp.is_empty() && !socket_activated {
         return Err(err(
             "listeners",
-            "no listener configured: set [staps] socket, port or listen, or give --socket, --port or --listen".into(),
+            "no listener configured: set [staps] socket, port or listen, or give --socket, --port \
+             or --listen (--socket alone turns the socket off)"
+                .into(),
         ));
     }
     let group = |key: &str, name: &Option<String>| {
@@ -139,7 +141,12 @@ mod tests {
         assert!(e.to_string().contains("no passwd entry"), "{e}");
         let h = host("[staps]\nport = 1\n[daemon]\nuser = 54321\ngroup = 54321\n").unwrap();
         assert_eq!(h.run_as, Some((54321, 54321)));
-        let e = host("[staps]\nmode = 0660\n").unwrap_err();
+        // No listener left (`--socket` alone turned the socket off).
+        let mut settings = crate::config::from_text(std::path::Path::new("t.conf"), "[staps]\n")
+            .unwrap()
+            .settings;
+        settings.sockets.clear();
+        let e = resolve(&settings).unwrap_err();
         assert!(e.to_string().starts_with("t.conf: listeners"), "{e}");
     }
 

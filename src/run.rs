@@ -34,7 +34,7 @@ fn bind_and_drop_privileges(
     };
     let bound = listener::bind_metrics(settings, host).and_then(|metrics| {
         if let Err(e) = daemon::drop_privileges(settings, host) {
-            metrics.iter().for_each(listener::Listener::remove_file);
+            metrics.iter().for_each(|l| drop(l.remove_file()));
             return Err(e);
         }
         Ok(metrics)
@@ -45,7 +45,7 @@ fn bind_and_drop_privileges(
             metrics.map(Arc::new),
         )),
         Err(e) => {
-            listeners.iter().for_each(listener::Listener::remove_file);
+            listeners.iter().for_each(|l| drop(l.remove_file()));
             Err(e)
         }
     }
@@ -82,6 +82,9 @@ pub fn run() -> ExitCode {
     };
     if cli.check_config {
         print!("{}", settings.render());
+        for warning in &loaded.deprecated {
+            eprintln!("staps: warning: {warning}");
+        }
         for warning in &loaded.warnings {
             eprintln!("staps: error: {warning}");
         }
@@ -101,8 +104,8 @@ pub fn run() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    logging::init(cli.verbose as i8 - cli.quiet as i8, settings.log_level);
-    for warning in &loaded.warnings {
+    logging::init(cli.verbosity(), settings.log_level);
+    for warning in loaded.deprecated.iter().chain(&loaded.warnings) {
         log::warn!("{warning}");
     }
 

@@ -4,12 +4,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::path::Path;
+
 use crate::config::Settings;
 use crate::listener::Listener;
 use crate::peer::CLOSE_TIMEOUT;
 use crate::peer::Close;
 use crate::server::Server;
-use crate::{daemon, systemd};
+use crate::{daemon, logging, systemd};
 
 /// What a running instance has on disk and must remove when it ends: its
 /// listeners' socket files (where still its own) and the pid file.
@@ -36,11 +38,41 @@ impl Files {
     }
 
     /// Remove the socket files and the pid file, where they are still ours.
+    ///
+    /// After privileges are dropped that takes write access to their
+    /// directories: `/run/staps` belongs to the staps user (the unit's
+    /// `RuntimeDirectory=`, the init script's `install -d -o staps`); in a
+    /// directory only root may write, they stay behind, and that is said once.
     pub fn remove(&self) {
-        for listener in self.listeners.iter().chain(&self.metrics) {
-            listener.remove_file();
+        let mut left = Vec::new();
+        for (listener, what) in self
+            .listeners
+            .iter()
+            .chain(&self.metrics)
+            .map(|l| (l, "socket"))
+        {
+            if let Err(e) = listener.remove_file() {
+                left.push(format!("{what} {}: {e}", listener_path(listener)));
+            }
         }
-        daemon::remove_pid_file(&self.settings);
+        if let Err(e) = daemon::remove_pid_file(&self.settings) {
+            let path = self.settings.pid_file.as_deref().unwrap_or(Path::new(""));
+            left.push(format!("pid file {}: {e}", logging::escape_path(path)));
+        }
+        if !left.is_empty() {
+            log::warn!(
+                "could not remove {}; the user staps runs as needs write access to their directory",
+                left.join(", ")
+            );
+        }
+    }
+}
+
+/// A unix listener's path, escaped for the log.
+fn listener_path(listener: &Listener) -> String {
+    match listener {
+        Listener::Unix { path, .. } => logging::escape_path(path),
+        _ => String::new(),
     }
 }
 

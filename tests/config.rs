@@ -115,11 +115,71 @@ fn bad_values_stop_startup_with_78_naming_file_line_key_and_form() {
     }
 }
 
+/// 0.1.6 served /var/run/staps/staps.sock when no listener was configured
+/// (a file with only mode and amqp): so does staps, with a warning that
+/// names the modern form. `--socket` alone is 0.1.6's way to turn that
+/// socket off: with nothing else, nothing is left to listen on.
 #[test]
-fn no_listener_is_a_configuration_error() {
-    let (o, _dir) = run(&[], Some("[staps]\nmode = 0660\n"));
+fn a_0_1_x_file_without_listeners_serves_the_0_1_x_socket() {
+    let conf = "[staps]\nmode = 0660\namqp =\n";
+    let (o, _dir) = run(&["--check-config"], Some(conf));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("socket = /var/run/staps/staps.sock"),
+        "{}",
+        stdout(&o)
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning:") && err.contains("socket = /run/staps/staps.sock"),
+        "{err}"
+    );
+    let (o, _dir) = run(&["--socket"], Some(conf));
     assert_eq!(o.status.code(), Some(78));
     assert!(stderr(&o).contains("no listener"), "{}", stderr(&o));
+    // --socket alone with a port: TCP only.
+    let (o, _dir) = run(
+        &["--check-config", "--socket", "--port", "4711"],
+        Some(conf),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("port = 4711") && out.contains("socket = \n"),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_0_1_x_section_name_is_a_warning_under_check_config() {
+    let (o, _dir) = run(
+        &["--check-config"],
+        Some("[controller.base]\nport = 4711\n"),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("warning:") && stderr(&o).contains("[staps]"));
+    // An unknown key stays an error there.
+    let (o, _dir) = run(
+        &["--check-config"],
+        Some("[controller.base]\nport = 4711\nmood = 1\n"),
+    );
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+}
+
+#[test]
+fn debug_is_verbose_and_amqp_errors_name_the_command_line() {
+    let conf = "[staps]\nport = 4711\n";
+    let (o, _dir) = run(&["--check-config", "--debug"], Some(conf));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("-v"), "{}", stderr(&o));
+    let (o, _dir) = run(&["--check-config", "--amqp", "http://nope/"], Some(conf));
+    assert_eq!(o.status.code(), Some(78));
+    let err = stderr(&o);
+    assert!(
+        err.contains("command line") && err.contains("--amqp"),
+        "{err}"
+    );
+    assert!(!err.contains("staps.conf"), "{err}");
 }
 
 #[test]

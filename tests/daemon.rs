@@ -171,7 +171,55 @@ fn the_parent_reports_a_failed_start_with_the_childs_reason() {
     );
     let out = run_daemon(&conf);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("directory"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/staps") && err.contains("No such file or directory"),
+        "{err}"
+    );
+}
+
+/// After dropping privileges, the daemon cannot remove its files from a
+/// directory only root may write: it says so at shutdown, once, naming them.
+#[test]
+fn files_left_in_a_root_owned_directory_are_reported_at_shutdown() {
+    if skip(
+        "files_left_in_a_root_owned_directory_are_reported_at_shutdown",
+        needs_root(),
+    ) {
+        return;
+    }
+    // Root's, 0755: nobody may not remove files from it.
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let logs = open_dir();
+    let conf = write_config(
+        dir.path(),
+        &format!(
+            "[staps]\nsocket = {{dir}}/d.sock\n[daemon]\nuser = nobody\ngroup = nogroup\n\
+             pid_file = {{dir}}/d.pid\nlog_file = {}/d.log\ndir = /\n",
+            logs.path().display()
+        ),
+    );
+    let out = run_daemon(&conf);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid = pid_of(&dir.path().join("d.pid"));
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_until("the daemon to exit", || !alive(pid));
+    let log = fs::read_to_string(logs.path().join("d.log")).unwrap();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("could not remove"))
+        .collect();
+    assert_eq!(said.len(), 1, "{log}");
+    assert!(
+        said[0].contains("d.sock") && said[0].contains("d.pid") && said[0].contains("write access"),
+        "{log}"
+    );
 }
 
 #[test]

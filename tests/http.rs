@@ -82,6 +82,11 @@ fn browsers_get_html_and_https_proxies_get_wss() {
     assert!(header(&r, "Content-Type").unwrap().starts_with("text/html"));
     assert!(body(&r).contains("<html"));
     assert!(body(&r).contains("wss://"), "{r}");
+    // Its JavaScript example works as written: two tabs, or one with echo.
+    assert!(
+        body(&r).contains("two browser tabs") && body(&r).contains("?echo=1"),
+        "{r}"
+    );
     // The page holds a channel URL, a secret: no referrer takes it along.
     assert_eq!(header(&r, "Referrer-Policy"), Some("no-referrer"));
     assert_eq!(header(&r, "X-Content-Type-Options"), Some("nosniff"));

@@ -263,7 +263,6 @@ fn the_debian_package_installs_serves_and_purges() {
     assert!(rc.trim().is_empty(), "init links left: {rc}");
 }
 
-
 /// staps on a socket nginx's or Apache's workers (www-data) may use.
 fn staps_for_proxy() -> Staps {
     Staps::start(
@@ -290,7 +289,10 @@ fn check_proxy(port: u16) {
     c.send(Message::text("c")).unwrap();
     assert_eq!(recv(&mut a), Message::text("c"));
     // The usage page comes through, with the proxy's host.
-    let page = raw_http(addr, b"GET / HTTP/1.1\r\nHost: relay.example\r\nConnection: close\r\n\r\n");
+    let page = raw_http(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: relay.example\r\nConnection: close\r\n\r\n",
+    );
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(page.contains("ws://relay.example/"), "{page}");
     // Other paths are refused by the proxy itself.
@@ -367,7 +369,9 @@ fn follow_the_steps(example: &str, socket: &Path, start: &[&str]) {
         .filter_map(|l| l.strip_prefix("#   $ "))
         .collect();
     assert!(
-        steps.last().is_some_and(|s| s.starts_with("systemctl reload ")),
+        steps
+            .last()
+            .is_some_and(|s| s.starts_with("systemctl reload ")),
         "{example}: the steps end with a reload: {steps:?}"
     );
     for step in &steps[..steps.len() - 1] {
@@ -411,7 +415,10 @@ fn nginx_with_the_shipped_example() {
     check_proxy(80);
     // The page keeps the port the client used.
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], 80).into();
-    let page = raw_http(addr, b"GET / HTTP/1.1\r\nHost: relay.example:8443\r\nConnection: close\r\n\r\n");
+    let page = raw_http(
+        addr,
+        b"GET / HTTP/1.1\r\nHost: relay.example:8443\r\nConnection: close\r\n\r\n",
+    );
     assert!(page.contains("ws://relay.example:8443/"), "{page}");
     // The access log has the requests, and no channel path.
     let ch = channel();
@@ -443,7 +450,11 @@ fn apache_with_the_shipped_example() {
     port_80_is_free();
     let staps = staps_for_proxy();
     let _stop = Finally(vec!["apache2ctl", "stop"]);
-    follow_the_steps("apache-staps.conf", &staps.sockets[0], &["apache2ctl", "start"]);
+    follow_the_steps(
+        "apache-staps.conf",
+        &staps.sockets[0],
+        &["apache2ctl", "start"],
+    );
     check_proxy(80);
 }
 
