@@ -227,7 +227,7 @@ impl Joined {
     fn run(mut self, server: &Server) {
         let rest = std::mem::take(&mut self.rest);
         let (close, stream) = read_loop(&self, rest, server);
-        self.peer.end(close);
+        self.peer.close(close);
         self.leave();
         log::debug!(
             "client {} left channel {}: {close:?}",

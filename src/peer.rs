@@ -268,10 +268,9 @@ impl Peer {
             }
             self.set_state(&mut write, State::Idle);
         }
-        if self.is_closing() {
-            self.hand_over();
-        } else {
-            self.send_owed(Vec::new(), 0);
+        match self.close_reason() {
+            Some(close) => self.send_close(close),
+            None => self.send_owed(Vec::new(), 0),
         }
     }
 
@@ -357,21 +356,6 @@ impl Peer {
         }
     }
 
-    /// Give the socket to a writer thread, if it is idle.
-    fn hand_over(self: &Arc<Self>) {
-        let Some(sink) = self.sink.get() else {
-            return;
-        };
-        {
-            let mut write = self.write.lock();
-            if write.state != State::Idle {
-                return;
-            }
-            self.set_state(&mut write, State::Busy);
-        }
-        self.launch(sink);
-    }
-
     /// Start a writer thread for the state turned `Busy`.
     #[inline(never)]
     fn launch(self: &Arc<Self>, sink: &Sink) {
@@ -394,28 +378,26 @@ impl Peer {
     }
 
     /// Start closing with `close`; the first call wins. Returns whether this
-    /// call did. An idle peer gets a writer thread to send the close frame and
-    /// cut the connection if the client does not finish the close handshake
-    /// in time.
+    /// call did.
     ///
     /// What is queued will never be sent (the close frame goes next), so it
     /// is let go of at once: a slow consumer's backlog goes back to the
-    /// memory budget now, not when its socket finally gives way.
+    /// memory budget now, not when its socket finally gives way. An idle
+    /// peer's close frame is sent from here, without waiting: a shutdown
+    /// that closes thousands of idle clients needs no thread for each. A
+    /// writer takes over only what the socket does not take; a busy writer
+    /// sends the close frame after the frame it is writing.
     pub fn close(self: &Arc<Self>, close: Close) -> bool {
         if !self.start_closing(close) {
             return false;
         }
-        self.hand_over();
+        self.send_close(close);
         true
     }
 
-    /// For the reader, which ends the connection itself: like
-    /// [`Peer::close`], but an idle peer's close frame is sent from here
-    /// without waiting, and no writer thread is needed when it goes out.
-    pub fn end(self: &Arc<Self>, close: Close) {
-        if !self.start_closing(close) {
-            return;
-        }
+    /// Send the close frame of an idle peer (a pending one sends it once
+    /// ready), or cut the connection when there is none to send.
+    fn send_close(self: &Arc<Self>, close: Close) {
         let Some(sink) = self.sink.get() else {
             return;
         };
@@ -425,6 +407,8 @@ impl Peer {
         }
         if !close.send {
             self.set_state(&mut write, State::Done);
+            // Wakes the reader, if it waits for the client.
+            let _ = sink.stream.shutdown(Shutdown::Both);
             return;
         }
         let mut batch = Batch::default();
@@ -435,14 +419,24 @@ impl Peer {
                 let _ = sink.stream.shutdown(Shutdown::Write);
             }
             Ok(Some(sent)) => {
-                write.head = batch.into_frames();
-                write.sent = sent;
-                write.close_queued = true;
+                // A writer finishes it, from where it stopped, or sends it
+                // whole when nothing went out.
+                if sent > 0 {
+                    // Counted like a queued frame: the writer takes it.
+                    self.queued.fetch_add(batch.size, Ordering::Relaxed);
+                    self.count.fetch_add(1, Ordering::Relaxed);
+                    write.head = batch.into_frames();
+                    write.sent = sent;
+                    write.close_queued = true;
+                }
                 self.set_state(&mut write, State::Busy);
                 drop(write);
                 self.launch(sink);
             }
-            Err(_) => self.set_state(&mut write, State::Done),
+            Err(_) => {
+                self.set_state(&mut write, State::Done);
+                let _ = sink.stream.shutdown(Shutdown::Both);
+            }
         }
     }
 

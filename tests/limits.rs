@@ -277,8 +277,10 @@ fn client_pings_are_answered_with_pongs() {
 
 #[test]
 fn queue_bytes_bounds_a_stalled_receiver_by_default() {
-    // No queue_length: the byte bound alone (64 KiB of 16 KiB messages).
-    let mut staps = Staps::start(&tcp_config("queue_bytes = 65536"), &[]);
+    // No queue_length: the byte bound alone (1 MiB of 16 KiB messages; four
+    // times the fast receiver's window, so that only the stalled one passes
+    // it however the machine is loaded).
+    let mut staps = Staps::start(&tcp_config("queue_bytes = 1048576"), &[]);
     let ch = channel();
     let _stalled = stalled_client(&staps, &ch);
     assert_eq!(publish_past_a_stalled_client(&staps, &ch, 2000), 2000);
@@ -293,7 +295,7 @@ fn queue_bytes_bounds_a_stalled_receiver_by_default() {
 fn wait_loses_nothing_and_closes_a_dead_receiver_after_slow_timeout() {
     const N: usize = 2000;
     let mut staps = Staps::start(
-        &tcp_config("slow_client = wait\nqueue_bytes = 65536\nslow_timeout = 1"),
+        &tcp_config("slow_client = wait\nqueue_bytes = 1048576\nslow_timeout = 3"),
         &[],
     );
     let ch = channel();
@@ -308,7 +310,7 @@ fn wait_loses_nothing_and_closes_a_dead_receiver_after_slow_timeout() {
             assert_eq!(&data[..8], &(i as u64).to_be_bytes(), "lost or reordered");
         }
     });
-    // 32 MB: far more than the socket buffers and the 64 KiB queue hold.
+    // 32 MB: far more than the socket buffers and the 1 MiB queue hold.
     let sender = thread::spawn(move || {
         for i in 0..N {
             let mut data = vec![0u8; 16 * 1024];
@@ -339,7 +341,7 @@ fn wait_loses_nothing_and_closes_a_dead_receiver_after_slow_timeout() {
 
 #[test]
 fn the_creator_picks_the_slow_client_policy() {
-    let mut staps = Staps::start(&tcp_config("queue_bytes = 65536"), &[]);
+    let mut staps = Staps::start(&tcp_config("queue_bytes = 1048576"), &[]);
     let bad = try_connect(staps.addr(), &format!("{}?slow=never", channel()));
     assert_eq!(bad.map(|_| 0).unwrap_or_else(|e| status_of(&e)), 400);
     // The server's policy is disconnect; this channel drops instead.
