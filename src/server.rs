@@ -190,8 +190,10 @@ impl Server {
     }
 
     /// Warn when the system would stop staps short of `max_connections`:
-    /// every client takes two threads, each with four memory mappings (stack,
-    /// its guard page, the signal stack and its guard), and one descriptor.
+    /// every client takes a thread, two while it has a backlog (counted
+    /// here, as all may have one at once), each with four memory mappings
+    /// (stack, its guard page, the signal stack and its guard), and one
+    /// descriptor.
     /// Quiet when all is well.
     pub fn check_system_limits(&self) {
         if self.settings.limits.max_connections == 0 {
