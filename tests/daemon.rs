@@ -37,6 +37,17 @@ fn run_daemon(conf: &Path) -> Output {
         .expect("run staps --daemon")
 }
 
+/// Run `staps --daemon`, which must start (exit 0).
+fn start_daemon(conf: &Path) {
+    let out = run_daemon(conf);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn pid_of(pid_file: &Path) -> i32 {
     fs::read_to_string(pid_file)
         .unwrap()
@@ -80,13 +91,7 @@ fn daemon_mode_detaches_drops_privileges_and_cleans_up() {
         dir.path().join("d.pid"),
         dir.path().join("d.log"),
     );
-    let out = run_daemon(&conf);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    start_daemon(&conf);
     // The parent exits only once the child accepts connections: no waiting needed.
     let pid = pid_of(&pid_file);
     assert!(alive(pid));
@@ -200,13 +205,7 @@ fn files_left_in_a_root_owned_directory_are_reported_at_shutdown() {
             logs.path().display()
         ),
     );
-    let out = run_daemon(&conf);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    start_daemon(&conf);
     let pid = pid_of(&dir.path().join("d.pid"));
     unsafe { libc::kill(pid, libc::SIGTERM) };
     wait_until("the daemon to exit", || !alive(pid));
