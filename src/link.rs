@@ -52,7 +52,7 @@ pub struct Ends {
 /// Messages waiting for the broker at most; more are counted as relay
 /// dropped. A burst of this many fits while the relay publishes (about 30 µs
 /// a message); a broker slower than the clients for longer loses them.
-pub const OUTBOUND: usize = 4096;
+const OUTBOUND: usize = 4096;
 
 impl Link {
     /// A relay handle and the ends its thread will read.

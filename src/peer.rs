@@ -228,9 +228,7 @@ impl Peer {
                 return;
             }
         }
-        self.queued
-            .fetch_add(frame.as_bytes().len(), Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
+        self.waits(1, frame.as_bytes().len());
         // The queue is never disconnected while the peer exists.
         let _ = self.tx.send(frame);
         // Pairs with the fences in `go_idle` and `send_owed`: if the peer
@@ -291,8 +289,7 @@ impl Peer {
     fn send_owed(self: &Arc<Self>, mine: Vec<Frame>, mark: u64) {
         // From here on they count, like what is queued.
         let bytes = mine.iter().map(|f| f.as_bytes().len()).sum();
-        self.queued.fetch_add(bytes, Ordering::Relaxed);
-        self.count.fetch_add(mine.len(), Ordering::Relaxed);
+        self.waits(mine.len(), bytes);
         let mut write = self.write.lock();
         if mark != 0 {
             // Under the lock and before the queue is read: a frame queued
@@ -309,7 +306,7 @@ impl Peer {
                     let _ = self.tx.send(frame);
                 }
             } else {
-                self.taken(mine.len(), mine.iter().map(|f| f.as_bytes().len()).sum());
+                self.taken(mine.len(), bytes);
             }
             return;
         };
@@ -423,8 +420,7 @@ impl Peer {
                 // whole when nothing went out.
                 if sent > 0 {
                     // Counted like a queued frame: the writer takes it.
-                    self.queued.fetch_add(batch.size, Ordering::Relaxed);
-                    self.count.fetch_add(1, Ordering::Relaxed);
+                    self.waits(1, batch.size);
                     write.head = batch.into_frames();
                     write.sent = sent;
                     write.close_queued = true;
@@ -456,6 +452,13 @@ impl Peer {
         }
         self.taken(count, bytes);
         true
+    }
+
+    /// `count` frames of `bytes` wait to be sent: they count against the
+    /// queue's bounds.
+    fn waits(&self, count: usize, bytes: usize) {
+        self.queued.fetch_add(bytes, Ordering::Relaxed);
+        self.count.fetch_add(count, Ordering::Relaxed);
     }
 
     /// `count` frames of `bytes` are no longer waiting (sent, in a writer's
