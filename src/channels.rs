@@ -23,6 +23,7 @@ use crate::frame::Frame;
 use crate::http::Options;
 use crate::peer::{Close, Delivery, Flushes, Peer};
 use crate::stats::{self, Stats};
+use crate::wire::Encodings;
 
 /// The members of one channel path.
 #[derive(Debug)]
@@ -83,8 +84,9 @@ impl Channel {
     }
 
     /// Send `frame` to every member but `from` (unless it asked for its own
-    /// messages). Never blocks, but for room under `slow_client = wait`. The
-    /// sends this caller owes go to `flushes`.
+    /// messages), each in its wire format. Never blocks, but for room under
+    /// `slow_client = wait`. The sends this caller owes go to `flushes`.
+    /// Returns how many members it was queued for.
     pub fn publish(
         &self,
         from: u64,
@@ -92,7 +94,7 @@ impl Channel {
         limits: &Limits,
         stats: &Stats,
         flushes: &mut Flushes,
-    ) {
+    ) -> u64 {
         let policy = self.policy(limits);
         let members = {
             let mut state = self.state.lock();
@@ -102,8 +104,9 @@ impl Channel {
             Arc::clone(&state.members)
         };
         let (mut queued, mut dropped, mut kicked) = (0, 0, 0);
+        let mut encodings = Encodings::new(frame);
         for peer in members.iter().filter(|p| p.id != from || p.echo) {
-            match peer.deliver(frame, limits, policy, flushes) {
+            match peer.deliver(encodings.get(peer.wire), limits, policy, flushes) {
                 Delivery::Queued => queued += 1,
                 Delivery::Dropped => dropped += 1,
                 Delivery::Disconnected => kicked += 1,
@@ -119,6 +122,7 @@ impl Channel {
             stats::add(&stats.slow_disconnects, kicked);
             log::debug!("closed {kicked} slow consumer(s)");
         }
+        queued
     }
 }
 
@@ -239,7 +243,8 @@ impl Registry {
         let mut flushes = Flushes::new(false);
         let policy = channel.policy(limits);
         for frame in state.recent.iter().skip(skip) {
-            peer.deliver(frame, limits, policy, &mut flushes);
+            let mut encodings = Encodings::new(frame);
+            peer.deliver(encodings.get(peer.wire), limits, policy, &mut flushes);
         }
         drop(state);
         inner.clients += 1;
@@ -313,6 +318,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::Wire;
     use std::sync::atomic::Ordering;
 
     #[test]
@@ -323,7 +329,9 @@ mod tests {
             max_connections: 3,
             ..Limits::default()
         };
-        let peers: Vec<_> = (0..4).map(|i| Peer::new(i, false)).collect();
+        let peers: Vec<_> = (0..4)
+            .map(|i| Peer::new(i, false, Wire::WebSocket))
+            .collect();
         let a = reg
             .join(&"/a".into(), &peers[0], &Options::default(), &limits)
             .unwrap();
@@ -361,8 +369,8 @@ mod tests {
                 slow_client: policy,
                 ..Limits::default()
             };
-            let sender = Peer::new(10, false);
-            let slow = Peer::new(11, false);
+            let sender = Peer::new(10, false, Wire::WebSocket);
+            let slow = Peer::new(11, false, Wire::WebSocket);
             let ch = reg
                 .join(&"/s".into(), &sender, &Options::default(), &limits)
                 .unwrap();

@@ -10,6 +10,13 @@
 //! of `peer.rs`: pongs, pings and close frames take the same way, so frames
 //! never interleave. The reader writes the `101` answer before anyone else
 //! may write, and sends its client's pings.
+//!
+//! An HTTP streaming listener (`?sse`, `?raw`) is a member the same way: its
+//! reader writes the `200` head instead of the `101` and then only waits for
+//! the connection to end ([`listen`]); its messages come in its wire format
+//! (`wire.rs`) through the same queue and writer. A `POST` or `PUT` is not a
+//! member: its body is published (`publish.rs`) and the connection waits for
+//! the next request.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -28,9 +35,11 @@ use crate::http::{self, HeadError, Options, Route, respond};
 use crate::incoming::Incoming;
 use crate::logging::{Throttle, escape, fingerprint};
 use crate::peer::{CLOSE_TIMEOUT, Close, Flushes, Launch, Peer};
+use crate::publish::{self, Publisher};
 use crate::server::{self, Handshake, Server, Slot};
 use crate::stats;
 use crate::stream::{Stream, is_timeout};
+use crate::wire::Wire;
 
 /// A new connection sends its first byte within this (or handshake_timeout,
 /// if shorter): a client sends its request right after connecting, and a
@@ -60,51 +69,76 @@ pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot, place: Handshake) 
     }
 }
 
-/// Read the request and answer it; for a websocket upgrade, join its channel.
+/// Read the request and answer it; for a websocket upgrade or a streaming
+/// listener, join its channel. Publishes (`POST`/`PUT`) may come one after
+/// another on a kept-alive connection.
 #[inline(never)]
 fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, Vec<u8>)> {
     let limits = &server.settings.limits;
-    let now = Instant::now();
-    let deadline = now + limits.handshake_timeout;
-    let first_byte = now + limits.handshake_timeout.min(FIRST_BYTE_TIMEOUT);
     // A client that does not read its answer must not hold the thread forever.
     let _ = stream.set_write_timeout(Some(limits.handshake_timeout));
-    let (request, rest) = match http::read_head(&stream, first_byte, deadline) {
-        Ok(head) => head,
-        Err(e) => {
-            let response = match e {
-                HeadError::TooLarge => http::Response::error(431, "request head too large"),
-                HeadError::Malformed(why) => {
-                    http::Response::error(400, &format!("malformed request: {why}"))
-                }
-                HeadError::Closed | HeadError::TimedOut => {
-                    log::debug!("connection closed before a complete request: {e:?}");
-                    return None;
-                }
-            };
-            server.refuse();
-            respond(&stream, &response);
-            return None;
-        }
-    };
-    match http::route(&request, &server.settings) {
-        Route::Respond(response) => {
-            if response.status >= 400 {
+    let mut carry = Vec::new();
+    let mut publisher = None;
+    loop {
+        let now = Instant::now();
+        let deadline = now + limits.handshake_timeout;
+        let first_byte = now + limits.handshake_timeout.min(FIRST_BYTE_TIMEOUT);
+        let (request, rest) = match http::read_head(&stream, carry, first_byte, deadline) {
+            Ok(head) => head,
+            Err(e) => {
+                let response = match e {
+                    HeadError::TooLarge => http::Response::error(431, "request head too large"),
+                    HeadError::Malformed(why) => {
+                        http::Response::error(400, &format!("malformed request: {why}"))
+                    }
+                    HeadError::Closed | HeadError::TimedOut => {
+                        log::debug!("connection closed before a complete request: {e:?}");
+                        return None;
+                    }
+                };
                 server.refuse();
+                respond(&stream, &response);
+                return None;
             }
-            respond(&stream, &response);
-            None
-        }
-        Route::Stats { path, head_only } => {
-            let clients = server.registry.get(&path).map_or(0, |c| c.clients());
-            respond(&stream, &http::stats_response(clients, head_only));
-            None
-        }
-        Route::Upgrade {
-            path,
-            accept,
-            options,
-        } => join(stream, server, path, accept, options, rest),
+        };
+        let (path, wire, options, answer) = match http::route(&request, &server.settings) {
+            Route::Respond(response) => {
+                if response.status >= 400 {
+                    server.refuse();
+                }
+                respond(&stream, &response);
+                return None;
+            }
+            Route::Stats { path, head_only } => {
+                let clients = server.registry.get(&path).map_or(0, |c| c.clients());
+                respond(&stream, &http::stats_response(clients, head_only));
+                return None;
+            }
+            Route::Publish(publish) => {
+                let publisher = publisher.get_or_insert_with(|| Publisher::new(server));
+                carry = publish::publish(&stream, server, publisher, publish, rest, deadline)?;
+                continue;
+            }
+            Route::Upgrade {
+                path,
+                accept,
+                options,
+            } => (
+                path,
+                Wire::WebSocket,
+                options,
+                http::switching_protocols(&accept),
+            ),
+            Route::Listen {
+                path,
+                wire,
+                options,
+            } => {
+                let head = wire.response_head().unwrap_or_default().into_bytes();
+                (path, wire, options, head)
+            }
+        };
+        return join(stream, server, path, wire, options, rest).map(|joined| (joined, answer));
     }
 }
 
@@ -123,19 +157,20 @@ struct Joined {
     rest: Vec<u8>,
 }
 
-/// Join the channel at `path`, or refuse with 503. Returns the client and
-/// its `101` answer.
+/// Join the channel at `path` as a member that gets its messages as `wire`
+/// carries them, or refuse with 503.
 fn join(
     stream: Stream,
     server: &Arc<Server>,
     path: String,
-    accept: String,
+    wire: Wire,
     options: Options,
     rest: Vec<u8>,
-) -> Option<(Joined, Vec<u8>)> {
+) -> Option<Joined> {
     let id = server.next_id();
     let path: Arc<str> = path.into();
-    let peer = Peer::new(id, options.echo);
+    // Streaming listeners never send: echo means nothing for them.
+    let peer = Peer::new(id, options.echo, wire);
     let channel = match server
         .registry
         .join(&path, &peer, &options, &server.settings.limits)
@@ -163,19 +198,18 @@ fn join(
         escape(&path)
     );
     stats::add(&server.stats.connections_total, 1);
-    let joined = Joined {
+    Some(Joined {
         server: Arc::clone(server),
         stream: Arc::new(stream),
         path,
         channel,
         peer,
         rest,
-    };
-    Some((joined, http::switching_protocols(&accept)))
+    })
 }
 
 impl Joined {
-    /// Send the `101` answer, then let others write to the client
+    /// Send the `101` (or a listener's `200`) answer, then let others write to the client
     /// ([`Peer::ready`]); false if the client is gone already.
     ///
     /// The reader writes the answer, as it writes every other HTTP answer:
@@ -225,8 +259,12 @@ impl Joined {
     /// Read and publish until the connection ends, then leave the channel.
     #[inline(never)]
     fn run(mut self, server: &Server) {
-        let rest = std::mem::take(&mut self.rest);
-        let (close, stream) = read_loop(&self, rest, server);
+        let (close, stream) = if self.peer.wire == Wire::WebSocket {
+            let rest = std::mem::take(&mut self.rest);
+            read_loop(&self, rest, server)
+        } else {
+            (listen(&self, server), Arc::clone(&self.stream))
+        };
         self.peer.close(close);
         self.leave();
         log::debug!(
@@ -251,6 +289,38 @@ impl Drop for Joined {
         self.peer.close(Close::ABORT);
         self.leave();
         self.peer.reader_finished();
+    }
+}
+
+/// An HTTP streaming listener's reader: a listener has nothing to say, so
+/// this only waits for the end of the connection (what arrives is ignored),
+/// and keeps it alive with the wire's ping every `ping_interval`, which also
+/// lets the writer see a listener that is gone. Returns how it ends.
+#[inline(never)]
+fn listen(client: &Joined, server: &Server) -> Close {
+    let Joined { stream, peer, .. } = client;
+    let limits = &server.settings.limits;
+    let ping = limits.ping_interval;
+    let keepalive = peer.wire.ping().filter(|_| !ping.is_zero());
+    let _ = stream.set_read_timeout(keepalive.as_ref().map(|_| ping));
+    let mut flushes = Flushes::new(true);
+    let mut ignored = [0u8; 256];
+    loop {
+        match (&mut &**stream).read(&mut ignored) {
+            Ok(0) => return Close::ABORT,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {
+                if let Some(ping) = &keepalive {
+                    peer.send_control(ping.clone(), limits, &mut flushes);
+                    flushes.flush();
+                }
+            }
+            Err(_) => return Close::ABORT,
+        }
+        if peer.is_closing() {
+            return Close::ABORT;
+        }
     }
 }
 
@@ -652,11 +722,11 @@ mod tests {
         let settings = crate::config::Settings::default();
         let server = Arc::new(Server::new(settings, None));
         let (a, _b) = UnixStream::pair().unwrap();
-        let (joined, _writer) = join(
+        let joined = join(
             Stream::Unix(a),
             &server,
             "/p".into(),
-            String::new(),
+            Wire::WebSocket,
             Options::default(),
             Vec::new(),
         )

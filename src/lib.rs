@@ -19,7 +19,8 @@
 //!     metrics      /metrics and /healthz
 //!     shutdown     stopping, and the files on disk removed in one place
 //!     signals      SIGTERM, SIGHUP, SIGUSR1
-//!  6  client       a connection's reader and writer threads
+//!  6  publish      an HTTP POST's body, published
+//!     client       a connection's reader and writer threads
 //!  5  server       the state every thread shares: settings, registry,
 //!                  counters, thread pools, the link to the relay
 //!  4  peer         a member's queue, who writes to its socket, closing
@@ -28,6 +29,7 @@
 //!  3  frame        a server frame, encoded once and shared
 //!     incoming     a client's partial message, frame header by header
 //!     http         request heads, answers, routes, channel options
+//!     wire         a message as websocket frame, SSE event or raw chunk
 //!  2  config       INI files and the command line, parsed and checked
 //!     resolve      users, groups and systemd's sockets, looked up once
 //!  1  files stream sys systemd amqp_url cli threads logging budget stats
@@ -46,7 +48,10 @@
 //! published to each receiver that keeps up, with one non-blocking send;
 //! a receiver whose socket is full gets a writer thread that drains its
 //! queue with vectored writes until the backlog is gone. Messages from the
-//! broker take the same way from the relay thread onwards.
+//! broker take the same way from the relay thread onwards, and so does the
+//! body of an HTTP `POST` (`publish`). A receiver that is an HTTP streaming
+//! listener gets each message in its format (`wire`: a Server-Sent Event or
+//! a raw chunk), encoded once for all such listeners of the channel.
 
 mod amqp_url;
 mod budget;
@@ -64,6 +69,7 @@ mod listener;
 mod logging;
 mod metrics;
 mod peer;
+mod publish;
 mod relay;
 mod resolve;
 mod run;
@@ -75,6 +81,7 @@ mod stream;
 mod sys;
 mod systemd;
 mod threads;
+mod wire;
 
 pub use run::run;
 
@@ -86,7 +93,7 @@ pub mod fuzz {
     pub use crate::client::{Event, next_event, websocket};
     pub use crate::config::{Settings, from_text};
     pub use crate::frame::Kind;
-    pub use crate::http::{Route, decode_path, is_uuid4_path, parse_head, route};
+    pub use crate::http::{Length, Route, decode_path, is_uuid4_path, parse_head, route};
     pub use crate::incoming::Incoming;
     pub use crate::resolve::resolve;
 }

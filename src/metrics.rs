@@ -29,14 +29,14 @@ pub fn scrapes(server: &Arc<Server>, stream: Stream, _: Option<IpAddr>) -> std::
 fn answer(stream: &Stream, server: &Server) {
     let _ = stream.set_write_timeout(Some(TIMEOUT));
     let deadline = Instant::now() + TIMEOUT;
-    if let Ok((request, _)) = http::read_head(stream, deadline, deadline) {
+    if let Ok((request, _)) = http::read_head(stream, Vec::new(), deadline, deadline) {
         http::respond(stream, &respond_to(&request, server));
     }
 }
 
 /// What a request to the metrics listener gets.
 pub fn respond_to(request: &Request, server: &Server) -> Response {
-    let head_only = match http::get_or_head(request) {
+    let head_only = match http::get_or_head(request, "GET, HEAD") {
         Ok(head_only) => head_only,
         Err(refusal) => return refusal,
     };
@@ -91,7 +91,7 @@ pub fn exposition(server: &Server) -> String {
         &mut out,
         "connections",
         "gauge",
-        "Websocket clients connected now.",
+        "Clients connected now: websocket members and HTTP streaming listeners.",
         &[("", clients as u64)],
     );
     family(
@@ -111,7 +111,7 @@ pub fn exposition(server: &Server) -> String {
     let local = [
         (
             "connections_total",
-            "Websocket clients accepted.",
+            "Clients accepted: websocket members and HTTP streaming listeners.",
             &s.connections_total,
         ),
         (

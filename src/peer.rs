@@ -42,6 +42,7 @@ use crate::budget::BUDGET;
 use crate::config::{Limits, SlowClient};
 use crate::frame::Frame;
 use crate::stream::Stream;
+use crate::wire::Wire;
 
 /// How long clients get to answer the close frame when the server stops,
 /// how long one connection lingers after its close frame before it is cut,
@@ -128,6 +129,8 @@ pub struct Peer {
     pub id: u64,
     /// Receives its own messages too (`echo=1`).
     pub echo: bool,
+    /// What its connection carries: websocket frames, or an HTTP stream.
+    pub wire: Wire,
     tx: Sender<Frame>,
     rx: Receiver<Frame>,
     /// Bytes of the frames waiting to be sent (queued, owed by a publisher,
@@ -162,12 +165,13 @@ pub enum Delivery {
 }
 
 impl Peer {
-    /// A new peer, before its `101` is out.
-    pub fn new(id: u64, echo: bool) -> Arc<Peer> {
+    /// A new peer, before its `101` (or `200`) is out.
+    pub fn new(id: u64, echo: bool, wire: Wire) -> Arc<Peer> {
         let (tx, rx) = crossbeam_channel::unbounded();
         Arc::new(Peer {
             id,
             echo,
+            wire,
             tx,
             rx,
             queued: AtomicUsize::new(0),
@@ -408,12 +412,18 @@ impl Peer {
             let _ = sink.stream.shutdown(Shutdown::Both);
             return;
         }
+        let Some(last) = self.wire.close(close.code, close.reason) else {
+            // An HTTP/1.0 stream ends with the connection.
+            self.set_state(&mut write, State::Done);
+            let _ = sink.stream.shutdown(self.after_last());
+            return;
+        };
         let mut batch = Batch::default();
-        batch.push(Frame::close(close.code, close.reason));
+        batch.push(last);
         match batch.send_now(&sink.stream) {
             Ok(None) => {
                 self.set_state(&mut write, State::Done);
-                let _ = sink.stream.shutdown(Shutdown::Write);
+                let _ = sink.stream.shutdown(self.after_last());
             }
             Ok(Some(sent)) => {
                 // A writer finishes it, from where it stopped, or sends it
@@ -433,6 +443,18 @@ impl Peer {
                 self.set_state(&mut write, State::Done);
                 let _ = sink.stream.shutdown(Shutdown::Both);
             }
+        }
+    }
+
+    /// What ends the connection once its last frame is out: a websocket
+    /// client answers the close frame, so only the sending side closes; an
+    /// HTTP stream is over, and closing both sides wakes its reader, which
+    /// waits for nothing else.
+    fn after_last(&self) -> Shutdown {
+        if self.wire == Wire::WebSocket {
+            Shutdown::Write
+        } else {
+            Shutdown::Both
         }
     }
 
@@ -703,10 +725,11 @@ impl Peer {
         if close.send {
             let _ = out.set_write_timeout(Some(CLOSE_TIMEOUT));
             let sent = close_queued
-                || out
-                    .send_all(Frame::close(close.code, close.reason).as_bytes())
-                    .is_ok();
-            if sent {
+                || self
+                    .wire
+                    .close(close.code, close.reason)
+                    .is_none_or(|last| out.send_all(last.as_bytes()).is_ok());
+            if sent && self.after_last() == Shutdown::Write {
                 let _ = out.shutdown(Shutdown::Write);
                 self.wait_for_reader(CLOSE_TIMEOUT);
             }

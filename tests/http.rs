@@ -149,13 +149,13 @@ fn head_gets_headers_only() {
 #[test]
 fn other_methods_get_405_with_allow() {
     let staps = Staps::start(&tcp_config(""), &[]);
-    for method in ["POST", "PUT", "DELETE", "OPTIONS", "BREW"] {
+    for method in ["DELETE", "OPTIONS", "PATCH", "BREW"] {
         let r = raw_http(
             staps.addr(),
             format!("{method} /x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").as_bytes(),
         );
         assert_eq!(status(&r), 405, "{method}");
-        assert_eq!(header(&r, "Allow"), Some("GET, HEAD"));
+        assert_eq!(header(&r, "Allow"), Some("GET, HEAD, POST, PUT"));
     }
 }
 
@@ -395,6 +395,11 @@ fn a_real_browser_shows_the_channel_url_and_an_example_without_external_resource
         .collect();
     uuid_of(&url);
     assert!(dom.contains(&format!("websocat {url}")), "{dom}");
+    // The curl pair comes first, on the same channel over plain HTTP.
+    let http = url.replacen("ws://", "http://", 1);
+    let listen = dom.find(&format!("curl -N {http}?raw")).expect(&dom);
+    let publish = dom.find(&format!("curl -d hello {http}")).expect(&dom);
+    assert!(listen < publish && publish < dom.find("websocat ").unwrap());
     assert!(dom.contains(&format!("new WebSocket(\"{url}\")")), "{dom}");
     // Nothing loaded from elsewhere: no scripts, images, styles or frames by URL.
     for tag in ["<script", "<img", "<link", "<iframe", "src=", "url("] {

@@ -25,24 +25,26 @@ const RANKS: &[(&str, u8)] = &[
     // 3. what goes over a connection
     ("frame", 6),
     ("incoming", 6),
-    ("http", 7),
+    ("wire", 7),
+    ("http", 8),
     // 4. a member's queue and writer, the channels, the relay's handle
-    ("peer", 8),
-    ("channels", 9),
-    ("link", 10),
+    ("peer", 9),
+    ("channels", 10),
+    ("link", 11),
     // 5. the shared state
-    ("server", 11),
-    // 6. a connection's threads
-    ("client", 12),
+    ("server", 12),
+    // 6. a connection's threads: an HTTP publish, a member's reader and writer
+    ("publish", 13),
+    ("client", 14),
     // 7. the process: accept loops, broker thread, daemon, metrics, stopping
-    ("listener", 13),
-    ("relay", 13),
-    ("daemon", 13),
-    ("metrics", 14),
-    ("shutdown", 14),
-    ("signals", 15),
+    ("listener", 15),
+    ("relay", 15),
+    ("daemon", 15),
+    ("metrics", 16),
+    ("shutdown", 16),
+    ("signals", 17),
     // 8. wiring
-    ("run", 16),
+    ("run", 18),
 ];
 
 fn rank(module: &str) -> Option<u8> {

@@ -140,6 +140,23 @@ fn metrics_are_prometheus_text_and_count_traffic() {
     let public = get(staps.addr(), "/metrics", "");
     assert!(!public.contains("staps_connections"), "{public}");
     assert_eq!(fetch(&at, "/nothing").0, 404);
+    // An HTTP streaming listener is a connection like the others, and an
+    // HTTP publish a message in.
+    let mut sse = std::net::TcpStream::connect(staps.addr()).unwrap();
+    sse.write_all(format!("GET {ch}?sse HTTP/1.1\r\n\r\n").as_bytes())
+        .unwrap();
+    wait_until("the listener counted", || {
+        parse_exposition(&fetch(&at, "/metrics").1)["staps_connections"] == 4.0
+    });
+    let posted = raw_http(
+        staps.addr(),
+        format!("POST {ch} HTTP/1.1\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc")
+            .as_bytes(),
+    );
+    assert!(posted.contains("{\"clients\": 4}"), "{posted}");
+    let now = parse_exposition(&fetch(&at, "/metrics").1);
+    assert_eq!(now["staps_messages_in_total"], 2.0);
+    assert_eq!(now["staps_bytes_in_total"], 8.0);
 }
 
 #[test]

@@ -504,3 +504,39 @@ fn broker_messages_over_max_message_size_are_dropped_and_counted() {
     assert_eq!(recv(&mut late), Message::text("small"));
     assert_eq!(recv(&mut late), Message::text("after"));
 }
+
+#[test]
+fn http_publishes_and_streaming_listeners_cross_instances_both_ways() {
+    let Some(_lock) = shared_broker("http_publishes_cross_instances") else {
+        return;
+    };
+    let exchange = Exchange::new();
+    let one = instance(&exchange, "");
+    let two = instance(&exchange, "");
+    let ch = channel();
+    let mut b = connect(two.addr(), &ch);
+    wait_bound(&exchange, &ch[1..], 1);
+    // Published at one, where the channel has nobody: 0 here, and the
+    // member at two gets it.
+    let r = raw_http(
+        one.addr(),
+        format!(
+            "POST {ch} HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 9\r\n\
+             Connection: close\r\n\r\nover http"
+        )
+        .as_bytes(),
+    );
+    assert!(r.ends_with("{\"clients\": 0}\n"), "{r}");
+    assert_eq!(recv(&mut b), Message::text("over http"));
+    // A streaming listener at one gets what the member at two sends.
+    let mut sse = std::net::TcpStream::connect(one.addr()).unwrap();
+    sse.set_read_timeout(Some(DEADLINE)).unwrap();
+    std::io::Write::write_all(
+        &mut sse,
+        format!("GET {ch} HTTP/1.1\r\nAccept: text/event-stream\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    wait_bound(&exchange, &ch[1..], 2);
+    b.send(Message::text("to the listener")).unwrap();
+    read_until_seen(&mut sse, "data: to the listener\n\n");
+}

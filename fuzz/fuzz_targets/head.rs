@@ -1,10 +1,10 @@
 //! The request head as a client sends it: parsed, then routed (usage page,
-//! HTTP errors, upgrade checks, path decoding, channel options, stats) and
-//! answered.
+//! HTTP errors, upgrade checks, path decoding, channel options, stats,
+//! streaming listeners, the checks of an HTTP publish) and answered.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use staps::fuzz::{self as http, Route, Settings};
+use staps::fuzz::{self as http, Length, Route, Settings};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(Some((request, len))) = http::parse_head(data) else {
@@ -31,6 +31,17 @@ fuzz_target!(|data: &[u8]| {
         }
         Route::Stats { path, .. } => {
             assert!(path.starts_with('/') && path.len() <= settings.limits.max_path_length);
+        }
+        Route::Listen { path, options, .. } => {
+            assert!(path.starts_with('/') && path.len() <= settings.limits.max_path_length);
+            assert!(options.replay <= settings.limits.replay_length);
+        }
+        Route::Publish(publish) => {
+            let path = &publish.path;
+            assert!(path.starts_with('/') && path.len() <= settings.limits.max_path_length);
+            if let Length::Fixed(n) = publish.length {
+                assert!(n <= settings.limits.max_message_size);
+            }
         }
     }
 });

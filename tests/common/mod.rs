@@ -330,6 +330,23 @@ pub fn raw_http(addr: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&response).into_owned()
 }
 
+/// Read from `stream` until what has come contains `needle`; all of it.
+/// Fails if the stream ends (or its read timeout passes) first.
+pub fn read_until_seen(stream: &mut impl Read, needle: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        let n = stream.read(&mut buf).unwrap_or(0);
+        assert!(
+            n > 0,
+            "{needle:?} not in {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 /// A GET with the given extra header lines.
 pub fn get(addr: SocketAddr, path: &str, headers: &str) -> String {
     raw_http(

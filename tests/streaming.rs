@@ -1,0 +1,573 @@
+//! SPEC §11: publishing with an HTTP POST or PUT, and listening with a
+//! streaming GET (Server-Sent Events or raw lines), with the real curl
+//! (Debian package `curl`) and Python's http.client next to websocket
+//! clients.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use tungstenite::Message;
+
+/// The number of clients `?stats` reports for `ch`.
+fn clients(addr: SocketAddr, ch: &str) -> u64 {
+    let r = get(addr, &format!("{ch}?stats"), "");
+    let body = r.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    body.trim()
+        .strip_prefix("{\"clients\": ")
+        .and_then(|n| n.strip_suffix('}'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {r:?}"))
+}
+
+fn wait_clients(addr: SocketAddr, ch: &str, n: u64) {
+    wait_until(&format!("{n} clients on the channel"), || {
+        clients(addr, ch) == n
+    });
+}
+
+/// Run curl to completion: its exit status and its output.
+fn curl(args: &[&str]) -> (i32, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "30"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// A `curl -N` listener whose output lines arrive on a channel.
+struct CurlListener {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl CurlListener {
+    fn start(url: &str, extra: &[&str]) -> CurlListener {
+        let mut child = Command::new("curl")
+            .args(["-sN", url])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("curl runs");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            // Lines of bytes: a raw listener passes binary as it is.
+            let mut line = Vec::new();
+            while matches!(out.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                let text = String::from_utf8_lossy(&line)
+                    .trim_end_matches('\n')
+                    .to_owned();
+                if tx.send(text).is_err() {
+                    break;
+                }
+                line.clear();
+            }
+        });
+        CurlListener { child, lines }
+    }
+
+    fn line(&self) -> String {
+        self.lines
+            .recv_timeout(DEADLINE)
+            .expect("a line from the curl listener")
+    }
+
+    /// Lines up to the blank line that ends an event.
+    fn event(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            match self.line() {
+                l if l.is_empty() && !lines.is_empty() => return lines,
+                l if l.is_empty() || l.starts_with(':') => {}
+                l => lines.push(l),
+            }
+        }
+    }
+
+    /// Its exit status, waiting for it.
+    fn exit(&mut self) -> i32 {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(std::time::Instant::now() < deadline, "curl did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for CurlListener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn no_curl(test: &str) -> bool {
+    skip(test, needs_program("curl", "curl"))
+}
+
+#[test]
+fn curl_publishes_to_websocket_members_and_streaming_listeners() {
+    if no_curl("curl_publishes") {
+        return;
+    }
+    let mut staps = Staps::start(&tcp_config(""), &[]);
+    let addr = staps.addr();
+    let ch = channel();
+    let url = format!("http://{addr}{ch}");
+    let mut ws = connect(addr, &ch);
+    let raw = CurlListener::start(&format!("{url}?raw"), &[]);
+    let sse = CurlListener::start(&url, &["-H", "Accept: text/event-stream"]);
+    wait_clients(addr, &ch, 3);
+
+    // curl -d sends application/x-www-form-urlencoded: not text/*, binary.
+    let (code, out) = curl(&["-d", "hello", &url]);
+    assert_eq!((code, out.as_str()), (0, "{\"clients\": 3}\n"));
+    assert_eq!(recv(&mut ws), Message::binary(b"hello".to_vec()));
+    assert_eq!(raw.line(), "hello");
+    assert_eq!(sse.event(), ["event: binary", "data: aGVsbG8="]);
+
+    // Text, with a line break: two data lines, one event.
+    let (_, out) = curl(&[
+        "-H",
+        "Content-Type: text/plain; charset=utf-8",
+        "--data-binary",
+        "two\nlines",
+        &url,
+    ]);
+    assert_eq!(out, "{\"clients\": 3}\n");
+    assert_eq!(recv(&mut ws), Message::text("two\nlines"));
+    assert_eq!((raw.line(), raw.line()), ("two".into(), "lines".into()));
+    assert_eq!(sse.event(), ["data: two", "data: lines"]);
+
+    // A file, and standard input as a chunked PUT.
+    let file = staps.dir.path().join("payload");
+    std::fs::write(&file, [0u8, 1, 2, 255]).unwrap();
+    let (_, out) = curl(&["--data-binary", &format!("@{}", file.display()), &url]);
+    assert_eq!(out, "{\"clients\": 3}\n");
+    assert_eq!(recv(&mut ws), Message::binary(vec![0, 1, 2, 255]));
+    assert_eq!(sse.event(), ["event: binary", "data: AAEC/w=="]);
+    let mut put = Command::new("curl")
+        .args(["-sS", "-T", "-", "-H", "Content-Type: text/plain", &url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    put.stdin.take().unwrap().write_all(b"from stdin").unwrap();
+    let out = put.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "{\"clients\": 3}\n");
+    assert_eq!(recv(&mut ws), Message::text("from stdin"));
+    assert_eq!(sse.event(), ["data: from stdin"]);
+    // The raw listener had the binary file (its bytes and a newline) first.
+    assert_eq!(raw.line(), "\0\u{1}\u{2}\u{fffd}");
+    assert_eq!(raw.line(), "from stdin");
+
+    // A large body with Expect: 100-continue (curl adds it itself past a size).
+    // No newline in it: the raw listener gets it as one line.
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8 | 0x80).collect();
+    std::fs::write(&file, &big).unwrap();
+    let at_file = format!("@{}", file.display());
+    let (_, out) = curl(&[
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        &at_file,
+        &url,
+    ]);
+    assert_eq!(out, "{\"clients\": 3}\n");
+    assert_eq!(recv(&mut ws), Message::binary(big));
+    let _ = sse.event();
+    assert!(raw.line().len() >= 300_000);
+    // Over max_message_size: 413 on the head, and curl never sends the body.
+    std::fs::write(&file, vec![b'x'; 2 << 20]).unwrap();
+    let (_, out) = curl(&["-w", "%{http_code}", "--data-binary", &at_file, &url]);
+    assert!(out.ends_with("413"), "{out}");
+    // A websocket member's message reaches the listeners the same way.
+    ws.send(Message::text("from ws")).unwrap();
+    assert_eq!(raw.line(), "from ws");
+    assert_eq!(sse.event(), ["data: from ws"]);
+    // Listeners count in ?stats; nobody listens on another channel.
+    assert_eq!(clients(addr, &ch), 3);
+    let (_, out) = curl(&["-d", "x", &format!("http://{addr}{}", channel())]);
+    assert_eq!(out, "{\"clients\": 0}\n");
+    // The counters saw five messages in.
+    let stats = staps.stats();
+    assert!(counter(&stats, "messages_in") >= 5, "{stats}");
+}
+
+/// A request by hand: the status and the response.
+fn request(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, String) {
+    let mut req = head.replace('\n', "\r\n").into_bytes();
+    req.extend_from_slice(body);
+    let r = raw_http(addr, &req);
+    let status = r
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, r)
+}
+
+#[test]
+fn text_binary_and_the_refusals_411_413_415() {
+    let staps = Staps::start(&tcp_config("max_message_size = 1000"), &[]);
+    let addr = staps.addr();
+    let ch = channel();
+    let mut ws = connect(addr, &ch);
+    let post = |headers: &str, body: &[u8]| {
+        request(
+            addr,
+            &format!("POST {ch} HTTP/1.1\nHost: x\nConnection: close\n{headers}\n"),
+            body,
+        )
+    };
+    // text/* with valid UTF-8 is text; invalid UTF-8 under text/* is binary.
+    let (status, r) = post(
+        "Content-Type: text/plain\nContent-Length: 5\n",
+        "été".as_bytes(),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(recv(&mut ws), Message::text("été"));
+    post(
+        "Content-Type: TEXT/markdown; charset=\"UTF-8\"\nContent-Length: 2\n",
+        &[0xc3, 0x28],
+    );
+    assert_eq!(recv(&mut ws), Message::binary(vec![0xc3, 0x28]));
+    post("Content-Type: application/json\nContent-Length: 2\n", b"{}");
+    assert_eq!(recv(&mut ws), Message::binary(b"{}".to_vec()));
+
+    let (status, r) = post(
+        "Content-Type: text/plain; charset=iso-8859-1\nContent-Length: 1\n",
+        b"e",
+    );
+    assert_eq!(status, 415, "{r}");
+    let (status, r) = post("", b"");
+    assert_eq!(status, 411, "{r}");
+    // Too large: refused on its Content-Length, before any of the body.
+    let (status, r) = post("Content-Length: 1001\n", b"");
+    assert_eq!(status, 413, "{r}");
+    assert!(r.contains("1000 bytes"), "{r}");
+    // Chunked, over the limit by its second chunk.
+    let big = format!("3e8\r\n{}\r\n1\r\nx\r\n0\r\n\r\n", "y".repeat(1000));
+    let (status, _) = post("Transfer-Encoding: chunked\n", big.as_bytes());
+    assert_eq!(status, 413);
+    // Both framings at once, or one not understood.
+    let (status, _) = post(
+        "Transfer-Encoding: chunked\nContent-Length: 3\n",
+        b"0\r\n\r\n",
+    );
+    assert_eq!(status, 400);
+    let (status, _) = post("Transfer-Encoding: gzip\n", b"");
+    assert_eq!(status, 501);
+    let (status, _) = post("Content-Length: 2\nContent-Length: 3\n", b"abc");
+    assert_eq!(status, 400);
+    // Path rules as for joining.
+    let (status, _) = request(addr, "POST / HTTP/1.1\nContent-Length: 1\n\n", b"x");
+    assert_eq!(status, 404);
+    // A chunked body with extensions and trailers is one message.
+    let (status, r) = post(
+        "Transfer-Encoding: chunked\nContent-Type: text/plain\n",
+        b"4;ext=1\r\nabcd\r\n2\r\nef\r\n0\r\nX-Trailer: 1\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(recv(&mut ws), Message::text("abcdef"));
+    // Nothing refused reached the member.
+    let mut other = connect(addr, &ch);
+    other.send(Message::text("end")).unwrap();
+    assert_eq!(recv(&mut ws), Message::text("end"));
+}
+
+#[test]
+fn a_connection_posts_again_and_again_with_keep_alive() {
+    let staps = Staps::start(&tcp_config(""), &[]);
+    let addr = staps.addr();
+    let ch = channel();
+    let mut ws = connect(addr, &ch);
+    // Two requests in one write (pipelined), then a third after the answers.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(
+        format!(
+            "POST {ch} HTTP/1.1\r\nContent-Length: 3\r\nContent-Type: text/plain\r\n\r\none\
+             PUT {ch} HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n\
+             3\r\ntwo\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while String::from_utf8_lossy(&got)
+        .matches("{\"clients\": 1}")
+        .count()
+        < 2
+    {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(!text.contains("Connection: close"), "{text}");
+    assert_eq!(recv(&mut ws), Message::text("one"));
+    assert_eq!(recv(&mut ws), Message::text("two"));
+    s.write_all(
+        format!("POST {ch} HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\nthree")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).unwrap();
+    assert!(
+        rest.contains("Connection: close") && rest.contains("{\"clients\": 1}"),
+        "{rest}"
+    );
+    assert_eq!(recv(&mut ws), Message::binary(b"three".to_vec()));
+}
+
+#[test]
+fn python_http_client_keeps_one_connection_for_many_posts() {
+    if skip("python_http_client", needs_program("python3", "python3")) {
+        return;
+    }
+    let staps = Staps::start(&tcp_config(""), &[]);
+    let addr = staps.addr();
+    let ch = channel();
+    let mut ws = connect(addr, &ch);
+    let script = format!(
+        r#"
+import http.client
+conn = http.client.HTTPConnection("{ip}", {port}, timeout=30)
+ports = set()
+for i in range(20):
+    conn.request("POST", "{ch}", body="line %d" % i, headers={{"Content-Type": "text/plain"}})
+    r = conn.getresponse()
+    assert r.status == 200, r.status
+    assert r.read() == b'{{"clients": 1}}\n'
+    ports.add(conn.sock.getsockname()[1])
+print(len(ports))
+"#,
+        ip = addr.ip(),
+        port = addr.port()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1",
+        "one connection"
+    );
+    for i in 0..20 {
+        assert_eq!(recv(&mut ws), Message::text(format!("line {i}")));
+    }
+}
+
+/// A listener by hand: the response head, then the body as it comes.
+struct Stream {
+    s: TcpStream,
+    head: String,
+    buf: Vec<u8>,
+}
+
+impl Stream {
+    fn open(addr: SocketAddr, target: &str, headers: &str, version: &str) -> Stream {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        write!(s, "GET {target} HTTP/{version}\r\nHost: x\r\n{headers}\r\n").unwrap();
+        let mut stream = Stream {
+            s,
+            head: String::new(),
+            buf: Vec::new(),
+        };
+        let end = stream.until(b"\r\n\r\n");
+        stream.head = String::from_utf8(stream.buf.drain(..end).collect()).unwrap();
+        stream
+    }
+
+    /// Read until `needle` has arrived; where it ends.
+    fn until(&mut self, needle: &[u8]) -> usize {
+        loop {
+            if let Some(i) = self.buf.windows(needle.len()).position(|w| w == needle) {
+                return i + needle.len();
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.s.read(&mut chunk).expect("listener reads");
+            assert!(
+                n > 0,
+                "the stream ended: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next `needle`-terminated piece of the body.
+    fn next(&mut self, needle: &[u8]) -> String {
+        let end = self.until(needle);
+        String::from_utf8_lossy(&self.buf.drain(..end).collect::<Vec<_>>()).into_owned()
+    }
+
+    /// Everything up to the end of the connection.
+    fn rest(&mut self) -> String {
+        let _ = self.s.read_to_end(&mut self.buf);
+        String::from_utf8_lossy(&self.buf).into_owned()
+    }
+}
+
+#[test]
+fn sse_frames_multi_line_text_and_replays_and_pings() {
+    let staps = Staps::start(&tcp_config("ping_interval = 1"), &[]);
+    let addr = staps.addr();
+    let ch = channel();
+    let mut a = connect(addr, &ch);
+    let mut b = connect(addr, &ch);
+    for m in ["first", "second\r\nline", "third"] {
+        a.send(Message::text(m)).unwrap();
+        assert_eq!(recv(&mut b), Message::text(m));
+    }
+    let mut sse = Stream::open(addr, &format!("{ch}?sse&replay=2"), "", "1.1");
+    assert!(sse.head.starts_with("HTTP/1.1 200 "), "{}", sse.head);
+    for want in [
+        "Content-Type: text/event-stream",
+        "Transfer-Encoding: chunked",
+        "Cache-Control: no-store",
+        "X-Content-Type-Options: nosniff",
+    ] {
+        assert!(sse.head.contains(want), "{want} in {}", sse.head);
+    }
+    // The last two, in order, each one chunk.
+    assert_eq!(
+        sse.next(b"\n\n\r\n"),
+        "19\r\ndata: second\ndata: line\n\n\r\n"
+    );
+    assert_eq!(sse.next(b"\n\n\r\n"), "d\r\ndata: third\n\n\r\n");
+    b.send(Message::binary(vec![1, 2, 3])).unwrap();
+    assert_eq!(
+        sse.next(b"\n\n\r\n"),
+        "1a\r\nevent: binary\ndata: AQID\n\n\r\n"
+    );
+    // Nothing more to send: a comment every ping_interval.
+    assert_eq!(sse.next(b"\n\n\r\n"), "8\r\n: ping\n\n\r\n");
+    // An SSE listener over HTTP/1.0: no chunks, the stream ends with the connection.
+    let mut old = Stream::open(addr, &format!("{ch}?raw"), "", "1.0");
+    assert!(old.head.contains("Connection: close") && !old.head.contains("chunked"));
+    wait_clients(addr, &ch, 4);
+    a.send(Message::text("plain")).unwrap();
+    assert_eq!(old.next(b"\n"), "plain\n");
+    assert_eq!(sse.next(b"\n\n\r\n"), "d\r\ndata: plain\n\n\r\n");
+}
+
+#[test]
+fn a_slow_sse_listener_is_cut_and_the_channel_keeps_its_speed() {
+    let staps = Staps::start(&tcp_config("queue_bytes = 65536"), &[]);
+    let addr = staps.addr();
+    let ch = channel();
+    let mut a = connect(addr, &ch);
+    let mut b = connect(addr, &ch);
+    // A listener that never reads: its socket and then its queue fill.
+    let mut slow = Stream::open(
+        addr,
+        &format!("{ch}?sse"),
+        "Accept: text/event-stream\r\n",
+        "1.1",
+    );
+    slow.s
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    wait_clients(addr, &ch, 3);
+    let payload = "z".repeat(4000);
+    let reader = std::thread::spawn(move || {
+        for i in 0..2000 {
+            match recv(&mut b) {
+                Message::Text(t) if t.len() == 4000 => {}
+                other => panic!("message {i}: {other:?}"),
+            }
+        }
+    });
+    for _ in 0..2000 {
+        a.write(Message::text(payload.clone())).unwrap();
+    }
+    a.flush().unwrap();
+    // The member that reads got everything, in spite of the listener.
+    reader.join().unwrap();
+    let mut staps = staps;
+    staps.wait_stats(|s| counter(s, "slow_disconnects") == 1);
+    wait_clients(addr, &ch, 2);
+    // What reached its socket is there to read; then its response ends.
+    slow.s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let rest = slow.rest();
+    assert!(
+        rest.starts_with("fa8\r\ndata: zzz"),
+        "{}",
+        &rest[..40.min(rest.len())]
+    );
+}
+
+#[test]
+fn sigterm_ends_a_streaming_response_with_its_last_chunk() {
+    if no_curl("sigterm_ends_a_stream") {
+        return;
+    }
+    let mut staps = Staps::start(&tcp_config(""), &[]);
+    let addr = staps.addr();
+    let ch = channel();
+    let mut raw = CurlListener::start(&format!("http://{addr}{ch}?raw"), &[]);
+    wait_clients(addr, &ch, 1);
+    let (_, out) = curl(&["-d", "before", &format!("http://{addr}{ch}")]);
+    assert_eq!(out, "{\"clients\": 1}\n");
+    assert_eq!(raw.line(), "before");
+    staps.signal(libc::SIGTERM);
+    // curl exits 0 only for a complete response: the last chunk came.
+    assert_eq!(raw.exit(), 0);
+    assert!(staps.wait_exit().success());
+}
+
+#[test]
+fn the_memory_budget_and_handshake_timeout_bound_a_publish() {
+    // Half of a 1 MiB budget is for messages still arriving; no replay
+    // ring holds what was published, so nothing stays counted.
+    let staps = Staps::start(
+        &tcp_config("memory_budget = 1048576\nhandshake_timeout = 1\nreplay_length = 0"),
+        &[],
+    );
+    let addr = staps.addr();
+    let ch = channel();
+    let mut ws = connect(addr, &ch);
+    let post = |length: usize, body: &[u8]| {
+        request(
+            addr,
+            &format!("POST {ch} HTTP/1.1\nContent-Length: {length}\nConnection: close\n\n"),
+            body,
+        )
+    };
+    let (status, r) = post(600_000, b"");
+    assert_eq!(status, 503, "{r}");
+    assert!(r.contains("Retry-After: 5"), "{r}");
+    let (status, r) = post(100_000, &[7; 100_000]);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(recv(&mut ws), Message::binary(vec![7; 100_000]));
+    // A body that stops coming: 408 once handshake_timeout has passed.
+    let (status, r) = post(10, b"abc");
+    assert_eq!(status, 408, "{r}");
+    let mut staps = staps;
+    let stats = staps.stats();
+    assert_eq!(counter(&stats, "memory_used"), 0, "{stats}");
+}
