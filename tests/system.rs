@@ -288,6 +288,29 @@ fn check_proxy(port: u16) {
     b.send(Message::text("other case, other channel")).unwrap();
     c.send(Message::text("c")).unwrap();
     assert_eq!(recv(&mut a), Message::text("c"));
+    // An HTTP publish and a streaming listener come through, the listener's
+    // events as they happen (not buffered until the response ends).
+    let mut sse = std::net::TcpStream::connect(addr).unwrap();
+    sse.set_read_timeout(Some(DEADLINE)).unwrap();
+    sse.write_all(format!("GET {ch}?sse HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let head = read_until_seen(&mut sse, "\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/event-stream"), "{head}");
+    let posted = raw_http(
+        addr,
+        format!(
+            "POST {ch} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n\
+             Content-Length: 8\r\nConnection: close\r\n\r\nposted!!"
+        )
+        .as_bytes(),
+    );
+    assert!(posted.starts_with("HTTP/1.1 200"), "{posted}");
+    assert!(posted.contains("{\"clients\": 3}"), "{posted}");
+    assert_eq!(recv(&mut c), Message::text("posted!!"));
+    read_until_seen(&mut sse, "data: posted!!\n\n");
+    a.send(Message::text("to the listener")).unwrap();
+    read_until_seen(&mut sse, "data: to the listener\n\n");
     // The usage page comes through, with the proxy's host.
     let page = raw_http(
         addr,
