@@ -48,7 +48,7 @@ soak:
 # target for FUZZ_TIME seconds from its corpus in fuzz/corpus/, which it grows.
 # The long run reported in the README is FUZZ_TIME=600.
 FUZZ_TIME ?= 30
-FUZZ_TARGETS ?= head path config frames
+FUZZ_TARGETS ?= head path config frames token
 fuzz:
 	rustup run nightly rustc --version > /dev/null \
 		|| { echo "make fuzz needs the nightly toolchain (rustup toolchain install nightly)" >&2; exit 1; }

@@ -101,7 +101,8 @@ fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, Vec<u8>)> 
                 return None;
             }
         };
-        let (path, wire, options, answer) = match http::route(&request, &server.settings) {
+        let routed = http::route(&request, &server.settings, &server.twins);
+        let (path, readonly, wire, options, answer) = match routed {
             Route::Respond(response) => {
                 if response.status >= 400 {
                     server.refuse();
@@ -121,10 +122,12 @@ fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, Vec<u8>)> 
             }
             Route::Upgrade {
                 path,
+                readonly,
                 accept,
                 options,
             } => (
                 path,
+                readonly,
                 Wire::WebSocket,
                 options,
                 http::switching_protocols(&accept),
@@ -135,10 +138,16 @@ fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, Vec<u8>)> 
                 options,
             } => {
                 let head = wire.response_head().unwrap_or_default().into_bytes();
-                (path, wire, options, head)
+                (path, true, wire, options, head)
             }
         };
-        return join(stream, server, path, wire, options, rest).map(|joined| (joined, answer));
+        let member = Member {
+            path,
+            readonly,
+            wire,
+            options,
+        };
+        return join(stream, server, member, rest).map(|joined| (joined, answer));
     }
 }
 
@@ -151,22 +160,34 @@ struct Joined {
     /// Shared by reader and writer: one descriptor per client.
     stream: Arc<Stream>,
     path: Arc<str>,
+    /// Joined by a read-only URL: a message from it closes it.
+    readonly: bool,
     channel: Arc<Channel>,
     peer: Arc<Peer>,
     /// Bytes the client sent after its request head.
     rest: Vec<u8>,
 }
 
-/// Join the channel at `path` as a member that gets its messages as `wire`
-/// carries them, or refuse with 503.
-fn join(
-    stream: Stream,
-    server: &Arc<Server>,
+/// What a client asks to be in a channel.
+struct Member {
+    /// The channel.
     path: String,
+    /// It may only listen (a read-only URL, or an HTTP listener).
+    readonly: bool,
+    /// How its messages are sent.
     wire: Wire,
+    /// What its query string asks for.
     options: Options,
-    rest: Vec<u8>,
-) -> Option<Joined> {
+}
+
+/// Join the channel as `member` asks, or refuse with 503.
+fn join(stream: Stream, server: &Arc<Server>, member: Member, rest: Vec<u8>) -> Option<Joined> {
+    let Member {
+        path,
+        readonly,
+        wire,
+        options,
+    } = member;
     let id = server.next_id();
     let path: Arc<str> = path.into();
     // Streaming listeners never send: echo means nothing for them.
@@ -192,16 +213,25 @@ fn join(
             return None;
         }
     };
-    log::debug!(
-        "client {id} joined channel {} ({})",
-        fingerprint(&path),
-        escape(&path)
-    );
+    if readonly {
+        // The read-only URL is a secret too: only the channel's fingerprint.
+        log::debug!(
+            "client {id} joined channel {} read-only",
+            fingerprint(&path)
+        );
+    } else {
+        log::debug!(
+            "client {id} joined channel {} ({})",
+            fingerprint(&path),
+            escape(&path)
+        );
+    }
     stats::add(&server.stats.connections_total, 1);
     Some(Joined {
         server: Arc::clone(server),
         stream: Arc::new(stream),
         path,
+        readonly,
         channel,
         peer,
         rest,
@@ -625,6 +655,10 @@ fn read_events(
             }
             Event::End(close) => return Step::End(close),
         };
+        if client.readonly {
+            log::debug!("client {}: sent on a read-only URL", peer.id);
+            return Step::End(Close::with(1008, "read-only URL"));
+        }
         let rebuild = incoming.clean_end();
         stats::add(&server.stats.messages_in, 1);
         stats::add(&server.stats.bytes_in, frame.payload().len() as u64);
@@ -720,17 +754,16 @@ mod tests {
     #[test]
     fn a_panicking_reader_leaves_its_channel() {
         let settings = crate::config::Settings::default();
-        let server = Arc::new(Server::new(settings, None));
+        let twins = crate::twin::Twins::new([0; crate::twin::SECRET_LEN]);
+        let server = Arc::new(Server::new(settings, None, twins));
         let (a, _b) = UnixStream::pair().unwrap();
-        let joined = join(
-            Stream::Unix(a),
-            &server,
-            "/p".into(),
-            Wire::WebSocket,
-            Options::default(),
-            Vec::new(),
-        )
-        .expect("joined");
+        let member = Member {
+            path: "/p".into(),
+            readonly: false,
+            wire: Wire::WebSocket,
+            options: Options::default(),
+        };
+        let joined = join(Stream::Unix(a), &server, member, Vec::new()).expect("joined");
         assert_eq!(server.registry.counts(), (1, 1));
         let peer = Arc::clone(&joined.peer);
         let died = std::thread::spawn(move || {

@@ -193,6 +193,8 @@ pub struct Settings {
     pub public_url: Option<String>,
     /// Log level from the files (`-v`/`-q` and `RUST_LOG` come first).
     pub log_level: Option<LevelFilter>,
+    /// The secret of read-only URLs; `None`: a new one at every start.
+    pub secret_file: Option<PathBuf>,
     /// Detach classic-style.
     pub daemon: bool,
     /// User to run as after binding, when started as root.
@@ -226,6 +228,7 @@ impl Default for Settings {
             exchange: "staps".into(),
             public_url: None,
             log_level: None,
+            secret_file: Some(PathBuf::from(DEFAULT_SECRET_FILE)),
             daemon: false,
             user: None,
             group: None,
@@ -239,6 +242,10 @@ impl Default for Settings {
         }
     }
 }
+
+/// Where the secret of read-only URLs is kept unless configured: the
+/// service user's directory (the package's and the unit's `/var/lib/staps`).
+pub const DEFAULT_SECRET_FILE: &str = "/var/lib/staps/secret";
 
 /// Where a value came from, for error messages.
 #[derive(Debug, Clone)]
@@ -439,6 +446,17 @@ const KEYS: &[Key] = &[
             Ok(())
         },
         get: |s| s.public_url.clone().unwrap_or_default(),
+    },
+    Key {
+        section: "staps",
+        name: "secret_file",
+        doc: "the 32-byte secret of read-only URLs, created 0600 when absent; share it \
+              between linked instances; empty: a new secret at every start",
+        set: |s, v| {
+            s.secret_file = optional(v).map(PathBuf::from);
+            Ok(())
+        },
+        get: |s| show_path(&s.secret_file),
     },
     Key {
         section: "staps",

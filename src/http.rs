@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use crate::amqp_url::percent_decode;
 use crate::config::{Limits, Settings, SlowClient};
 use crate::stream::Stream;
+use crate::twin::{PREFIX, Twins};
 use crate::wire::Wire;
 
 /// Largest request head staps reads; a larger one is answered 431.
@@ -275,8 +276,11 @@ pub struct Options {
 pub enum Route {
     /// A valid websocket upgrade for channel `path`.
     Upgrade {
-        /// The channel: the decoded path.
+        /// The channel: the decoded path (of the channel a read-only URL
+        /// names).
         path: String,
+        /// By a read-only URL (SPEC §12): the client may only listen.
+        readonly: bool,
         /// The `Sec-WebSocket-Accept` value.
         accept: String,
         /// What the query string asks for.
@@ -315,18 +319,28 @@ pub fn get_or_head(req: &Request, allow: &str) -> Result<bool, Response> {
     }
 }
 
-/// Decide what `req` gets.
-pub fn route(req: &Request, settings: &Settings) -> Route {
+/// Decide what `req` gets; `twins` maps read-only URLs to their channels.
+pub fn route(req: &Request, settings: &Settings, twins: &Twins) -> Route {
     let routed = if req.has_token("Upgrade", "websocket") {
-        check_upgrade(req, settings)
+        check_upgrade(req, settings, twins)
     } else if matches!(req.method.as_str(), "POST" | "PUT") {
-        check_publish(req, settings).map(Route::Publish)
+        check_publish(req, settings, twins).map(Route::Publish)
     } else {
         get_or_head(req, "GET, HEAD, POST, PUT").and_then(|head_only| {
             let has = |name: &str| query_keys(&req.target).any(|(key, _)| key == name);
             if has("stats") {
-                let path = channel_path(req, settings)?;
+                let path = channel_path(req, settings, twins)?.path;
                 return Ok(Route::Stats { path, head_only });
+            }
+            if has("readonly") {
+                let path = channel_path(req, settings, twins)?.path;
+                let url = format!("{}{}\n", base_url(req, settings), &twins.twin(&path)[1..]);
+                return Ok(Route::Respond(
+                    Response::new(200, "text/plain; charset=utf-8", url)
+                        .with("Cache-Control", "no-store")
+                        .with("Vary", "Host, X-Forwarded-Proto")
+                        .head_only(head_only),
+                ));
             }
             let chunked = req.version >= 1;
             let wire = if has("raw") {
@@ -334,12 +348,17 @@ pub fn route(req: &Request, settings: &Settings) -> Route {
             } else if has("sse") || accepts(req, &["text/event-stream"]) {
                 Wire::EventStream { chunked }
             } else {
-                return Ok(Route::Respond(usage(req, settings).head_only(head_only)));
+                return Ok(Route::Respond(
+                    usage(req, settings, twins).head_only(head_only),
+                ));
             };
             if head_only {
-                return Ok(Route::Respond(usage(req, settings).head_only(head_only)));
+                return Ok(Route::Respond(
+                    usage(req, settings, twins).head_only(head_only),
+                ));
             }
-            let path = channel_path(req, settings)?;
+            // Receive-only already: a read-only URL listens as its channel's.
+            let path = channel_path(req, settings, twins)?.path;
             let options = parse_options(&req.target, &settings.limits)
                 .map_err(|e| Response::error(400, &e))?;
             Ok(Route::Listen {
@@ -379,8 +398,12 @@ pub struct Publish {
 /// Check a publishing request's head (SPEC §11): path rules as for joining,
 /// a length that can be known and is within `max_message_size`, a UTF-8
 /// charset for text.
-fn check_publish(req: &Request, settings: &Settings) -> Result<Publish, Response> {
-    let path = channel_path(req, settings)?;
+fn check_publish(req: &Request, settings: &Settings, twins: &Twins) -> Result<Publish, Response> {
+    let named = channel_path(req, settings, twins)?;
+    if named.readonly {
+        return Err(Response::error(403, "a read-only URL cannot publish"));
+    }
+    let path = named.path;
     let bad = |reason: &str| Response::error(400, reason);
     let lengths: Vec<&str> = req
         .headers
@@ -462,7 +485,7 @@ pub fn published(clients: u64, keep_alive: bool) -> Response {
     clients_response(clients as usize).keep_alive(keep_alive)
 }
 
-fn check_upgrade(req: &Request, settings: &Settings) -> Result<Route, Response> {
+fn check_upgrade(req: &Request, settings: &Settings, twins: &Twins) -> Result<Route, Response> {
     let bad = |reason: &str| Response::error(400, reason);
     if req.method != "GET" {
         return Err(bad("a websocket handshake must use GET"));
@@ -484,23 +507,38 @@ fn check_upgrade(req: &Request, settings: &Settings) -> Result<Route, Response> 
     if !is_valid_key(key) {
         return Err(bad("Sec-WebSocket-Key is not 16 bytes in base64"));
     }
-    let path = channel_path(req, settings)?;
+    let Named { path, readonly } = channel_path(req, settings, twins)?;
     let options = parse_options(&req.target, &settings.limits).map_err(|e| bad(&e))?;
     Ok(Route::Upgrade {
         path,
+        readonly,
         accept: tungstenite::handshake::derive_accept_key(key.as_bytes()),
         options,
     })
 }
 
-/// The channel a request names, checked as a websocket upgrade's is.
-fn channel_path(req: &Request, settings: &Settings) -> Result<String, Response> {
+/// The channel a request names.
+struct Named {
+    /// The channel's path.
+    path: String,
+    /// Named by its read-only URL.
+    readonly: bool,
+}
+
+/// The channel a request names, checked as a websocket upgrade's is: its
+/// path, or the channel of a read-only URL (a `/r/` path whose token does
+/// not decrypt is an ordinary path).
+fn channel_path(req: &Request, settings: &Settings, twins: &Twins) -> Result<Named, Response> {
     let bad = |reason: &str| Response::error(400, reason);
     if !req.target.starts_with('/') {
         return Err(bad("the request target must be a path"));
     }
     let path = decode_path(&req.target)
         .ok_or_else(|| bad("the channel path is not valid UTF-8 once decoded"))?;
+    let (path, readonly) = match path.starts_with(PREFIX).then(|| twins.channel(&path)) {
+        Some(Some(channel)) => (channel, true),
+        _ => (path, false),
+    };
     let limits = &settings.limits;
     if path == "/" {
         return Err(Response::error(
@@ -517,7 +555,7 @@ fn channel_path(req: &Request, settings: &Settings) -> Result<String, Response> 
             &format!("channel path longer than {} bytes", limits.max_path_length),
         ));
     }
-    Ok(path)
+    Ok(Named { path, readonly })
 }
 
 /// Read the channel options (SPEC §10) of request target `target`; unknown
@@ -614,11 +652,15 @@ pub fn is_uuid4_path(path: &str) -> bool {
         })
 }
 
-/// The usage page, with a freshly generated channel URL.
-fn usage(req: &Request, settings: &Settings) -> Response {
-    let url = channel_url(req, settings);
+/// The usage page, with a freshly generated channel URL (and, in HTML, its
+/// read-only twin).
+fn usage(req: &Request, settings: &Settings, twins: &Twins) -> Response {
+    let base = base_url(req, settings);
+    let path = format!("/{}", uuid::Uuid::new_v4());
+    let url = format!("{base}{}", &path[1..]);
     let response = if wants_html(req) {
-        Response::new(200, "text/html; charset=utf-8", usage_html(&url))
+        let twin = format!("{base}{}", &twins.twin(&path)[1..]);
+        Response::new(200, "text/html; charset=utf-8", usage_html(&url, &twin))
     } else {
         Response::new(200, "text/plain; charset=utf-8", format!("{url}\n"))
     };
@@ -627,11 +669,10 @@ fn usage(req: &Request, settings: &Settings) -> Response {
         .with("Vary", "Accept, Host, X-Forwarded-Proto")
 }
 
-/// `public_url` + a new UUID, or `ws[s]://HOST/` + a new UUID.
-fn channel_url(req: &Request, settings: &Settings) -> String {
-    let id = uuid::Uuid::new_v4();
+/// Where channel URLs start: `public_url`, or `ws[s]://HOST/`.
+fn base_url(req: &Request, settings: &Settings) -> String {
     if let Some(base) = &settings.public_url {
-        return format!("{base}{id}");
+        return base.clone();
     }
     let https = req.header("X-Forwarded-Proto").is_some_and(|p| {
         p.trim().eq_ignore_ascii_case("https") || p.trim().eq_ignore_ascii_case("wss")
@@ -648,7 +689,7 @@ fn channel_url(req: &Request, settings: &Settings) -> String {
                     .all(|c| c.is_ascii_alphanumeric() || "-.:[]_".contains(c))
         })
         .unwrap_or("localhost");
-    format!("{scheme}://{host}/{id}")
+    format!("{scheme}://{host}/")
 }
 
 /// HTML only for clients that ask for it by name (browsers); `*/*` (curl) gets text.
@@ -682,14 +723,14 @@ fn escape_html(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
-fn usage_html(url: &str) -> String {
+fn usage_html(url: &str, twin: &str) -> String {
     // The same channel over plain HTTP, for curl.
     let http = match url.split_once("://") {
         Some(("wss", rest)) => format!("https://{rest}"),
         Some((_, rest)) => format!("http://{rest}"),
         None => url.to_owned(),
     };
-    let (url, http) = (escape_html(url), escape_html(&http));
+    let (url, http, twin) = (escape_html(url), escape_html(&http), escape_html(twin));
     format!(
         r#"<!DOCTYPE html>
 <html lang="en">
@@ -701,7 +742,9 @@ fn usage_html(url: &str) -> String {
 body {{ font-family: sans-serif; max-width: 44em; margin: 2em auto; padding: 0 1em; line-height: 1.5; color: #222; }}
 code, pre {{ background: #f2f2f2; padding: 0.1em 0.3em; border-radius: 3px; }}
 pre {{ padding: 0.7em; overflow-x: auto; }}
-#url {{ font-size: 1.15em; word-break: break-all; }}
+#url, #twin {{ font-size: 1.15em; word-break: break-all; }}
+table {{ border-collapse: collapse; }}
+th {{ text-align: left; padding-right: 1em; vertical-align: top; font-weight: normal; }}
 </style>
 </head>
 <body>
@@ -712,8 +755,13 @@ to the sender. A channel exists while someone is connected to it and leaves noth
 There are no accounts: the URL is the secret, so pick a random one and share it only with
 whom it concerns.</p>
 <p>A fresh channel, made up for you just now:</p>
-<p id="url"><code>{url}</code></p>
-<p>Reload for another. Try it from two terminals with nothing but curl: listen in one,</p>
+<table>
+<tr><th>channel</th><td id="url"><code>{url}</code></td></tr>
+<tr><th>read-only</th><td id="twin"><code>{twin}</code></td></tr>
+</table>
+<p>Whoever has the channel URL may send and listen; whoever has its read-only twin may only
+listen. Hand out the twin to those who should only listen: it cannot be turned back into
+the channel URL. Reload for another. Try it from two terminals with nothing but curl: listen in one,</p>
 <pre>curl -N {http}?raw</pre>
 <p>and publish in the other (each message appears in the first; the answer says how
 many got it):</p>
@@ -774,8 +822,10 @@ mod tests {
 
     #[test]
     fn html_is_escaped() {
-        assert!(!usage_html("ws://<x>/").contains("<x>"));
-        let page = usage_html("wss://h.example/c");
+        assert!(!usage_html("ws://<x>/", "ws://<y>/").contains("<x>"));
+        assert!(!usage_html("ws://x/", "ws://<y>/").contains("<y>"));
+        let page = usage_html("wss://h.example/c", "wss://h.example/r/t");
+        assert!(page.contains("wss://h.example/r/t"));
         assert!(page.contains("curl -N https://h.example/c?raw"));
         assert!(page.contains("curl -d hello https://h.example/c"));
     }

@@ -32,7 +32,8 @@
 //!     wire         a message as websocket frame, SSE event or raw chunk
 //!  2  config       INI files and the command line, parsed and checked
 //!     resolve      users, groups and systemd's sockets, looked up once
-//!  1  files stream sys systemd amqp_url cli threads logging budget stats
+//!  1  files stream sys systemd amqp_url cli threads twin logging secret
+//!     budget stats
 //! ```
 //!
 //! # A message's way
@@ -73,6 +74,7 @@ mod publish;
 mod relay;
 mod resolve;
 mod run;
+mod secret;
 mod server;
 mod shutdown;
 mod signals;
@@ -81,6 +83,7 @@ mod stream;
 mod sys;
 mod systemd;
 mod threads;
+mod twin;
 mod wire;
 
 pub use run::run;
@@ -96,4 +99,5 @@ pub mod fuzz {
     pub use crate::http::{Length, Route, decode_path, is_uuid4_path, parse_head, route};
     pub use crate::incoming::Incoming;
     pub use crate::resolve::resolve;
+    pub use crate::twin::{SECRET_LEN, Twins};
 }

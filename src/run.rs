@@ -146,7 +146,15 @@ pub fn run() -> ExitCode {
     crate::budget::BUDGET.set_limit(settings.limits.memory_budget);
     let amqp = settings.amqp.clone();
     let files = shutdown::Files::new(listeners, metrics, &settings);
-    let server = Arc::new(server::Server::new(settings, relay));
+    // Privileges are dropped: the secret's directory is the service user's.
+    let twins = match crate::secret::twins(settings.secret_file.as_deref()) {
+        Ok(twins) => twins,
+        Err(e) => {
+            files.remove();
+            return readiness.fail(1, &format!("no random source for the secret: {e}"));
+        }
+    };
+    let server = Arc::new(server::Server::new(settings, relay, twins));
     server.check_system_limits();
     if let (Some(url), Some(ends)) = (amqp, relay_ends) {
         // Checked with the configuration; parsing again cannot fail.

@@ -14,6 +14,7 @@ use crate::config::Settings;
 use crate::link::Link;
 use crate::stats::{self, Stats};
 use crate::threads::Pool;
+use crate::twin::Twins;
 
 /// Stack of the thread that reads a connection (handshake, frames, fan-out).
 /// Its deepest path is the handshake plus logging; the rest is on the heap.
@@ -37,6 +38,8 @@ pub struct Server {
     pub stats: Stats,
     /// The link to other instances, when `amqp` is set.
     pub relay: Option<Link>,
+    /// Read-only URLs, under the server's secret.
+    pub twins: Twins,
     /// Threads that read connections (handshake, then frames).
     pub readers: Arc<Pool>,
     /// Threads that write to connections.
@@ -130,12 +133,14 @@ fn host_of(ip: IpAddr) -> IpAddr {
 }
 
 impl Server {
-    /// A server for `settings`, with `relay` when instances are linked.
-    pub fn new(settings: Settings, relay: Option<Link>) -> Server {
+    /// A server for `settings`, with `relay` when instances are linked and
+    /// `twins` for read-only URLs.
+    pub fn new(settings: Settings, relay: Option<Link>, twins: Twins) -> Server {
         let max = settings.limits.max_connections;
         Server {
             registry: Registry::new(relay.as_ref().map(Link::control)),
             relay,
+            twins,
             // Readers are started by the accept thread, whose stack is not per connection.
             readers: Pool::new("staps-client", READER_STACK, IDLE_THREADS, false),
             writers: Pool::new("staps-writer", WRITER_STACK, IDLE_THREADS, true),

@@ -386,14 +386,19 @@ fn a_real_browser_shows_the_channel_url_and_an_example_without_external_resource
     // The rendered page names a fresh channel URL and shows how to use it.
     let prefix = format!("ws://{}/", staps.addr());
     let start = dom
-        .find(&format!("<p id=\"url\"><code>{prefix}"))
+        .find(&format!("<td id=\"url\"><code>{prefix}"))
         .expect(&dom);
     let url: String = dom[start..]
-        .trim_start_matches("<p id=\"url\"><code>")
+        .trim_start_matches("<td id=\"url\"><code>")
         .chars()
         .take_while(|&c| c != '<')
         .collect();
     uuid_of(&url);
+    // Its read-only twin beside it.
+    assert!(
+        dom.contains(&format!("<td id=\"twin\"><code>{prefix}r/")),
+        "{dom}"
+    );
     assert!(dom.contains(&format!("websocat {url}")), "{dom}");
     // The curl pair comes first, on the same channel over plain HTTP.
     let http = url.replacen("ws://", "http://", 1);

@@ -16,7 +16,9 @@ const RANKS: &[(&str, u8)] = &[
     ("amqp_url", 0),
     ("stream", 0),
     ("cli", 0),
+    ("twin", 0),
     ("logging", 1),
+    ("secret", 2),
     ("budget", 2),
     ("stats", 3),
     // 2. configuration, then the one look at the host

@@ -540,3 +540,35 @@ fn http_publishes_and_streaming_listeners_cross_instances_both_ways() {
     b.send(Message::text("to the listener")).unwrap();
     read_until_seen(&mut sse, "data: to the listener\n\n");
 }
+
+#[test]
+fn a_read_only_url_works_across_instances_that_share_the_secret() {
+    let Some(_lock) = shared_broker("read_only_across_instances") else {
+        return;
+    };
+    let exchange = Exchange::new();
+    let shared = tempfile::tempdir().unwrap();
+    let secret = format!("secret_file = {}\n", shared.path().join("secret").display());
+    let one = instance(&exchange, &secret);
+    let two = instance(&exchange, &secret);
+    // Its own secret (the harness gives each instance one).
+    let three = instance(&exchange, "");
+    let ch = channel();
+    let answer = get(one.addr(), &format!("{ch}?readonly"), "");
+    let url = answer.split("\r\n\r\n").nth(1).unwrap().trim();
+    let twin = &url[url.find("/r/").expect(url)..];
+    let mut a = connect(one.addr(), &ch);
+    let mut listener = connect(two.addr(), twin);
+    // At three the token is an ordinary path: a channel nobody else is on.
+    let mut stranger = connect(three.addr(), twin);
+    wait_bound(&exchange, &ch[1..], 2);
+    wait_bound(&exchange, &twin[1..], 1);
+    a.send(Message::text("to the twin at two")).unwrap();
+    assert_eq!(recv(&mut listener), Message::text("to the twin at two"));
+    listener.send(Message::text("no")).unwrap();
+    assert_eq!(close_code(&mut listener), 1008);
+    // The stranger got nothing of /P: the next it hears is its own channel's.
+    let mut other = connect(three.addr(), twin);
+    other.send(Message::text("ordinary at three")).unwrap();
+    assert_eq!(recv(&mut stranger), Message::text("ordinary at three"));
+}

@@ -214,6 +214,17 @@ fn the_debian_package_installs_serves_and_purges() {
         "{uid_line}"
     );
 
+    // The secret of read-only URLs: made by the package, the staps user's, 0600.
+    let secret = fs::symlink_metadata("/var/lib/staps/secret").expect("the package's secret");
+    assert!(secret.file_type().is_file() && secret.len() == 32);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&secret.permissions()) & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&secret).to_string(),
+        staps_uid.trim()
+    );
     // Clients as user staps exchange messages over the packaged socket.
     let ch = channel();
     let mut a = AsUser::connect("staps", socket, &ch);
@@ -288,6 +299,17 @@ fn check_proxy(port: u16) {
     b.send(Message::text("other case, other channel")).unwrap();
     c.send(Message::text("c")).unwrap();
     assert_eq!(recv(&mut a), Message::text("c"));
+    // The read-only twin comes through, and listens.
+    let page = raw_http(
+        addr,
+        format!("GET {ch}?readonly HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    let url = page.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+    let twin = &url[url.find("/r/").unwrap_or_else(|| panic!("{page}"))..];
+    let mut listener = connect(addr, twin);
+    a.send(Message::text("to the twin")).unwrap();
+    assert_eq!(recv(&mut listener), Message::text("to the twin"));
+    assert_eq!(recv(&mut c), Message::text("to the twin"));
     // An HTTP publish and a streaming listener come through, the listener's
     // events as they happen (not buffered until the response ends).
     let mut sse = std::net::TcpStream::connect(addr).unwrap();
@@ -306,7 +328,7 @@ fn check_proxy(port: u16) {
         .as_bytes(),
     );
     assert!(posted.starts_with("HTTP/1.1 200"), "{posted}");
-    assert!(posted.contains("{\"clients\": 3}"), "{posted}");
+    assert!(posted.contains("{\"clients\": 4}"), "{posted}");
     assert_eq!(recv(&mut c), Message::text("posted!!"));
     read_until_seen(&mut sse, "data: posted!!\n\n");
     a.send(Message::text("to the listener")).unwrap();

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use staps::fuzz::{self as http, Length, Route, Settings};
+use staps::fuzz::{self as http, Length, Route, SECRET_LEN, Settings, Twins};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(Some((request, len))) = http::parse_head(data) else {
@@ -14,7 +14,8 @@ fuzz_target!(|data: &[u8]| {
     let mut settings = Settings::default();
     // Both path policies, chosen by the input so the fuzzer explores each.
     settings.limits.uuid_only = len % 2 == 1;
-    match http::route(&request, &settings) {
+    let twins = Twins::new([7; SECRET_LEN]);
+    match http::route(&request, &settings, &twins) {
         Route::Respond(response) => {
             let bytes = response.to_bytes();
             assert!(bytes.starts_with(b"HTTP/1.1 "));
@@ -23,6 +24,7 @@ fuzz_target!(|data: &[u8]| {
             path,
             accept,
             options,
+            ..
         } => {
             assert!(path.starts_with('/') && path.len() <= settings.limits.max_path_length);
             assert_eq!(accept.len(), 28);

@@ -56,6 +56,15 @@ impl Staps {
         stderr: Option<(Stdio, PathBuf)>,
     ) -> Staps {
         let dir = tempfile::tempdir().expect("tempdir");
+        // The secret of read-only URLs in the test's directory, not in the
+        // machine's /var/lib/staps, unless the test says where.
+        // Added at the end (a section may come twice), so that line numbers
+        // in the test's text stay as they are.
+        let config = if config.contains("secret_file") || config.contains("[controller.base]") {
+            config.to_owned()
+        } else {
+            format!("{config}\n[staps]\nsecret_file = {{dir}}/secret\n")
+        };
         let config = config.replace("{dir}", dir.path().to_str().unwrap());
         let conf = dir.path().join("staps.conf");
         std::fs::write(&conf, config).expect("write config");
