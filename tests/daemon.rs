@@ -83,7 +83,7 @@ fn daemon_mode_detaches_drops_privileges_and_cleans_up() {
     let dir = open_dir();
     let conf = write_config(
         dir.path(),
-        "[staps]\nsocket = {dir}/d.sock\nmode = 0660\n\
+        "[staps]\nsocket = {dir}/d.sock\nmode = 0660\nsecret_file = {dir}/secret\n\
          [daemon]\nuser = nobody\ngroup = nogroup\npid_file = {dir}/d.pid\nlog_file = {dir}/d.log\ndir = {dir}\numask = 0077\n",
     );
     let (sock, pid_file, log) = (
@@ -126,6 +126,14 @@ fn daemon_mode_detaches_drops_privileges_and_cleans_up() {
         dir.path()
     );
     assert_eq!(status_field(pid, "Umask"), "0077");
+    // The secret of read-only URLs was made after privileges were dropped:
+    // the service user's, 0600.
+    let secret = fs::symlink_metadata(dir.path().join("secret")).unwrap();
+    assert_eq!(
+        (secret.uid(), secret.gid(), secret.len()),
+        (65534, 65534, 32)
+    );
+    assert_eq!(secret.permissions().mode() & 0o777, 0o600);
     // It serves.
     let ch = channel();
     let mut a = connect_unix(&sock, &ch);
