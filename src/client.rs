@@ -136,10 +136,7 @@ fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, Vec<u8>)> 
                 path,
                 wire,
                 options,
-            } => {
-                let head = wire.response_head().unwrap_or_default().into_bytes();
-                (path, true, wire, options, head)
-            }
+            } => (path, true, wire, options, http::listening(wire)),
         };
         let member = Member {
             path,

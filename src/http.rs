@@ -194,12 +194,9 @@ impl Response {
         for (name, value) in &self.headers {
             let _ = write!(head, "{name}: {value}\r\n");
         }
-        // No answer may be sniffed into HTML (a 400 quotes the request), and
-        // no page may send its URL, the channel's secret, on as a referrer.
         let _ = write!(
             head,
-            "X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n\
-             Content-Length: {}\r\n{}\r\n",
+            "{GUARDS}Content-Length: {}\r\n{}\r\n",
             self.body.len(),
             if self.keep_alive {
                 ""
@@ -244,6 +241,33 @@ pub fn respond(stream: &Stream, response: &Response) {
     // Read what the client still sends until it closes, so that closing does not
     // reset the connection and destroy the response before the client reads it.
     stream.drain(Instant::now() + Duration::from_secs(1));
+}
+
+/// Headers of every HTTP answer: none may be sniffed into HTML (a 400
+/// quotes the request), and no page may send its URL, the channel's secret,
+/// on as a referrer.
+const GUARDS: &str = "X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n";
+
+/// The head of a streaming listener's `200` answer (a websocket client's is
+/// [`switching_protocols`]).
+pub fn listening(wire: Wire) -> Vec<u8> {
+    let (content_type, chunked) = match wire {
+        Wire::WebSocket => return Vec::new(),
+        Wire::EventStream { chunked } => ("text/event-stream; charset=utf-8", chunked),
+        Wire::Raw { chunked } => ("application/octet-stream", chunked),
+    };
+    let framing = if chunked {
+        "Transfer-Encoding: chunked\r\n"
+    } else {
+        "Connection: close\r\n"
+    };
+    // X-Accel-Buffering: nginx passes each event on at once even where
+    // proxy_buffering is on.
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nCache-Control: no-store\r\n\
+         X-Accel-Buffering: no\r\n{GUARDS}{framing}\r\n"
+    )
+    .into_bytes()
 }
 
 /// The `101 Switching Protocols` answer to a valid upgrade.

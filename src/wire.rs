@@ -109,27 +109,6 @@ impl Wire {
             _ => None,
         }
     }
-
-    /// The head of a streaming listener's `200` answer.
-    pub fn response_head(self) -> Option<String> {
-        let (content_type, chunked) = match self {
-            Wire::WebSocket => return None,
-            Wire::EventStream { chunked } => ("text/event-stream; charset=utf-8", chunked),
-            Wire::Raw { chunked } => ("application/octet-stream", chunked),
-        };
-        let framing = if chunked {
-            "Transfer-Encoding: chunked\r\n"
-        } else {
-            "Connection: close\r\n"
-        };
-        // X-Accel-Buffering: nginx passes each event on at once even where
-        // proxy_buffering is on.
-        Some(format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nCache-Control: no-store\r\n\
-             X-Accel-Buffering: no\r\nX-Content-Type-Options: nosniff\r\n\
-             Referrer-Policy: no-referrer\r\n{framing}\r\n"
-        ))
-    }
 }
 
 /// One message in every wire format its receivers use, each encoded at most
