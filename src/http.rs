@@ -454,7 +454,8 @@ fn check_publish(req: &Request, settings: &Settings, twins: &Twins) -> Result<Pu
             ));
         }
         (None, [first, rest @ ..]) => {
-            if rest.iter().any(|l| l != first) || !first.bytes().all(|b| b.is_ascii_digit()) {
+            let digits = !first.is_empty() && first.bytes().all(|b| b.is_ascii_digit());
+            if rest.iter().any(|l| l != first) || !digits {
                 return Err(bad("invalid Content-Length"));
             }
             Length::Fixed(first.parse().unwrap_or(usize::MAX))
@@ -835,6 +836,37 @@ mod tests {
         assert!(!is_uuid4_path("/0b7e4a4f-3b0e-4c1e-cf55-7f3c1f2b9d10"));
         assert!(!is_uuid4_path("/0b7e4a4f-3b0e-4c1e-9f55-7f3c1f2b9d1"));
         assert!(!is_uuid4_path("/0b7e4a4f-3b0e-4c1e-9f55-7f3c1f2b9d10/"));
+    }
+
+    #[test]
+    fn a_publish_needs_one_plain_length_or_chunks() {
+        let settings = Settings::default();
+        let twins = Twins::new([0; crate::twin::SECRET_LEN]);
+        let status = |headers: &str| {
+            let head = format!("POST /c HTTP/1.1\r\n{headers}\r\n");
+            let (req, _) = parse_head(head.as_bytes()).unwrap().unwrap();
+            match route(&req, &settings, &twins) {
+                Route::Publish(p) => {
+                    assert_eq!(p.length, Length::Fixed(3));
+                    200
+                }
+                Route::Respond(r) => r.status,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(status("Content-Length: 3\r\n"), 200);
+        assert_eq!(status("Content-Length: 3\r\nContent-Length: 3\r\n"), 200);
+        for bad in [
+            "Content-Length:\r\n",
+            "Content-Length: +3\r\n",
+            "Content-Length: 3, 3\r\n",
+        ] {
+            assert_eq!(status(bad), 400, "{bad}");
+        }
+        assert_eq!(status("Content-Length: 99999999999999999999999\r\n"), 413);
+        assert_eq!(status("Transfer-Encoding: chunked, gzip\r\n"), 501);
+        assert_eq!(status(""), 411);
+        assert_eq!(status("Content-Length: 3\r\nExpect: 200-ok\r\n"), 417);
     }
 
     #[test]
