@@ -787,7 +787,7 @@ whom it concerns.</p>
 <p>Whoever has the channel URL may send and listen; whoever has its read-only twin may only
 listen. Hand out the twin to those who should only listen: it cannot be turned back into
 the channel URL. Reload for another. Try it from two terminals with nothing but curl: listen in one,</p>
-<pre>curl -N {http}?raw</pre>
+<pre>curl -N '{http}?raw'</pre>
 <p>and publish in the other (each message appears in the first; the answer says how
 many got it):</p>
 <pre>curl -d hello {http}</pre>
@@ -882,7 +882,7 @@ mod tests {
         assert!(!usage_html("ws://x/", "ws://<y>/").contains("<y>"));
         let page = usage_html("wss://h.example/c", "wss://h.example/r/t");
         assert!(page.contains("wss://h.example/r/t"));
-        assert!(page.contains("curl -N https://h.example/c?raw"));
+        assert!(page.contains("curl -N 'https://h.example/c?raw'"));
         assert!(page.contains("curl -d hello https://h.example/c"));
     }
 }

@@ -402,7 +402,7 @@ fn a_real_browser_shows_the_channel_url_and_an_example_without_external_resource
     assert!(dom.contains(&format!("websocat {url}")), "{dom}");
     // The curl pair comes first, on the same channel over plain HTTP.
     let http = url.replacen("ws://", "http://", 1);
-    let listen = dom.find(&format!("curl -N {http}?raw")).expect(&dom);
+    let listen = dom.find(&format!("curl -N '{http}?raw'")).expect(&dom);
     let publish = dom.find(&format!("curl -d hello {http}")).expect(&dom);
     assert!(listen < publish && publish < dom.find("websocat ").unwrap());
     assert!(dom.contains(&format!("new WebSocket(\"{url}\")")), "{dom}");
