@@ -205,11 +205,20 @@ impl Server {
         let mut dir = None;
         let mut cmd = match kind {
             Kind::Staps => {
-                let conf = dir
+                let dir = dir
                     .insert(tempfile::tempdir().expect("a temporary directory"))
-                    .path()
-                    .join("staps.conf");
-                std::fs::write(&conf, format!("[staps]\nlisten = {addr}\n{extra}")).unwrap();
+                    .path();
+                let conf = dir.join("staps.conf");
+                // The secret of read-only URLs in the run's own directory.
+                let secret = dir.join("secret");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "[staps]\nlisten = {addr}\nsecret_file = {}\n{extra}",
+                        secret.display()
+                    ),
+                )
+                .unwrap();
                 // STAPS_BIN: another build to compare (the default is this one).
                 let bin = std::env::var("STAPS_BIN")
                     .unwrap_or_else(|_| env!("CARGO_BIN_EXE_staps").to_owned());

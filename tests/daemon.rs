@@ -21,8 +21,15 @@ fn open_dir() -> tempfile::TempDir {
     dir
 }
 
+/// The config file `text` in `dir`; the secret of read-only URLs goes in
+/// `dir` too (as `Staps::start` does), not in the machine's /var/lib/staps.
 fn write_config(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("staps.conf");
+    let text = if text.contains("secret_file") {
+        text.to_owned()
+    } else {
+        format!("{text}\n[staps]\nsecret_file = {{dir}}/secret\n")
+    };
     fs::write(&path, text.replace("{dir}", dir.to_str().unwrap())).unwrap();
     path
 }
