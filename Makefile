@@ -30,8 +30,9 @@ unit:
 	$(CARGO) test --locked
 
 # The load generator (benches/load.rs): staps (release build) side by side
-# with wsbroad, installed when missing. SCENARIOS="fanout many idle churn
-# relay" picks some (fanout-64 and fanout-4k one fan-out size); RUNS=3 runs
+# with wsbroad, installed when missing. SCENARIOS="fanout many idle churn http
+# relay" picks some (fanout-64 and fanout-4k one fan-out size; http, staps
+# alone: POSTs on one connection and fan-out to SSE listeners); RUNS=3 runs
 # each; STAPS_BIN=path runs another staps build instead of this one.
 RUNS ?= 3
 bench:

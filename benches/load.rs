@@ -846,6 +846,124 @@ fn churn(kind: Kind) -> Row {
     row
 }
 
+/// HTTP publish (staps only: wsbroad has none): one keep-alive connection
+/// posting 20 000 messages of 64 B one after another, as a script does, to a
+/// channel with one websocket member.
+fn http_publish() -> Row {
+    const MESSAGES: u64 = 20_000;
+    let server = Server::start(Kind::Staps, "");
+    let path = format!("/{}", uuid::Uuid::new_v4());
+    let mut member = connect(server.addr, &path);
+    let receiver = spawn_small(move || {
+        let mut got = 0u64;
+        while got < MESSAGES && member.read().is_ok() {
+            got += 1;
+        }
+        got
+    });
+    let mut s = TcpStream::connect(server.addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 64\r\n\r\n{}",
+        "x".repeat(64)
+    );
+    let cpu = Cpu::start(&[server.pid()]);
+    let mut buf = [0u8; 1024];
+    let mut answered = 0u64;
+    for _ in 0..MESSAGES {
+        s.write_all(request.as_bytes()).unwrap();
+        // One answer per request; each ends with its JSON body.
+        let mut got = Vec::new();
+        while !got.ends_with(b"}\n") {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "the connection closed");
+            got.extend_from_slice(&buf[..n]);
+        }
+        answered += 1;
+    }
+    let delivered = receiver.join().unwrap();
+    let cpu = cpu.stop();
+    let mut row = vec![
+        ("publishes/s", answered as f64 / cpu.wall),
+        (
+            "lost (%)",
+            100.0 * (MESSAGES - delivered) as f64 / MESSAGES as f64,
+        ),
+    ];
+    cpu_rows(&mut row, cpu, answered as f64);
+    row
+}
+
+/// Fan-out to Server-Sent Events listeners (staps only): a websocket member
+/// publishes 20 000 messages of 64 B to 100 SSE listeners.
+fn sse_fanout() -> Row {
+    const LISTENERS: usize = 100;
+    const MESSAGES: u64 = 20_000;
+    let server = Server::start(Kind::Staps, "");
+    let path = format!("/{}", uuid::Uuid::new_v4());
+    let addr = server.addr;
+    let ready = Arc::new(AtomicU64::new(0));
+    let listeners: Vec<_> = (0..LISTENERS)
+        .map(|_| {
+            let (path, ready) = (path.clone(), Arc::clone(&ready));
+            spawn_small(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(QUIET)).unwrap();
+                write!(s, "GET {path}?sse HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                // Every event ends its chunk with "\n\n\r\n"; the head ends
+                // with "\r\n\r\n". Count the events across reads.
+                let mut buf = vec![0u8; 64 * 1024];
+                let (mut tail, mut events, mut head) = (Vec::new(), 0u64, true);
+                while events < MESSAGES {
+                    let Ok(n) = s.read(&mut buf) else { break };
+                    if n == 0 {
+                        break;
+                    }
+                    tail.extend_from_slice(&buf[..n]);
+                    if head {
+                        let Some(end) = tail.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        tail.drain(..end + 4);
+                        head = false;
+                        ready.fetch_add(1, Ordering::Relaxed);
+                    }
+                    events += tail.windows(4).filter(|w| *w == b"\n\n\r\n").count() as u64;
+                    let keep = tail.len().min(3);
+                    tail.drain(..tail.len() - keep);
+                }
+                events
+            })
+        })
+        .collect();
+    while ready.load(Ordering::Relaxed) < LISTENERS as u64 {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let mut publisher = connect(addr, &path);
+    let cpu = Cpu::start(&[server.pid()]);
+    let payload = "y".repeat(64);
+    for seq in 0..MESSAGES {
+        publisher.write(Message::text(payload.clone())).unwrap();
+        if seq % 64 == 63 {
+            publisher.flush().unwrap();
+        }
+    }
+    publisher.flush().unwrap();
+    let delivered: u64 = listeners.into_iter().map(|l| l.join().unwrap()).sum();
+    let mut cpu = cpu.stop();
+    let expected = MESSAGES as f64 * LISTENERS as f64;
+    if (delivered as f64) < expected {
+        cpu.wall -= QUIET.as_secs_f64();
+    }
+    let mut row = vec![
+        ("delivered msg/s", delivered as f64 / cpu.wall),
+        ("lost (%)", 100.0 * (expected - delivered as f64) / expected),
+    ];
+    cpu_rows(&mut row, cpu, delivered as f64);
+    row
+}
+
 fn open_fds(pid: u32) -> f64 {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()) as f64
 }
@@ -1163,6 +1281,20 @@ fn main() {
             runs,
             with_wsbroad,
             churn,
+        );
+    }
+    if wanted("http") {
+        compare(
+            "HTTP publish: 20 000 POSTs of 64 B on one keep-alive connection, one member",
+            runs,
+            false,
+            |_| http_publish(),
+        );
+        compare(
+            "SSE fan-out: 64 B, 1 -> 100 SSE listeners, 20 000 messages (defaults)",
+            runs,
+            false,
+            |_| sse_fanout(),
         );
     }
     if wanted("relay") {
