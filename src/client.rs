@@ -367,10 +367,11 @@ struct ReadHalf<'a> {
     full: bool,
     /// When the client's next ping is due.
     ping_due: Option<Instant>,
-    /// The ping interval, the read timeout (shortened while a ping nears, or
-    /// while a large message is in progress).
+    /// The ping interval.
     ping: Duration,
-    shortened: bool,
+    /// The socket's read timeout now: the ping interval, shortened while a
+    /// ping nears or while a large message is in progress.
+    timeout: Option<Duration>,
     /// What the client has sent of a message not complete yet. On the heap:
     /// the reader's stack stays within two resident pages.
     incoming: Box<Incoming>,
@@ -442,22 +443,34 @@ impl ReadHalf<'_> {
         self.deferred = 0;
     }
 
-    /// Before a blocking read: its timeout is shortened only when it would
-    /// otherwise end over an eighth of an interval past the next ping, so
-    /// that a busy connection pays no extra system call.
+    /// Before a blocking read: its timeout is shortened only when the read
+    /// could otherwise end over an eighth of an interval past the next
+    /// ping, to the time left, so that a busy connection sets it at most
+    /// eight times an interval rather than before every read. A timeout
+    /// shorter than needed costs only a wake-up; it goes back to the usual
+    /// one once the ping is out.
     fn time_the_wait(&mut self) {
         let Some(due) = self.ping_due else {
             return;
         };
         let left = due.saturating_duration_since(Instant::now());
-        if left < self.ping - self.ping / 8 {
-            let _ = self
-                .stream
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))));
-            self.shortened = true;
-        } else if self.shortened {
-            self.shortened = false;
-            let _ = self.stream.set_read_timeout(self.read_timeout());
+        let latest = left + self.ping / 8;
+        let usual = self.read_timeout();
+        if self.timeout.is_none_or(|t| t > latest) {
+            self.set_timeout(Some(left.max(Duration::from_millis(1))));
+        } else if self.timeout != usual
+            && left >= self.ping - self.ping / 8
+            && usual.is_some_and(|t| t <= latest)
+        {
+            self.set_timeout(usual);
+        }
+    }
+
+    /// Set the socket's read timeout, if it is not that already.
+    fn set_timeout(&mut self, timeout: Option<Duration>) {
+        if timeout != self.timeout {
+            self.timeout = timeout;
+            let _ = self.stream.set_read_timeout(timeout);
         }
     }
 
@@ -479,7 +492,7 @@ impl ReadHalf<'_> {
         }
         if self.incoming.in_large_message() != self.watching {
             self.watching = !self.watching;
-            let _ = self.stream.set_read_timeout(self.read_timeout());
+            self.set_timeout(self.read_timeout());
         }
         Ok(())
     }
@@ -547,7 +560,8 @@ impl Write for ReadHalf<'_> {
 fn open<'a>(client: &Joined, rest: Vec<u8>, limits: &'a Limits) -> WebSocket<ReadHalf<'a>> {
     let Joined { stream, peer, .. } = client;
     let ping = limits.ping_interval;
-    let _ = stream.set_read_timeout((!ping.is_zero()).then_some(ping));
+    let timeout = (!ping.is_zero()).then_some(ping);
+    let _ = stream.set_read_timeout(timeout);
     let mut half = ReadHalf {
         stream: Arc::clone(stream),
         peer: Arc::clone(peer),
@@ -558,7 +572,7 @@ fn open<'a>(client: &Joined, rest: Vec<u8>, limits: &'a Limits) -> WebSocket<Rea
         full: false,
         ping_due: (!ping.is_zero()).then(|| Instant::now() + ping),
         ping,
-        shortened: false,
+        timeout,
         incoming: Box::new(Incoming::new(limits.max_message_size, &BUDGET)),
         stall: limits.handshake_timeout,
         watching: false,
