@@ -25,24 +25,11 @@ pub enum Write {
 /// Open `path` for writing, creating it with `mode` if absent, never through a
 /// symlink; refuse anything but a regular file with one link.
 pub fn open_for_writing(path: &Path, how: Write, mode: libc::mode_t) -> io::Result<File> {
-    let cpath = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
     let append = match how {
         Write::Append => libc::O_APPEND,
         Write::Keep => 0,
     };
-    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC | append;
-    // SAFETY: a valid C string and plain flags; the result is checked.
-    let fd = unsafe { libc::open(cpath.as_ptr(), flags, libc::c_uint::from(mode)) };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::ELOOP) => io::Error::other("it is a symlink; refusing to follow it"),
-            _ => e,
-        });
-    }
-    // SAFETY: the descriptor is fresh and ours alone.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = open_no_follow(path, libc::O_WRONLY | libc::O_CREAT | append, mode)?;
     let meta = file.metadata()?;
     if !meta.file_type().is_file() {
         return Err(io::Error::other("it is not a regular file"));
@@ -53,6 +40,25 @@ pub fn open_for_writing(path: &Path, how: Write, mode: libc::mode_t) -> io::Resu
         ));
     }
     Ok(file)
+}
+
+/// open(2) `path` with `flags` (and `mode`, when it creates), never through
+/// a symlink: one there is an error that says so.
+pub fn open_no_follow(path: &Path, flags: libc::c_int, mode: libc::mode_t) -> io::Result<File> {
+    let cpath = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: a valid C string and plain flags; the result is checked.
+    let fd = unsafe { libc::open(cpath.as_ptr(), flags, libc::c_uint::from(mode)) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::ELOOP) => io::Error::other("it is a symlink; refusing to follow it"),
+            _ => e,
+        });
+    }
+    // SAFETY: the descriptor is fresh and ours alone.
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 /// Give `file` to `uid`/`gid` through its descriptor (`None` leaves one as it is).

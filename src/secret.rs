@@ -5,14 +5,12 @@
 //! following a symlink and checked through its descriptor like every file
 //! in a directory someone else may write.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::FromRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+use crate::files;
 use crate::logging::escape_path;
 use crate::twin::{SECRET_LEN, Twins};
 
@@ -79,20 +77,7 @@ pub fn ephemeral() -> io::Result<[u8; SECRET_LEN]> {
 }
 
 fn open(path: &Path, flags: libc::c_int) -> io::Result<File> {
-    let cpath = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
-    let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    // SAFETY: a valid C string and plain flags; the result is checked.
-    let fd = unsafe { libc::open(cpath.as_ptr(), flags, 0o600 as libc::c_uint) };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            Some(libc::ELOOP) => io::Error::other("it is a symlink; refusing to follow it"),
-            _ => e,
-        });
-    }
-    // SAFETY: the descriptor is fresh and ours alone.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    files::open_no_follow(path, flags, 0o600)
 }
 
 fn read(mut file: File) -> io::Result<[u8; SECRET_LEN]> {
