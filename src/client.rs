@@ -134,9 +134,10 @@ fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, Vec<u8>)> 
             ),
             Route::Listen {
                 path,
+                readonly,
                 wire,
                 options,
-            } => (path, true, wire, options, http::listening(wire)),
+            } => (path, readonly, wire, options, http::listening(wire)),
         };
         let member = Member {
             path,
@@ -169,7 +170,7 @@ struct Joined {
 struct Member {
     /// The channel.
     path: String,
-    /// It may only listen (a read-only URL, or an HTTP listener).
+    /// By a read-only URL: it may only listen.
     readonly: bool,
     /// How its messages are sent.
     wire: Wire,

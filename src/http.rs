@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::amqp_url::percent_decode;
 use crate::config::{Limits, Settings, SlowClient};
 use crate::stream::Stream;
-use crate::twin::{PREFIX, Twins};
+use crate::twin::Twins;
 use crate::wire::Wire;
 
 /// Largest request head staps reads; a larger one is answered 431.
@@ -173,11 +173,6 @@ impl Response {
         self
     }
 
-    /// Whether the connection stays open for another request.
-    pub fn keeps_alive(&self) -> bool {
-        self.keep_alive
-    }
-
     /// Add a header.
     pub fn with(mut self, name: &'static str, value: impl Into<String>) -> Response {
         self.headers.push((name, value.into()));
@@ -313,8 +308,11 @@ pub enum Route {
     /// `GET /P` with `?sse`, `Accept: text/event-stream` or `?raw`: a
     /// streaming listener of channel `path` (SPEC §11).
     Listen {
-        /// The channel: the decoded path.
+        /// The channel: the decoded path (of the channel a read-only URL
+        /// names).
         path: String,
+        /// By a read-only URL (SPEC §12).
+        readonly: bool,
         /// How its messages are sent.
         wire: Wire,
         /// What the query string asks for.
@@ -358,7 +356,7 @@ pub fn route(req: &Request, settings: &Settings, twins: &Twins) -> Route {
             }
             if has("readonly") {
                 let path = channel_path(req, settings, twins)?.path;
-                let url = format!("{}{}\n", base_url(req, settings), &twins.twin(&path)[1..]);
+                let url = format!("{}\n", url_of(&base_url(req, settings), &twins.twin(&path)));
                 return Ok(Route::Respond(
                     Response::new(200, "text/plain; charset=utf-8", url)
                         .with("Cache-Control", "no-store")
@@ -368,25 +366,25 @@ pub fn route(req: &Request, settings: &Settings, twins: &Twins) -> Route {
             }
             let chunked = req.version >= 1;
             let wire = if has("raw") {
-                Wire::Raw { chunked }
+                Some(Wire::Raw { chunked })
             } else if has("sse") || accepts(req, &["text/event-stream"]) {
-                Wire::EventStream { chunked }
+                Some(Wire::EventStream { chunked })
             } else {
+                None
+            };
+            // A HEAD that asks for a stream gets the usage page's head.
+            let Some(wire) = wire.filter(|_| !head_only) else {
                 return Ok(Route::Respond(
                     usage(req, settings, twins).head_only(head_only),
                 ));
             };
-            if head_only {
-                return Ok(Route::Respond(
-                    usage(req, settings, twins).head_only(head_only),
-                ));
-            }
             // Receive-only already: a read-only URL listens as its channel's.
-            let path = channel_path(req, settings, twins)?.path;
+            let Named { path, readonly } = channel_path(req, settings, twins)?;
             let options = parse_options(&req.target, &settings.limits)
                 .map_err(|e| Response::error(400, &e))?;
             Ok(Route::Listen {
                 path,
+                readonly,
                 wire,
                 options,
             })
@@ -560,9 +558,9 @@ fn channel_path(req: &Request, settings: &Settings, twins: &Twins) -> Result<Nam
     }
     let path = decode_path(&req.target)
         .ok_or_else(|| bad("the channel path is not valid UTF-8 once decoded"))?;
-    let (path, readonly) = match path.starts_with(PREFIX).then(|| twins.channel(&path)) {
-        Some(Some(channel)) => (channel, true),
-        _ => (path, false),
+    let (path, readonly) = match twins.channel(&path) {
+        Some(channel) => (channel, true),
+        None => (path, false),
     };
     let limits = &settings.limits;
     if path == "/" {
@@ -682,9 +680,9 @@ pub fn is_uuid4_path(path: &str) -> bool {
 fn usage(req: &Request, settings: &Settings, twins: &Twins) -> Response {
     let base = base_url(req, settings);
     let path = format!("/{}", uuid::Uuid::new_v4());
-    let url = format!("{base}{}", &path[1..]);
+    let url = url_of(&base, &path);
     let response = if wants_html(req) {
-        let twin = format!("{base}{}", &twins.twin(&path)[1..]);
+        let twin = url_of(&base, &twins.twin(&path));
         Response::new(200, "text/html; charset=utf-8", usage_html(&url, &twin))
     } else {
         Response::new(200, "text/plain; charset=utf-8", format!("{url}\n"))
@@ -692,6 +690,11 @@ fn usage(req: &Request, settings: &Settings, twins: &Twins) -> Response {
     response
         .with("Cache-Control", "no-store")
         .with("Vary", "Accept, Host, X-Forwarded-Proto")
+}
+
+/// The URL of `path` under `base` (which ends with `/`, as `path` starts).
+fn url_of(base: &str, path: &str) -> String {
+    format!("{base}{}", path.strip_prefix('/').unwrap_or(path))
 }
 
 /// Where channel URLs start: `public_url`, or `ws[s]://HOST/`.

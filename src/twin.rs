@@ -17,7 +17,7 @@ use aes_siv::{KeyInit, siv::Aes128Siv};
 use data_encoding::BASE64URL_NOPAD;
 
 /// The path prefix of every twin.
-pub const PREFIX: &str = "/r/";
+const PREFIX: &str = "/r/";
 
 /// The length of the secret: AES-128-SIV's key.
 pub const SECRET_LEN: usize = 32;
