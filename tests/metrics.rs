@@ -148,11 +148,7 @@ fn metrics_are_prometheus_text_and_count_traffic() {
     wait_until("the listener counted", || {
         parse_exposition(&fetch(&at, "/metrics").1)["staps_connections"] == 4.0
     });
-    let posted = raw_http(
-        staps.addr(),
-        format!("POST {ch} HTTP/1.1\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc")
-            .as_bytes(),
-    );
+    let posted = post(staps.addr(), &ch, "", b"abc");
     assert!(posted.contains("{\"clients\": 4}"), "{posted}");
     let now = parse_exposition(&fetch(&at, "/metrics").1);
     assert_eq!(now["staps_messages_in_total"], 2.0);

@@ -164,7 +164,6 @@ fn max_n_is_set_by_the_creator_and_ignored_when_joining() {
 fn stats_tells_how_many_clients_a_channel_has_as_json() {
     let staps = Staps::start(&tcp_config(""), &[]);
     let ch = channel();
-    let body_of = |response: &str| response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
     let empty = get(staps.addr(), &format!("{ch}?stats"), "");
     assert!(empty.starts_with("HTTP/1.1 200 "), "{empty}");
     assert!(
@@ -172,19 +171,19 @@ fn stats_tells_how_many_clients_a_channel_has_as_json() {
         "{empty}"
     );
     assert!(empty.contains("Cache-Control: no-store\r\n"), "{empty}");
-    assert_eq!(body_of(&empty), "{\"clients\": 0}\n");
+    assert_eq!(body(&empty), "{\"clients\": 0}\n");
     let _a = connect(staps.addr(), &ch);
     let _b = connect(staps.addr(), &format!("{ch}?echo=1"));
     let _other = connect(staps.addr(), &channel());
     let two = get(staps.addr(), &format!("{ch}?stats"), "");
-    assert_eq!(body_of(&two), "{\"clients\": 2}\n");
+    assert_eq!(body(&two), "{\"clients\": 2}\n");
     // HEAD: the headers only. The same path rules as for joining.
     let head = raw_http(
         staps.addr(),
         format!("HEAD {ch}?stats HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
     );
     assert!(
-        head.starts_with("HTTP/1.1 200 ") && body_of(&head).is_empty(),
+        head.starts_with("HTTP/1.1 200 ") && body(&head).is_empty(),
         "{head}"
     );
     assert!(get(staps.addr(), "/?stats", "").starts_with("HTTP/1.1 404 "));

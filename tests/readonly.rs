@@ -10,10 +10,6 @@ use std::os::unix::fs::PermissionsExt;
 use common::*;
 use tungstenite::Message;
 
-fn body(response: &str) -> &str {
-    response.split_once("\r\n\r\n").map_or("", |(_, b)| b)
-}
-
 /// The read-only URL of channel `ch`, as `GET /P?readonly` answers it.
 fn readonly_url(addr: SocketAddr, ch: &str) -> String {
     let r = get(addr, &format!("{ch}?readonly"), "");
@@ -82,18 +78,10 @@ fn http_listeners_work_on_the_twin_and_publishing_to_it_is_403() {
     read_until_seen(&mut sse, "\r\n\r\n");
     a.send(Message::text("to the twin")).unwrap();
     read_until_seen(&mut sse, "data: to the twin\n\n");
-    let r = raw_http(
-        addr,
-        format!("POST {twin} HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno")
-            .as_bytes(),
-    );
+    let r = post(addr, &twin, "", b"no");
     assert!(r.starts_with("HTTP/1.1 403"), "{r}");
     // A publish to the channel itself reaches both.
-    let r = raw_http(
-        addr,
-        format!("POST {ch} HTTP/1.1\r\nContent-Length: 3\r\nConnection: close\r\n\r\nyes")
-            .as_bytes(),
-    );
+    let r = post(addr, &ch, "", b"yes");
     assert!(body(&r).contains("{\"clients\": 2}"), "{r}");
     read_until_seen(&mut sse, "event: binary\ndata: eWVz\n\n");
 }

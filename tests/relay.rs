@@ -518,13 +518,11 @@ fn http_publishes_and_streaming_listeners_cross_instances_both_ways() {
     wait_bound(&exchange, &ch[1..], 1);
     // Published at one, where the channel has nobody: 0 here, and the
     // member at two gets it.
-    let r = raw_http(
+    let r = post(
         one.addr(),
-        format!(
-            "POST {ch} HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 9\r\n\
-             Connection: close\r\n\r\nover http"
-        )
-        .as_bytes(),
+        &ch,
+        "Content-Type: text/plain\r\n",
+        b"over http",
     );
     assert!(r.ends_with("{\"clients\": 0}\n"), "{r}");
     assert_eq!(recv(&mut b), Message::text("over http"));
@@ -555,7 +553,7 @@ fn a_read_only_url_works_across_instances_that_share_the_secret() {
     let three = instance(&exchange, "");
     let ch = channel();
     let answer = get(one.addr(), &format!("{ch}?readonly"), "");
-    let url = answer.split("\r\n\r\n").nth(1).unwrap().trim();
+    let url = body(&answer).trim();
     let twin = &url[url.find("/r/").expect(url)..];
     let mut a = connect(one.addr(), &ch);
     let mut listener = connect(two.addr(), twin);

@@ -17,8 +17,8 @@ use tungstenite::Message;
 /// The number of clients `?stats` reports for `ch`.
 fn clients(addr: SocketAddr, ch: &str) -> u64 {
     let r = get(addr, &format!("{ch}?stats"), "");
-    let body = r.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    body.trim()
+    body(&r)
+        .trim()
         .strip_prefix("{\"clients\": ")
         .and_then(|n| n.strip_suffix('}'))
         .and_then(|n| n.parse().ok())
@@ -212,12 +212,7 @@ fn request(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, String) {
     let mut req = head.replace('\n', "\r\n").into_bytes();
     req.extend_from_slice(body);
     let r = raw_http(addr, &req);
-    let status = r
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, r)
+    (status(&r), r)
 }
 
 #[test]

@@ -304,7 +304,7 @@ fn check_proxy(port: u16) {
         addr,
         format!("GET {ch}?readonly HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
     );
-    let url = page.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+    let url = body(&page).trim();
     let twin = &url[url.find("/r/").unwrap_or_else(|| panic!("{page}"))..];
     let mut listener = connect(addr, twin);
     a.send(Message::text("to the twin")).unwrap();
@@ -319,14 +319,7 @@ fn check_proxy(port: u16) {
     let head = read_until_seen(&mut sse, "\r\n\r\n");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("text/event-stream"), "{head}");
-    let posted = raw_http(
-        addr,
-        format!(
-            "POST {ch} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n\
-             Content-Length: 8\r\nConnection: close\r\n\r\nposted!!"
-        )
-        .as_bytes(),
-    );
+    let posted = post(addr, &ch, "Content-Type: text/plain\r\n", b"posted!!");
     assert!(posted.starts_with("HTTP/1.1 200"), "{posted}");
     assert!(posted.contains("{\"clients\": 4}"), "{posted}");
     assert_eq!(recv(&mut c), Message::text("posted!!"));

@@ -356,6 +356,33 @@ pub fn read_until_seen(stream: &mut impl Read, needle: &str) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// The status code of an HTTP response.
+pub fn status(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"))
+}
+
+/// The body of an HTTP response.
+pub fn body(response: &str) -> &str {
+    response.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
+/// A POST of `body` to `path` with the given extra header lines, its
+/// Content-Length, and `Connection: close`; the whole response.
+pub fn post(addr: SocketAddr, path: &str, headers: &str, body: &[u8]) -> String {
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    raw_http(addr, &request)
+}
+
 /// A GET with the given extra header lines.
 pub fn get(addr: SocketAddr, path: &str, headers: &str) -> String {
     raw_http(
