@@ -75,8 +75,7 @@ pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot, place: Handshake) 
 #[inline(never)]
 fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, Vec<u8>)> {
     let limits = &server.settings.limits;
-    // A client that does not read its answer must not hold the thread forever.
-    let _ = stream.set_write_timeout(Some(limits.handshake_timeout));
+    // The accept loop gave the socket its write timeout (handshake_timeout).
     let mut carry = Vec::new();
     let mut publisher = None;
     loop {
