@@ -157,20 +157,18 @@ impl Stream {
     /// Read until `deadline`, then fail with `TimedOut`. What has already
     /// arrived (a request sent right after connecting, usually) is taken
     /// without setting the socket's read timeout first: one system call
-    /// instead of two.
+    /// instead of two. Past `deadline` nothing is read, arrived or not, so
+    /// that a client trickling bytes cannot outlast it.
     pub fn read_until(&self, buf: &mut [u8], deadline: Instant) -> io::Result<usize> {
-        match self.read_ready(buf) {
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) => {}
-            ready => return ready,
-        }
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(io::ErrorKind::TimedOut.into());
+            }
+            match self.read_ready(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                ready => return ready,
             }
             self.set_read_timeout(Some(left))?;
             match (&mut &*self).read(buf) {
@@ -209,5 +207,34 @@ impl Write for &Stream {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_until_takes_what_arrived_but_nothing_past_its_deadline() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let stream = Stream::Unix(ours);
+        theirs.write_all(b"GET").unwrap();
+        let mut buf = [0u8; 8];
+        let past = Instant::now() - Duration::from_millis(1);
+        let late = stream.read_until(&mut buf, past).unwrap_err();
+        assert_eq!(
+            late.kind(),
+            io::ErrorKind::TimedOut,
+            "read past the deadline"
+        );
+        let soon = Instant::now() + Duration::from_secs(30);
+        assert_eq!(stream.read_until(&mut buf, soon).unwrap(), 3);
+        let Stream::Unix(inner) = &stream else {
+            unreachable!()
+        };
+        assert_eq!(inner.read_timeout().unwrap(), None, "no timeout set for it");
+        let near = Instant::now() + Duration::from_millis(50);
+        let waited = stream.read_until(&mut buf, near).unwrap_err();
+        assert_eq!(waited.kind(), io::ErrorKind::TimedOut);
     }
 }
