@@ -10,14 +10,16 @@
 //! crossbeam channel allocates all its slots up front, which idle
 //! connections should not pay.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
 
-use crate::budget::BUDGET;
+use crate::budget::{BUDGET, Cache};
 use crate::config::{Limits, SlowClient};
 use crate::frame::Frame;
 use crate::http::Options;
@@ -40,35 +42,74 @@ struct State {
     /// Copy-on-write: publishing clones the `Arc` and sends without holding the lock;
     /// joins and leaves (rare next to messages) build a new list.
     members: Arc<[Arc<Peer>]>,
-    /// The last `replay_length` messages, local and relayed, for clients that
-    /// join with `replay=N`, within `replay_bytes`; gone with the channel.
-    recent: VecDeque<Frame>,
-    /// Bytes of the frames in `recent`.
-    recent_bytes: usize,
+    /// The last messages, local and relayed, for clients that join with
+    /// `replay=N`; gone with the channel.
+    ring: Ring,
 }
 
-impl State {
-    /// Keep `frame` for replay, dropping the oldest to stay within the
-    /// ring's bounds. A frame that cannot be kept (larger than the ring, or
-    /// the memory budget used up) empties the ring: replay must never skip
-    /// a message, so it gives fewer, all of them the most recent.
-    fn remember(&mut self, frame: &Frame, limits: &Limits) {
+/// A channel's replay ring: its last `replay_length` messages within
+/// `replay_bytes`, each with the instance-wide sequence number it was kept
+/// under, so that the memory budget can evict the oldest of all rings first.
+/// Its bytes count as the budget's cache ([`crate::budget::Cache`]).
+#[derive(Debug, Default)]
+struct Ring {
+    frames: VecDeque<(u64, Frame)>,
+    /// Bytes of the frames in it.
+    bytes: usize,
+}
+
+/// The sequence of ring entries across all channels: oldest first.
+static KEPT: AtomicU64 = AtomicU64::new(0);
+
+impl Ring {
+    /// Keep `frame`, dropping the oldest to stay within the bounds. A frame
+    /// larger than the ring empties it: replay must never skip a message,
+    /// so it gives fewer, all of them the most recent.
+    fn keep(&mut self, frame: &Frame, limits: &Limits) {
         let len = frame.as_bytes().len();
-        if len > limits.replay_bytes || BUDGET.is_full() {
-            self.recent.clear();
-            self.recent_bytes = 0;
+        if len > limits.replay_bytes {
+            self.clear();
             return;
         }
-        while self.recent.len() >= limits.replay_length
-            || self.recent_bytes + len > limits.replay_bytes
-        {
-            let Some(old) = self.recent.pop_front() else {
+        while self.frames.len() >= limits.replay_length || self.bytes + len > limits.replay_bytes {
+            if self.evict().is_none() {
                 break;
-            };
-            self.recent_bytes -= old.as_bytes().len();
+            }
         }
-        self.recent.push_back(frame.clone());
-        self.recent_bytes += len;
+        self.frames
+            .push_back((KEPT.fetch_add(1, Ordering::Relaxed), frame.clone()));
+        self.bytes += len;
+        BUDGET.cache(len);
+    }
+
+    /// Let go of the oldest entry; its sequence number.
+    fn evict(&mut self) -> Option<u64> {
+        let (seq, old) = self.frames.pop_front()?;
+        let len = old.as_bytes().len();
+        self.bytes -= len;
+        BUDGET.uncache(len);
+        Some(seq)
+    }
+
+    /// The sequence number of the oldest entry.
+    fn oldest(&self) -> Option<u64> {
+        self.frames.front().map(|(seq, _)| *seq)
+    }
+
+    fn clear(&mut self) {
+        while self.evict().is_some() {}
+    }
+
+    /// The last `n` messages, oldest first.
+    fn last(&self, n: usize) -> impl Iterator<Item = &Frame> {
+        let skip = self.frames.len().saturating_sub(n);
+        self.frames.iter().skip(skip).map(|(_, frame)| frame)
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        BUDGET.uncache(self.bytes);
     }
 }
 
@@ -99,10 +140,16 @@ impl Channel {
         let members = {
             let mut state = self.state.lock();
             if limits.replay_length > 0 {
-                state.remember(frame, limits);
+                state.ring.keep(frame, limits);
             }
             Arc::clone(&state.members)
         };
+        if policy == SlowClient::Wait && flushes.may_wait() {
+            let len = frame.as_bytes().len();
+            for peer in members.iter().filter(|p| p.id != from || p.echo) {
+                peer.note_if_full(len, limits);
+            }
+        }
         let (mut queued, mut dropped, mut kicked) = (0, 0, 0);
         let mut encodings = Encodings::new(frame);
         for peer in members.iter().filter(|p| p.id != from || p.echo) {
@@ -238,11 +285,10 @@ impl Registry {
             .chain([Arc::clone(peer)])
             .collect();
         // Under the channel's lock: the replayed messages come before any new one.
-        let skip = state.recent.len().saturating_sub(options.replay);
         // Its 101 is not out yet: what is queued goes out once it is.
         let mut flushes = Flushes::new(false);
         let policy = channel.policy(limits);
-        for frame in state.recent.iter().skip(skip) {
+        for frame in state.ring.last(options.replay) {
             let mut encodings = Encodings::new(frame);
             peer.deliver(encodings.get(peer.wire), limits, policy, &mut flushes);
         }
@@ -315,6 +361,39 @@ impl Registry {
     }
 }
 
+impl Cache for Registry {
+    /// Evict ring entries across all channels, oldest first. Only locks
+    /// that are free are taken: this runs wherever a frame is made, under
+    /// whatever lock its maker holds, and a channel that is busy is passed.
+    fn shed(&self, down_to: usize) {
+        let channels: Vec<Arc<Channel>> = match self.inner.try_lock() {
+            Some(inner) => inner.channels.values().cloned().collect(),
+            None => return,
+        };
+        let mut oldest: BinaryHeap<Reverse<(u64, usize)>> = channels
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some(Reverse((c.state.try_lock()?.ring.oldest()?, i))))
+            .collect();
+        let mut evicted = 0;
+        while BUDGET.used() > down_to {
+            let Some(Reverse((_, i))) = oldest.pop() else {
+                break;
+            };
+            let Some(mut state) = channels[i].state.try_lock() else {
+                continue;
+            };
+            if state.ring.evict().is_some() {
+                evicted += 1;
+            }
+            if let Some(seq) = state.ring.oldest() {
+                oldest.push(Reverse((seq, i)));
+            }
+        }
+        log::debug!("memory budget: evicted {evicted} replayable messages");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,7 +409,7 @@ mod tests {
             ..Limits::default()
         };
         let peers: Vec<_> = (0..4)
-            .map(|i| Peer::new(i, false, Wire::WebSocket))
+            .map(|i| Peer::new(i, false, Wire::WebSocket, None))
             .collect();
         let a = reg
             .join(&"/a".into(), &peers[0], &Options::default(), &limits)
@@ -369,8 +448,8 @@ mod tests {
                 slow_client: policy,
                 ..Limits::default()
             };
-            let sender = Peer::new(10, false, Wire::WebSocket);
-            let slow = Peer::new(11, false, Wire::WebSocket);
+            let sender = Peer::new(10, false, Wire::WebSocket, None);
+            let slow = Peer::new(11, false, Wire::WebSocket, None);
             let ch = reg
                 .join(&"/s".into(), &sender, &Options::default(), &limits)
                 .unwrap();

@@ -19,7 +19,7 @@
 //! the next request.
 
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::{IpAddr, Shutdown};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,16 +27,17 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 use uuid::Uuid;
 
+use crate::address::client_address;
 use crate::budget::BUDGET;
 use crate::channels::{Channel, JoinError};
 use crate::config::Limits;
 use crate::frame::{Frame, Kind};
 use crate::http::{self, HeadError, Options, Route, respond};
-use crate::incoming::Incoming;
+use crate::incoming::{Incoming, MinRate, Reframed, Refusal, Source};
 use crate::logging::{Throttle, escape, fingerprint};
 use crate::peer::{CLOSE_TIMEOUT, Close, Flushes, Launch, Peer};
 use crate::publish::{self, Publisher};
-use crate::server::{self, Handshake, Server, Slot};
+use crate::server::{self, Handshake, Reason, Server, Slot, Visit};
 use crate::stats;
 use crate::stream::{Stream, is_timeout};
 use crate::wire::Wire;
@@ -56,10 +57,16 @@ const READ_BUFFER: usize = 1024;
 /// the deepest moment of a reader thread's life sets how many stack pages
 /// stay resident for as long as its connection is idle; in one frame they
 /// would keep a page more per connection (figures: BENCHMARKS.md, "Measurements behind the constants").
-pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot, place: Handshake) {
+pub fn serve(
+    stream: Stream,
+    peer: Option<IpAddr>,
+    server: Arc<Server>,
+    slot: Slot,
+    place: Handshake,
+) {
     // The connection's place is held until its reader is done with it.
     let _slot = slot;
-    let handshaken = handshake(stream, &server);
+    let handshaken = handshake(stream, peer, &server);
     drop(place);
     let Some((joined, handshake)) = handshaken else {
         return;
@@ -71,9 +78,13 @@ pub fn serve(stream: Stream, server: Arc<Server>, slot: Slot, place: Handshake) 
 
 /// Read the request and answer it; for a websocket upgrade or a streaming
 /// listener, join its channel. Publishes (`POST`/`PUT`) may come one after
-/// another on a kept-alive connection.
+/// another on a kept-alive connection. `peer`: the TCP peer's address.
 #[inline(never)]
-fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, Vec<u8>)> {
+fn handshake(
+    stream: Stream,
+    peer: Option<IpAddr>,
+    server: &Arc<Server>,
+) -> Option<(Joined, Vec<u8>)> {
     let limits = &server.settings.limits;
     // The accept loop gave the socket its write timeout (handshake_timeout).
     let mut carry = Vec::new();
@@ -100,6 +111,8 @@ fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, Vec<u8>)> 
                 return None;
             }
         };
+        let headers = |name: &str| request.header_values(name);
+        let from = client_address(peer, &server.settings.trusted_proxies, &headers);
         let routed = http::route(&request, &server.settings, &server.twins);
         let (path, readonly, wire, options, answer) = match routed {
             Route::Respond(response) => {
@@ -116,7 +129,7 @@ fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, Vec<u8>)> 
             }
             Route::Publish(publish) => {
                 let publisher = publisher.get_or_insert_with(|| Publisher::new(server));
-                carry = publish::publish(&stream, server, publisher, publish, rest, deadline)?;
+                carry = publish::publish(&stream, server, publisher, publish, rest, from)?;
                 continue;
             }
             Route::Upgrade {
@@ -143,6 +156,7 @@ fn handshake(stream: Stream, server: &Arc<Server>) -> Option<(Joined, Vec<u8>)> 
             readonly,
             wire,
             options,
+            from,
         };
         return join(stream, server, member, rest).map(|joined| (joined, answer));
     }
@@ -163,6 +177,10 @@ struct Joined {
     peer: Arc<Peer>,
     /// Bytes the client sent after its request head.
     rest: Vec<u8>,
+    /// Its client address's place, and the address's part of the budget.
+    visit: Option<Visit>,
+    /// The client address, for the refusal counts.
+    from: Option<IpAddr>,
 }
 
 /// What a client asks to be in a channel.
@@ -175,6 +193,8 @@ struct Member {
     wire: Wire,
     /// What its query string asks for.
     options: Options,
+    /// Its client address (`None` when it cannot be known).
+    from: Option<IpAddr>,
 }
 
 /// Join the channel as `member` asks, or refuse with 503.
@@ -184,11 +204,24 @@ fn join(stream: Stream, server: &Arc<Server>, member: Member, rest: Vec<u8>) -> 
         readonly,
         wire,
         options,
+        from,
     } = member;
     let id = server.next_id();
+    let visit = match server.visit(from, true) {
+        Ok(visit) => visit,
+        Err(reason) => {
+            server.refuse();
+            server.refuse_for(reason, from);
+            let response = http::Response::error(503, "too many connections from your address")
+                .with("Retry-After", "5");
+            respond(&stream, &response);
+            return None;
+        }
+    };
     let path: Arc<str> = path.into();
     // Streaming listeners never send: echo means nothing for them.
-    let peer = Peer::new(id, options.echo, wire);
+    let share = visit.as_ref().map(|v| Arc::clone(v.share()));
+    let peer = Peer::new(id, options.echo, wire, share);
     let channel = match server
         .registry
         .join(&path, &peer, &options, &server.settings.limits)
@@ -210,15 +243,16 @@ fn join(stream: Stream, server: &Arc<Server>, member: Member, rest: Vec<u8>) -> 
             return None;
         }
     };
+    let who = from.map_or_else(|| "an unknown address".into(), |ip| ip.to_string());
     if readonly {
         // The read-only URL is a secret too: only the channel's fingerprint.
         log::debug!(
-            "client {id} joined channel {} read-only",
+            "client {id} from {who} joined channel {} read-only",
             fingerprint(&path)
         );
     } else {
         log::debug!(
-            "client {id} joined channel {} ({})",
+            "client {id} from {who} joined channel {} ({})",
             fingerprint(&path),
             escape(&path)
         );
@@ -232,6 +266,8 @@ fn join(stream: Stream, server: &Arc<Server>, member: Member, rest: Vec<u8>) -> 
         channel,
         peer,
         rest,
+        visit,
+        from,
     })
 }
 
@@ -351,9 +387,7 @@ fn listen(client: &Joined, server: &Server) -> Close {
     }
 }
 
-/// The reader's half of the socket. tungstenite wants to write pongs itself;
-/// staps queues them like every other frame instead, so writes here go
-/// nowhere.
+/// The reader's half of the socket, under [`Reframed`].
 struct ReadHalf<'a> {
     stream: Arc<Stream>,
     peer: Arc<Peer>,
@@ -372,10 +406,7 @@ struct ReadHalf<'a> {
     /// The socket's read timeout now: the ping interval, shortened while a
     /// ping nears or while a large message is in progress.
     timeout: Option<Duration>,
-    /// What the client has sent of a message not complete yet. On the heap:
-    /// the reader's stack stays within two resident pages.
-    incoming: Box<Incoming>,
-    /// How long a large message may go without progress (`handshake_timeout`).
+    /// How often a large message in progress is looked at (`handshake_timeout`).
     stall: Duration,
     /// The read timeout is `stall` for a large message in progress.
     watching: bool,
@@ -484,38 +515,24 @@ impl ReadHalf<'_> {
             (false, false) => Some(self.ping),
         }
     }
-
-    /// Follow what was read; refuse a message the memory budget cannot take.
-    fn follow(&mut self, bytes: &[u8], now: Instant) -> io::Result<()> {
-        if !self.incoming.follow(bytes, now) {
-            return Err(refused());
-        }
-        if self.incoming.in_large_message() != self.watching {
-            self.watching = !self.watching;
-            self.set_timeout(self.read_timeout());
-        }
-        Ok(())
-    }
 }
 
-/// The read error of a message the memory budget refused; the read loop
-/// answers it with 1009.
-fn refused() -> io::Error {
-    io::Error::other("memory budget reached")
+impl Source for ReadHalf<'_> {
+    fn watch(&mut self, large: bool) {
+        if large != self.watching {
+            self.watching = large;
+            self.set_timeout(self.read_timeout());
+        }
+    }
 }
 
 impl Read for ReadHalf<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.incoming.refused() {
-            return Err(refused());
-        }
         if self.is_due() {
             // Reads count too, so that a large frame streaming in does not
             // hold back what was published before it until it is whole.
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let limit = self.incoming.read_limit(buf.len());
-        let buf = &mut buf[..limit];
         let ready = if self.full {
             self.stream.read_ready(buf)
         } else {
@@ -539,30 +556,25 @@ impl Read for ReadHalf<'_> {
         self.full = n == buf.len();
         if n > 0 {
             self.last_rx = Instant::now();
-            self.follow(&buf[..n], self.last_rx)?;
         }
         Ok(n)
     }
 }
 
-impl Write for ReadHalf<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The client's websocket, reading from `rest` first.
 #[inline(never)]
-fn open<'a>(client: &Joined, rest: Vec<u8>, limits: &'a Limits) -> WebSocket<ReadHalf<'a>> {
-    let Joined { stream, peer, .. } = client;
+fn open<'a>(client: &Joined, mut rest: Vec<u8>, limits: &'a Limits) -> WebSocket<Client<'a>> {
+    let Joined {
+        stream,
+        peer,
+        readonly,
+        visit,
+        ..
+    } = client;
     let ping = limits.ping_interval;
     let timeout = (!ping.is_zero()).then_some(ping);
     let _ = stream.set_read_timeout(timeout);
-    let mut half = ReadHalf {
+    let half = ReadHalf {
         stream: Arc::clone(stream),
         peer: Arc::clone(peer),
         limits,
@@ -573,15 +585,33 @@ fn open<'a>(client: &Joined, rest: Vec<u8>, limits: &'a Limits) -> WebSocket<Rea
         ping_due: (!ping.is_zero()).then(|| Instant::now() + ping),
         ping,
         timeout,
-        incoming: Box::new(Incoming::new(limits.max_message_size, &BUDGET)),
         stall: limits.handshake_timeout,
         watching: false,
     };
+    let share = visit.as_ref().map(|v| Arc::clone(v.share()));
+    let rate = MinRate {
+        period: limits.handshake_timeout,
+        min_rate: limits.min_rate,
+    };
+    let mut incoming = Box::new(Incoming::new(
+        limits.max_message_size,
+        rate,
+        &BUDGET,
+        share,
+        *readonly,
+    ));
     // Bytes that came with the request head are the first tungstenite reads;
     // a refusal shows at the first read.
-    let _ = half.follow(&rest, half.last_rx);
-    websocket(half, rest, limits.max_message_size)
+    incoming.take_rest(&mut rest, half.last_rx);
+    let client = Reframed {
+        incoming,
+        inner: half,
+    };
+    websocket(client, rest, limits.max_message_size)
 }
+
+/// What a reader's tungstenite reads from.
+type Client<'a> = Reframed<ReadHalf<'a>>;
 
 /// Read messages and publish them until the connection ends; returns how it
 /// ends, and the socket for the last reads.
@@ -595,7 +625,7 @@ fn read_loop(client: &Joined, rest: Vec<u8>, server: &Server) -> (Close, Arc<Str
     // one: sending from inside it kept a third stack page per connection.
     let close = loop {
         match read_events(&mut ws, client, server, sender) {
-            Step::CatchUp => ws.get_mut().catch_up(),
+            Step::CatchUp => ws.get_mut().inner.catch_up(),
             Step::Rebuild => {
                 // tungstenite's buffer grew to a large message and is empty
                 // now: start over with a small one.
@@ -604,7 +634,7 @@ fn read_loop(client: &Joined, rest: Vec<u8>, server: &Server) -> (Close, Arc<Str
             Step::End(close) => break close,
         }
     };
-    (close, ws.into_inner().stream)
+    (close, ws.into_inner().inner.stream)
 }
 
 /// Why [`read_events`] returned.
@@ -621,7 +651,7 @@ enum Step {
 /// rebuilding, or the connection ends.
 #[inline(never)]
 fn read_events(
-    ws: &mut WebSocket<ReadHalf<'_>>,
+    ws: &mut WebSocket<Client<'_>>,
     client: &Joined,
     server: &Server,
     sender: Option<Uuid>,
@@ -640,40 +670,38 @@ fn read_events(
             // frame is on its way; whatever arrived now is not published.
             return Step::End(Close::ABORT);
         }
-        let incoming = &ws.get_ref().incoming;
-        if incoming.stalled(limits.handshake_timeout) {
-            // Trickled pings keep a connection alive, not a half-sent message.
-            log::debug!("client {}: message stalled", peer.id);
-            return Step::End(Close::with(1008, "message stalled"));
+        let incoming = &mut ws.get_mut().incoming;
+        // Pings keep a connection alive, not a half-sent message: timed here
+        // when the client is silent or sends only pings, and by the reads
+        // of a trickle.
+        if incoming.too_slow(Instant::now()) {
+            return Step::End(refused(Refusal::Slow, client, server));
         }
         let frame = match event {
             Event::Message(frame) => frame,
             Event::Ping(pong) => {
-                peer.send_control(pong, limits, &mut ws.get_mut().flushes);
+                peer.send_control(pong, limits, &mut ws.get_mut().inner.flushes);
                 continue;
             }
             Event::Nothing => continue,
             Event::Quiet => {
                 let ping = limits.ping_interval;
-                if !ping.is_zero() && ws.get_ref().last_rx.elapsed() >= 2 * ping {
+                if !ping.is_zero() && ws.get_ref().inner.last_rx.elapsed() >= 2 * ping {
                     return Step::End(Close::with(1001, "ping timeout"));
                 }
                 return Step::CatchUp;
             }
-            Event::End(_) if incoming.refused() => {
-                BUDGET.refuse("large messages are refused with 1009");
-                return Step::End(Close::with(1009, "server memory budget reached"));
+            Event::End(close) => {
+                return Step::End(match incoming.refusal() {
+                    Some(refusal) => refused(refusal, client, server),
+                    None => close,
+                });
             }
-            Event::End(close) => return Step::End(close),
         };
-        if client.readonly {
-            log::debug!("client {}: sent on a read-only URL", peer.id);
-            return Step::End(Close::with(1008, "read-only URL"));
-        }
-        let rebuild = incoming.clean_end();
+        let rebuild = ws.get_ref().incoming.clean_end();
         stats::add(&server.stats.messages_in, 1);
         stats::add(&server.stats.bytes_in, frame.payload().len() as u64);
-        let half = ws.get_mut();
+        let half = &mut ws.get_mut().inner;
         half.publish(channel, peer.id, &frame, server);
         if let (Some(relay), Some(sender)) = (&server.relay, sender) {
             relay.publish(path, &frame, sender, &server.stats);
@@ -684,6 +712,27 @@ fn read_events(
         if half.is_due() {
             return Step::CatchUp;
         }
+    }
+}
+
+/// How a client whose message was refused is closed.
+fn refused(refusal: Refusal, client: &Joined, server: &Server) -> Close {
+    log::debug!("client {}: message refused: {refusal:?}", client.peer.id);
+    match refusal {
+        Refusal::Budget => {
+            BUDGET.refuse("large messages are refused with 1009");
+            Close::with(1009, "server memory budget reached")
+        }
+        Refusal::Address => {
+            server.refuse_for(Reason::AddressMemory, client.from);
+            Close::with(1009, "address memory share reached")
+        }
+        Refusal::ReadOnly => Close::with(1008, "read-only URL"),
+        Refusal::Slow => {
+            server.refuse_for(Reason::Rate, client.from);
+            Close::with(1008, "message slower than min_rate")
+        }
+        Refusal::Protocol => Close::with(1002, "protocol error"),
     }
 }
 
@@ -773,6 +822,7 @@ mod tests {
             readonly: false,
             wire: Wire::WebSocket,
             options: Options::default(),
+            from: None,
         };
         let joined = join(Stream::Unix(a), &server, member, Vec::new()).expect("joined");
         assert_eq!(server.registry.counts(), (1, 1));

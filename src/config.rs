@@ -13,6 +13,7 @@ use std::time::Duration;
 use ini::{Ini, ParseOption};
 use log::LevelFilter;
 
+use crate::address::Trusted;
 use crate::amqp_url::redact;
 use crate::cli::Cli;
 
@@ -151,6 +152,50 @@ pub struct Limits {
     /// Bytes of partial incoming messages, queued frames and replay rings
     /// the whole process may hold ([`crate::budget`]).
     pub memory_budget: usize,
+    /// Bytes a second a message or request body in progress must average
+    /// over every `handshake_timeout`; slower ones are closed (1008 / 408).
+    pub min_rate: u64,
+    /// Websocket clients and stream listeners one client address may hold
+    /// (0 = no limit; `None`: [`default_per_address`]); its partial messages
+    /// and queued bytes may take at most [`ADDRESS_SHARE`] of the memory
+    /// budget. See [`Limits::per_address`].
+    pub max_connections_per_address: Option<usize>,
+}
+
+impl Limits {
+    /// What one address's receivers' backlogs may hold, half of it its
+    /// partial messages: an eighth of the budget, but room for one message
+    /// of `max_message_size` at least (as the buffer it grows into).
+    pub fn address_share(&self) -> usize {
+        (self.memory_budget / ADDRESS_SHARE).max(2 * self.max_message_size.next_power_of_two())
+    }
+
+    /// Websocket clients and stream listeners one address may hold; 0: no
+    /// per-address limits at all.
+    pub fn per_address(&self) -> usize {
+        self.max_connections_per_address
+            .unwrap_or_else(|| default_per_address(self.max_connections))
+    }
+}
+
+/// The part of the memory budget one client address may hold at most: an
+/// eighth of what each kind may take, its partial messages (which may take
+/// half the budget) and its receivers' backlogs (once half the budget is in
+/// use: [`crate::budget::Budget::is_over`]).
+pub const ADDRESS_SHARE: usize = 8;
+
+/// `min_rate` unless configured, in bytes a second: a 1 MiB message over a
+/// link of 8 kbit/s still arrives; a trickle of a byte every few seconds
+/// does not hold memory for long.
+pub const DEFAULT_MIN_RATE: u64 = 1024;
+
+/// `max_connections_per_address` unless configured: a sixteenth of
+/// `max_connections`, at least 64; no limit without `max_connections`.
+pub fn default_per_address(max_connections: usize) -> usize {
+    match max_connections {
+        0 => 0,
+        max => (max / 16).max(64),
+    }
 }
 
 impl Default for Limits {
@@ -170,6 +215,8 @@ impl Default for Limits {
             replay_length: 16,
             replay_bytes: 1 << 20,
             memory_budget: crate::budget::default_limit(),
+            min_rate: DEFAULT_MIN_RATE,
+            max_connections_per_address: None,
         }
     }
 }
@@ -195,6 +242,8 @@ pub struct Settings {
     pub log_level: Option<LevelFilter>,
     /// The secret of read-only URLs; `None`: a new one at every start.
     pub secret_file: Option<PathBuf>,
+    /// Peers whose forwarding headers name the client (SPEC §3).
+    pub trusted_proxies: Trusted,
     /// Detach classic-style.
     pub daemon: bool,
     /// User to run as after binding, when started as root.
@@ -229,6 +278,7 @@ impl Default for Settings {
             public_url: None,
             log_level: None,
             secret_file: Some(PathBuf::from(DEFAULT_SECRET_FILE)),
+            trusted_proxies: Trusted::default(),
             daemon: false,
             user: None,
             group: None,
@@ -457,6 +507,18 @@ const KEYS: &[Key] = &[
             Ok(())
         },
         get: |s| show_path(&s.secret_file),
+    },
+    Key {
+        section: "staps",
+        name: "trusted_proxies",
+        doc: "peers whose X-Forwarded-For (Forwarded, X-Real-IP) names the client for \
+              the per-address limits: unix (unix-socket peers), addresses, CIDR ranges; \
+              empty: nobody",
+        set: |s, v| {
+            s.trusted_proxies = Trusted::parse(split_list(v))?;
+            Ok(())
+        },
+        get: |s| s.trusted_proxies.to_string(),
     },
     Key {
         section: "staps",
@@ -702,6 +764,28 @@ const KEYS: &[Key] = &[
             Ok(())
         },
         get: |s| s.limits.memory_budget.to_string(),
+    },
+    Key {
+        section: "limits",
+        name: "min_rate",
+        doc: "bytes a second a message or body in progress must average over \
+              handshake_timeout; slower closes it (1008 / 408)",
+        set: |s, v| {
+            s.limits.min_rate = parse_count(v, 0)? as u64;
+            Ok(())
+        },
+        get: |s| s.limits.min_rate.to_string(),
+    },
+    Key {
+        section: "limits",
+        name: "max_connections_per_address",
+        doc: "clients one address may hold (0: no limit; default a sixteenth of \
+              max_connections, at least 64); one more gets 503",
+        set: |s, v| {
+            s.limits.max_connections_per_address = Some(parse_count(v, 0)?);
+            Ok(())
+        },
+        get: |s| s.limits.per_address().to_string(),
     },
 ];
 

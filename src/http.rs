@@ -42,6 +42,15 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The values of every header named `name`, in order.
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
     /// Whether a comma-separated header lists `token` (case-insensitive).
     fn has_token(&self, name: &str, token: &str) -> bool {
         self.headers
@@ -433,6 +442,15 @@ fn check_publish(req: &Request, settings: &Settings, twins: &Twins) -> Result<Pu
         .filter(|(n, _)| n.eq_ignore_ascii_case("Content-Length"))
         .map(|(_, v)| v.trim())
         .collect();
+    let codings = req
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("Transfer-Encoding"))
+        .count();
+    if codings > 1 {
+        // A proxy in front may read the one this ignores (request smuggling).
+        return Err(bad("more than one Transfer-Encoding header"));
+    }
     let coding = req.header("Transfer-Encoding").map(str::trim);
     let length = match (coding, lengths.as_slice()) {
         // Both, or lengths that disagree: a proxy in front may have read
@@ -868,6 +886,10 @@ mod tests {
         }
         assert_eq!(status("Content-Length: 99999999999999999999999\r\n"), 413);
         assert_eq!(status("Transfer-Encoding: chunked, gzip\r\n"), 501);
+        for two in ["identity", "gzip", "chunked"] {
+            let headers = format!("Transfer-Encoding: chunked\r\nTransfer-Encoding: {two}\r\n");
+            assert_eq!(status(&headers), 400, "{two}");
+        }
         assert_eq!(status(""), 411);
         assert_eq!(status("Content-Length: 3\r\nExpect: 200-ok\r\n"), 417);
     }

@@ -32,8 +32,8 @@
 //!     wire         a message as websocket frame, SSE event or raw chunk
 //!  2  config       INI files and the command line, parsed and checked
 //!     resolve      users, groups and systemd's sockets, looked up once
-//!  1  files stream sys systemd amqp_url cli threads twin logging secret
-//!     budget stats
+//!  1  files stream sys systemd amqp_url cli threads twin address logging
+//!     secret budget stats
 //! ```
 //!
 //! # A message's way
@@ -54,6 +54,7 @@
 //! listener gets each message in its format (`wire`: a Server-Sent Event or
 //! a raw chunk), encoded once for all such listeners of the channel.
 
+mod address;
 mod amqp_url;
 mod budget;
 mod channels;
@@ -97,7 +98,7 @@ pub mod fuzz {
     pub use crate::config::{Settings, from_text};
     pub use crate::frame::Kind;
     pub use crate::http::{Length, Route, decode_path, is_uuid4_path, parse_head, route};
-    pub use crate::incoming::Incoming;
+    pub use crate::incoming::{Incoming, MinRate, Reframed, Source};
     pub use crate::resolve::resolve;
     pub use crate::twin::{SECRET_LEN, Twins};
 }

@@ -487,7 +487,7 @@ pub fn clients(server: &Arc<Server>, stream: Stream, from: Option<IpAddr>) -> io
     let server2 = Arc::clone(server);
     server
         .readers
-        .run(move || crate::client::serve(stream, server2, slot, handshake))
+        .run(move || crate::client::serve(stream, from, server2, slot, handshake))
         .inspect_err(|_| server.refuse())
 }
 

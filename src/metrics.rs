@@ -180,6 +180,31 @@ pub fn exposition(server: &Server) -> String {
         "Large messages (1009) and joins (503) refused because the memory budget was used up.",
         &[("", BUDGET.refusals())],
     );
+    family(
+        &mut out,
+        "memory_cached_bytes",
+        "gauge",
+        "Of memory_used_bytes, what replay rings hold: a cache, evicted first.",
+        &[("", BUDGET.cached() as u64)],
+    );
+    family(
+        &mut out,
+        "limit_refusals_total",
+        "counter",
+        "Clients and messages turned away by a limit, by reason: address (the client \
+         address holds max_connections_per_address), address_memory (it holds its share \
+         of memory_budget), rate (a message or body slower than min_rate), budget (the \
+         memory budget).",
+        &[
+            ("{reason=\"address\"}", s.address_refusals.load(Relaxed)),
+            (
+                "{reason=\"address_memory\"}",
+                s.address_memory_refusals.load(Relaxed),
+            ),
+            ("{reason=\"rate\"}", s.rate_closes.load(Relaxed)),
+            ("{reason=\"budget\"}", BUDGET.refusals()),
+        ],
+    );
     if server.relay.is_some() {
         family(
             &mut out,

@@ -31,14 +31,14 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
-use crate::budget::BUDGET;
+use crate::budget::{BUDGET, Share};
 use crate::config::{Limits, SlowClient};
 use crate::frame::Frame;
 use crate::stream::Stream;
@@ -152,8 +152,30 @@ pub struct Peer {
     reader_done: AtomicBool,
     /// Publishers waiting for room under `slow_client = wait`.
     waiting: AtomicUsize,
+    /// Under `slow_client = wait`: since when it has been full without
+    /// taking anything ([`since_epoch`] + 1); 0 while it makes progress.
+    stalled: AtomicU64,
     room: Mutex<()>,
     roomy: Condvar,
+    /// The client address's part of the memory budget: the bytes of this
+    /// peer's backlog (its queue and the frames a writer has yet to take)
+    /// count there. Frames a publisher sends at once never do.
+    share: Option<Arc<Share>>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // What no writer took: the address's share must not keep it.
+        while self.pop().is_some() {}
+        let head: usize = self
+            .write
+            .get_mut()
+            .head
+            .iter()
+            .map(|f| f.as_bytes().len())
+            .sum();
+        self.backlog(head, false);
+    }
 }
 
 /// What happened to one delivery.
@@ -165,8 +187,9 @@ pub enum Delivery {
 }
 
 impl Peer {
-    /// A new peer, before its `101` (or `200`) is out.
-    pub fn new(id: u64, echo: bool, wire: Wire) -> Arc<Peer> {
+    /// A new peer, before its `101` (or `200`) is out; its backlog counts in
+    /// `share`, its client address's part of the budget, when there is one.
+    pub fn new(id: u64, echo: bool, wire: Wire, share: Option<Arc<Share>>) -> Arc<Peer> {
         let (tx, rx) = crossbeam_channel::unbounded();
         Arc::new(Peer {
             id,
@@ -190,9 +213,32 @@ impl Peer {
             sink: OnceLock::new(),
             reader_done: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
+            stalled: AtomicU64::new(0),
             room: Mutex::new(()),
             roomy: Condvar::new(),
+            share,
         })
+    }
+
+    /// `bytes` more of backlog (`grew`) or less, for the address's share.
+    fn backlog(&self, bytes: usize, grew: bool) {
+        if let Some(share) = &self.share {
+            share.backlog(bytes, grew);
+        }
+    }
+
+    /// Into the queue, as backlog.
+    fn push(&self, frame: Frame) {
+        self.backlog(frame.as_bytes().len(), true);
+        // The queue is never disconnected while the peer exists.
+        let _ = self.tx.send(frame);
+    }
+
+    /// Out of the queue: no longer backlog.
+    fn pop(&self) -> Option<Frame> {
+        let frame = self.rx.try_recv().ok()?;
+        self.backlog(frame.as_bytes().len(), false);
+        Some(frame)
     }
 
     fn set_state(&self, write: &mut Write, state: State) {
@@ -233,8 +279,7 @@ impl Peer {
             }
         }
         self.waits(1, frame.as_bytes().len());
-        // The queue is never disconnected while the peer exists.
-        let _ = self.tx.send(frame);
+        self.push(frame);
         // Pairs with the fences in `go_idle` and `send_owed`: if the peer
         // went idle, or its publisher sent what it held, before this frame
         // was queued, nobody else will send it: this publisher must.
@@ -307,7 +352,7 @@ impl Peer {
         let (State::Idle, Some(sink), false) = (write.state, sink, self.is_closing()) else {
             if matches!(write.state, State::Pending | State::Busy) && !self.is_closing() {
                 for frame in mine {
-                    let _ = self.tx.send(frame);
+                    self.push(frame);
                 }
             } else {
                 self.taken(mine.len(), bytes);
@@ -318,7 +363,7 @@ impl Peer {
         // is all (its allocation is reused).
         let mut frames = VecDeque::from(mine);
         if !self.rx.is_empty() {
-            let queued: Vec<Frame> = self.rx.try_iter().collect();
+            let queued: Vec<Frame> = std::iter::from_fn(|| self.pop()).collect();
             for frame in queued.into_iter().rev() {
                 frames.push_front(frame);
             }
@@ -338,6 +383,7 @@ impl Peer {
                     // lock goes, or another sender could overtake it.
                     let mut head = batch.into_frames();
                     head.extend(frames);
+                    self.backlog(head.iter().map(|f| f.as_bytes().len()).sum(), true);
                     write.head = head;
                     write.sent = sent;
                     self.set_state(&mut write, State::Busy);
@@ -431,6 +477,7 @@ impl Peer {
                 if sent > 0 {
                     // Counted like a queued frame: the writer takes it.
                     self.waits(1, batch.size);
+                    self.backlog(batch.size, true);
                     write.head = batch.into_frames();
                     write.sent = sent;
                     write.close_queued = true;
@@ -468,7 +515,7 @@ impl Peer {
         self.closing.store(true, Ordering::Release);
         drop(slot);
         let (mut count, mut bytes) = (0, 0);
-        for frame in self.rx.try_iter() {
+        while let Some(frame) = self.pop() {
             count += 1;
             bytes += frame.as_bytes().len();
         }
@@ -491,6 +538,10 @@ impl Peer {
         }
         self.queued.fetch_sub(bytes, Ordering::Relaxed);
         self.count.fetch_sub(count, Ordering::Relaxed);
+        if self.stalled.load(Ordering::Relaxed) != 0 {
+            // Progress: a publisher that waits for it starts timing anew.
+            self.stalled.store(0, Ordering::Relaxed);
+        }
         // Pairs with the fence in `wait_for_room`.
         fence(Ordering::SeqCst);
         if self.waiting.load(Ordering::Relaxed) > 0 {
@@ -524,6 +575,9 @@ impl Peer {
             // Under memory pressure a receiver with a backlog is a slow
             // one: its backlog is what can be given back.
             || (queued >= PRESSURE_BACKLOG && BUDGET.is_full())
+            // A backlog over its address's share of the budget: that
+            // address's receivers are the slow ones, nobody else's.
+            || (queued > 0 && self.share.as_ref().is_some_and(|s| BUDGET.is_over(s)))
     }
 
     /// Queue a control frame (a pong, a ping) for the reader, which sends it
@@ -572,9 +626,34 @@ impl Peer {
         Delivery::Queued
     }
 
+    /// Under `slow_client = wait`, before a publisher waits for any
+    /// receiver: a receiver that a frame of `len` bytes would find full is
+    /// stalled from now on, unless it was already. So every dead receiver of
+    /// a channel is timed from the same moment, and the publisher waits
+    /// about `slow_timeout` once, not once for each.
+    pub fn note_if_full(&self, len: usize, limits: &Limits) {
+        if !self.is_closing() && self.is_full(len, limits) {
+            self.stalled_since();
+        }
+    }
+
+    /// Since when the receiver has been stalled; now, if it was not.
+    fn stalled_since(&self) -> Instant {
+        let now = since_epoch(Instant::now()) + 1;
+        let since =
+            match self
+                .stalled
+                .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => now,
+                Err(since) => since,
+            };
+        *EPOCH + Duration::from_nanos(since - 1)
+    }
+
     /// Wait until `frame` fits, for as long as the receiver keeps taking
-    /// frames and at most `slow_timeout` without it; false when it took
-    /// nothing for that long.
+    /// frames and at most `slow_timeout` from when it stopped; false when
+    /// it took nothing for that long.
     fn wait_for_room(
         self: &Arc<Self>,
         frame: &Frame,
@@ -587,28 +666,27 @@ impl Peer {
         let mut room = self.room.lock();
         self.waiting.fetch_add(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        let mut deadline = Instant::now() + limits.slow_timeout;
-        let mut before = self.queued_bytes();
         let fits = loop {
             if self.is_closing() || !self.is_full(len, limits) {
                 break true;
             }
-            if self.roomy.wait_until(&mut room, deadline).timed_out() {
-                let now = self.queued_bytes();
-                if now >= before {
-                    break false;
-                }
-                // It took something meanwhile: that is progress.
-                before = now;
-                deadline = Instant::now() + limits.slow_timeout;
-            } else {
-                before = before.min(self.queued_bytes());
-                deadline = Instant::now() + limits.slow_timeout;
+            // Anything it takes sets the clock back (`taken`).
+            let deadline = self.stalled_since() + limits.slow_timeout;
+            if Instant::now() >= deadline {
+                break false;
             }
+            self.roomy.wait_until(&mut room, deadline);
         };
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         fits
     }
+}
+
+/// The clock of [`Peer::stalled`]: nanoseconds since the first look.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn since_epoch(t: Instant) -> u64 {
+    t.saturating_duration_since(*EPOCH).as_nanos() as u64
 }
 
 /// The peers a publishing thread owes a send, sent before it waits for
@@ -648,6 +726,11 @@ impl Flushes {
             largest: 0,
             may_wait,
         }
+    }
+
+    /// Whether its owner may wait for room under `slow_client = wait`.
+    pub fn may_wait(&self) -> bool {
+        self.may_wait
     }
 
     /// Whether no send is owed.
@@ -748,14 +831,15 @@ impl Peer {
             let mut write = self.write.lock();
             batch.skip = std::mem::take(&mut write.sent);
             for frame in std::mem::take(&mut write.head) {
+                self.backlog(frame.as_bytes().len(), false);
                 batch.push(frame);
             }
         }
         loop {
             while !batch.is_full() {
-                match self.rx.try_recv() {
-                    Ok(frame) => batch.push(frame),
-                    Err(_) => break,
+                match self.pop() {
+                    Some(frame) => batch.push(frame),
+                    None => break,
                 }
             }
             // Each round starts with an empty batch (`write` empties it).

@@ -4,23 +4,24 @@
 //!
 //! The head was checked by `http` (path rules, a known length within
 //! `max_message_size`, a UTF-8 charset for text); here the body is read
-//! (`Content-Length` or chunked, counted in the memory budget while it
-//! grows, all of it within `handshake_timeout`), published the way a
+//! (`Content-Length` or chunked, counted in the memory budget as it arrives,
+//! never as announced, at `min_rate` at least), published the way a
 //! websocket client's message is, and answered with the number of local
 //! members it was queued for. The connection then stays open for the next
 //! request unless the client asked otherwise.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use uuid::Uuid;
 
-use crate::budget::{BUDGET, FREE};
+use crate::budget::{BUDGET, FREE, Over, Share};
 use crate::frame::{Frame, Kind};
 use crate::http::{self, Length, Publish, Response, respond};
 use crate::logging::fingerprint;
 use crate::peer::Flushes;
-use crate::server::Server;
+use crate::server::{Reason, Server};
 use crate::stats;
 use crate::stream::Stream;
 
@@ -46,26 +47,42 @@ impl Publisher {
 }
 
 /// Read the body of `publish` (after `rest`, the bytes that came with its
-/// head), publish it and answer. Returns what came after the body when the
-/// connection stays open for another request.
+/// head) from client address `from`, publish it and answer. Returns what
+/// came after the body when the connection stays open for another request.
 pub fn publish(
     stream: &Stream,
-    server: &Server,
+    server: &Arc<Server>,
     publisher: &Publisher,
     publish: Publish,
     rest: Vec<u8>,
-    deadline: Instant,
+    from: Option<IpAddr>,
 ) -> Option<Vec<u8>> {
     if server.is_stopping() {
         server.refuse();
         respond(stream, &Response::error(503, "server is shutting down"));
         return None;
     }
+    let limits = &server.settings.limits;
+    // A body is admitted when the budget could take all of it now; it is
+    // charged only as it arrives. A client that waits for 100 Continue
+    // sends nothing of a body that would not be.
+    let announced = match publish.length {
+        Length::Fixed(n) if n > FREE => n,
+        _ => 0,
+    };
+    if !BUDGET.admits_incoming(announced) {
+        BUDGET.refuse("HTTP publishes of large messages get 503");
+        server.refuse();
+        respond(stream, &budget_reached());
+        return None;
+    }
+    // A publish is no member: it only holds its address's share.
+    let visit = server.visit(from, false).ok().flatten();
     let mut input = Input {
         stream,
         buf: rest,
         pos: 0,
-        deadline,
+        rate: Rate::new(limits.handshake_timeout, limits.min_rate),
     };
     if publish.expect_continue
         && input.buf.is_empty()
@@ -73,20 +90,26 @@ pub fn publish(
     {
         return None;
     }
-    let max = server.settings.limits.max_message_size;
-    let body = match read_body(&mut input, publish.length, max) {
+    let max = limits.max_message_size;
+    let share = visit.as_ref().map(|v| &**v.share());
+    let body = match read_body(&mut input, publish.length, max, share) {
         Ok(body) => body,
         Err(e) => {
             let response = match e {
                 BodyError::Gone => return None,
                 BodyError::TimedOut => {
-                    Response::error(408, "the message did not arrive within handshake_timeout")
+                    server.refuse_for(Reason::Rate, from);
+                    Response::error(408, "the message arrived slower than min_rate")
                 }
                 BodyError::TooLarge => http::too_large(max),
                 BodyError::Malformed(why) => Response::error(400, why),
-                BodyError::Budget => {
+                BodyError::Budget(Over::Budget) => {
                     BUDGET.refuse("HTTP publishes of large messages get 503");
-                    Response::error(503, "server memory budget reached").with("Retry-After", "5")
+                    budget_reached()
+                }
+                BodyError::Budget(Over::Share) => {
+                    server.refuse_for(Reason::AddressMemory, from);
+                    address_share_reached()
                 }
             };
             server.refuse();
@@ -109,6 +132,17 @@ pub fn publish(
     }
     stream.send_all(&answer.to_bytes()).ok()?;
     Some(input.buf.split_off(input.pos))
+}
+
+/// The answer to a body the memory budget cannot take.
+fn budget_reached() -> Response {
+    Response::error(503, "server memory budget reached").with("Retry-After", "5")
+}
+
+/// The answer to a body the address's share of the budget cannot take.
+fn address_share_reached() -> Response {
+    Response::error(503, "your address holds its share of the server's memory")
+        .with("Retry-After", "5")
 }
 
 /// Publish `frame` as `publisher`'s message to channel `path`: to its local
@@ -141,42 +175,86 @@ fn deliver(server: &Server, publisher: &Publisher, path: &str, frame: &Frame) ->
 enum BodyError {
     /// The client closed or the connection failed.
     Gone,
-    /// Not all of it within the deadline.
+    /// It arrived slower than `min_rate`.
     TimedOut,
     /// Over `max_message_size`.
     TooLarge,
     /// Broken chunked framing.
     Malformed(&'static str),
-    /// The memory budget cannot take it.
-    Budget,
+    /// The memory budget, or the address's share of it, cannot take it.
+    Budget(Over),
 }
 
 /// A body being read, its bytes counted in the memory budget once past
-/// [`FREE`], like a websocket client's partial message.
-struct Body {
+/// [`FREE`], like a websocket client's partial message: as they arrive and
+/// the buffer holding them grows (doubling).
+struct Body<'a> {
     bytes: Vec<u8>,
     charged: usize,
+    /// The client address's part of the budget, when it has one.
+    share: Option<&'a Share>,
 }
 
-impl Body {
-    /// Make room for `more` bytes.
-    fn grow(&mut self, more: usize) -> Result<(), BodyError> {
-        let total = self.bytes.len() + more;
-        if total > FREE && total > self.charged {
-            let charge = total - self.charged;
-            if !BUDGET.try_charge_incoming(charge) {
-                return Err(BodyError::Budget);
+impl Body<'_> {
+    /// Add `more`, which has arrived.
+    fn extend(&mut self, more: &[u8]) -> Result<(), BodyError> {
+        let total = self.bytes.len() + more.len();
+        if total > FREE {
+            let holds = total.next_power_of_two();
+            if holds > self.charged {
+                BUDGET
+                    .try_charge_incoming(holds - self.charged, self.share)
+                    .map_err(BodyError::Budget)?;
+                self.charged = holds;
             }
-            self.charged = total;
+            // Grown as charged, not by whatever the allocator would choose.
+            self.bytes.reserve_exact(holds - self.bytes.len());
         }
-        self.bytes.reserve(more);
+        self.bytes.extend_from_slice(more);
         Ok(())
     }
 }
 
-impl Drop for Body {
+/// `min_rate`, averaged over every `period` of a body's life: each period
+/// must bring `min_rate × period` bytes (at least one).
+struct Rate {
+    period: std::time::Duration,
+    needed: u64,
+    /// When the current period started, and what it brought so far.
+    since: Instant,
+    got: u64,
+}
+
+impl Rate {
+    fn new(period: std::time::Duration, min_rate: u64) -> Rate {
+        Rate {
+            period,
+            needed: ((min_rate as f64 * period.as_secs_f64()) as u64).max(1),
+            since: Instant::now(),
+            got: 0,
+        }
+    }
+
+    /// Until when the next read may wait: the end of the current period.
+    fn deadline(&self) -> Instant {
+        self.since + self.period
+    }
+
+    /// The current period is over (the read timed out at its end): the next
+    /// one starts if it brought enough; false when it did not.
+    fn next_period(&mut self) -> bool {
+        if self.got < self.needed {
+            return false;
+        }
+        self.since = Instant::now();
+        self.got = 0;
+        true
+    }
+}
+
+impl Drop for Body<'_> {
     fn drop(&mut self) {
-        BUDGET.release_incoming(self.charged);
+        BUDGET.release_incoming(self.charged, self.share);
     }
 }
 
@@ -186,7 +264,7 @@ struct Input<'a> {
     buf: Vec<u8>,
     /// Where the unread part of `buf` starts.
     pos: usize,
-    deadline: Instant,
+    rate: Rate,
 }
 
 impl Input<'_> {
@@ -203,13 +281,25 @@ impl Input<'_> {
         }
         let from = self.buf.len();
         self.buf.resize(from + limit.clamp(1, READ_SIZE), 0);
-        let read = self.stream.read_until(&mut self.buf[from..], self.deadline);
-        self.buf.truncate(from + *read.as_ref().unwrap_or(&0));
-        match read {
-            Ok(0) => Err(BodyError::Gone),
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(BodyError::TimedOut),
-            Err(_) => Err(BodyError::Gone),
+        loop {
+            let read = self
+                .stream
+                .read_until(&mut self.buf[from..], self.rate.deadline());
+            let n = *read.as_ref().unwrap_or(&0);
+            self.buf.truncate(from + n);
+            self.rate.got += n as u64;
+            return match read {
+                Ok(0) => Err(BodyError::Gone),
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    if self.rate.next_period() {
+                        self.buf.resize(from + limit.clamp(1, READ_SIZE), 0);
+                        continue;
+                    }
+                    Err(BodyError::TimedOut)
+                }
+                Err(_) => Err(BodyError::Gone),
+            };
         }
     }
 
@@ -220,8 +310,7 @@ impl Input<'_> {
                 self.more(n)?;
             }
             let take = n.min(self.ready().len());
-            body.bytes
-                .extend_from_slice(&self.buf[self.pos..self.pos + take]);
+            body.extend(&self.buf[self.pos..self.pos + take])?;
             self.pos += take;
             n -= take;
         }
@@ -242,16 +331,19 @@ impl Input<'_> {
 }
 
 /// Read a body of `length`, at most `max` bytes.
-fn read_body(input: &mut Input, length: Length, max: usize) -> Result<Body, BodyError> {
+fn read_body<'a>(
+    input: &mut Input,
+    length: Length,
+    max: usize,
+    share: Option<&'a Share>,
+) -> Result<Body<'a>, BodyError> {
     let mut body = Body {
         bytes: Vec::new(),
         charged: 0,
+        share,
     };
     match length {
-        Length::Fixed(n) => {
-            body.grow(n)?;
-            input.take(n, &mut body)?;
-        }
+        Length::Fixed(n) => input.take(n, &mut body)?,
         Length::Chunked => loop {
             let size = loop {
                 match httparse::parse_chunk_size(input.ready()) {
@@ -273,7 +365,6 @@ fn read_body(input: &mut Input, length: Length, max: usize) -> Result<Body, Body
             if size > max - body.bytes.len() {
                 return Err(BodyError::TooLarge);
             }
-            body.grow(size)?;
             input.take(size, &mut body)?;
             input.crlf()?;
         },

@@ -144,6 +144,9 @@ pub fn run() -> ExitCode {
         None => (None, None),
     };
     crate::budget::BUDGET.set_limit(settings.limits.memory_budget);
+    if settings.limits.per_address() > 0 {
+        crate::budget::BUDGET.set_share_limit(settings.limits.address_share());
+    }
     let amqp = settings.amqp.clone();
     let files = shutdown::Files::new(listeners, metrics, &settings);
     // Privileges are dropped: the secret's directory is the service user's.

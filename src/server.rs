@@ -3,15 +3,18 @@
 //! of sockets that bound new connections.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
+use crate::address::host_of;
+use crate::budget::Share;
 use crate::channels::Registry;
 use crate::config::Settings;
 use crate::link::Link;
+use crate::logging::Throttle;
 use crate::stats::{self, Stats};
 use crate::threads::Pool;
 use crate::twin::Twins;
@@ -32,8 +35,8 @@ const IDLE_THREADS: usize = 64;
 pub struct Server {
     /// The effective settings.
     pub settings: Settings,
-    /// The channels.
-    pub registry: Registry,
+    /// The channels; their replay rings are the memory budget's cache.
+    pub registry: Arc<Registry>,
     /// The counters.
     pub stats: Stats,
     /// The link to other instances, when `amqp` is set.
@@ -49,8 +52,73 @@ pub struct Server {
     max_sockets: usize,
     handshakes: AtomicUsize,
     max_handshakes: usize,
-    per_address: Mutex<HashMap<IpAddr, u32>>,
+    per_address: Mutex<HashMap<IpAddr, Tenant>>,
     stopping: AtomicBool,
+    /// The once-a-minute line about refused clients.
+    refusals: Throttle,
+}
+
+/// What one client address holds now; gone when it holds nothing.
+#[derive(Default)]
+struct Tenant {
+    /// Sockets of its in their handshake (by TCP peer address).
+    handshakes: u32,
+    /// Its websocket clients and stream listeners.
+    members: u32,
+    /// Its HTTP publishes in progress.
+    visits: u32,
+    /// Its part of the memory budget.
+    share: Arc<Share>,
+}
+
+impl Tenant {
+    fn is_empty(&self) -> bool {
+        self.handshakes == 0 && self.members == 0 && self.visits == 0
+    }
+}
+
+/// Why a client was turned away, as the metrics count it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Its address holds `max_connections_per_address` clients (503).
+    Address,
+    /// Its address holds its share of the memory budget (1009 / 503).
+    AddressMemory,
+    /// Its message or body came slower than `min_rate` (1008 / 408).
+    Rate,
+}
+
+/// A client address's hold on its place: a member counted against
+/// `max_connections_per_address`, or a publish; it carries the address's
+/// part of the memory budget. Let go on drop.
+pub struct Visit {
+    server: Arc<Server>,
+    ip: IpAddr,
+    member: bool,
+    share: Arc<Share>,
+}
+
+impl Visit {
+    /// The address's part of the memory budget.
+    pub fn share(&self) -> &Arc<Share> {
+        &self.share
+    }
+}
+
+impl Drop for Visit {
+    fn drop(&mut self) {
+        let mut per_address = self.server.per_address.lock();
+        if let Some(tenant) = per_address.get_mut(&self.ip) {
+            if self.member {
+                tenant.members -= 1;
+            } else {
+                tenant.visits -= 1;
+            }
+            if tenant.is_empty() {
+                per_address.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Sockets that may be in their handshake at once: an eighth of
@@ -100,9 +168,9 @@ impl Drop for Handshake {
         self.server.handshakes.fetch_sub(1, Ordering::Relaxed);
         if let Some(ip) = self.from {
             let mut per_address = self.server.per_address.lock();
-            if let Some(n) = per_address.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
+            if let Some(tenant) = per_address.get_mut(&ip) {
+                tenant.handshakes -= 1;
+                if tenant.is_empty() {
                     per_address.remove(&ip);
                 }
             }
@@ -121,24 +189,16 @@ pub enum Crowded {
     Address,
 }
 
-/// The part of an address that counts as one host: an IPv6 host has a /64.
-fn host_of(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !0xffff_ffff_ffff_ffff)),
-        },
-        v4 => v4,
-    }
-}
-
 impl Server {
     /// A server for `settings`, with `relay` when instances are linked and
     /// `twins` for read-only URLs.
     pub fn new(settings: Settings, relay: Option<Link>, twins: Twins) -> Server {
         let max = settings.limits.max_connections;
+        let registry = Arc::new(Registry::new(relay.as_ref().map(Link::control)));
+        let cache: Arc<dyn crate::budget::Cache> = registry.clone();
+        crate::budget::BUDGET.set_cache(Arc::downgrade(&cache));
         Server {
-            registry: Registry::new(relay.as_ref().map(Link::control)),
+            registry,
             relay,
             twins,
             // Readers are started by the accept thread, whose stack is not per connection.
@@ -159,6 +219,7 @@ impl Server {
             next_id: AtomicU64::new(1),
             sockets: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
+            refusals: Throttle::new(),
         }
     }
 
@@ -168,19 +229,24 @@ impl Server {
     }
 
     /// Take a socket slot and a handshake place for a new connection from
-    /// `from` (a TCP peer's address; `None` for unix sockets, where the one
-    /// peer is the proxy, which sends complete request heads only).
+    /// `from` (a TCP peer's address; `None` for unix sockets and trusted
+    /// proxies, which send complete request heads only).
     pub fn admit(self: &Arc<Self>, from: Option<IpAddr>) -> Result<(Slot, Handshake), Crowded> {
         let n = self.sockets.fetch_add(1, Ordering::Relaxed);
         let slot = Slot(Arc::clone(self));
         if n >= self.max_sockets {
             return Err(Crowded::Sockets);
         }
-        let from = from.map(host_of);
+        let from = from
+            .filter(|ip| !self.settings.trusted_proxies.trusts(Some(*ip)))
+            .map(host_of);
         let n = self.handshakes.fetch_add(1, Ordering::Relaxed);
-        if let Some(ip) = from {
-            *self.per_address.lock().entry(ip).or_insert(0) += 1;
-        }
+        let mine = from.map(|ip| {
+            let mut per_address = self.per_address.lock();
+            let tenant = per_address.entry(ip).or_default();
+            tenant.handshakes += 1;
+            tenant.handshakes
+        });
         let handshake = Handshake {
             server: Arc::clone(self),
             from,
@@ -188,10 +254,70 @@ impl Server {
         if n >= self.max_handshakes {
             return Err(Crowded::Handshakes);
         }
-        if from.is_some_and(|ip| self.per_address.lock().get(&ip) > Some(&HANDSHAKES_PER_ADDRESS)) {
+        if mine > Some(HANDSHAKES_PER_ADDRESS) {
             return Err(Crowded::Address);
         }
         Ok((slot, handshake))
+    }
+
+    /// A place for client address `from` (`None` when it cannot be known:
+    /// no per-address limits apply), as a `member` (a websocket client or
+    /// stream listener, at most `max_connections_per_address` of them) or
+    /// for a publish. `Ok(None)` when per-address limits are off.
+    pub fn visit(
+        self: &Arc<Self>,
+        from: Option<IpAddr>,
+        member: bool,
+    ) -> Result<Option<Visit>, Reason> {
+        let max = self.settings.limits.per_address();
+        let (Some(ip), true) = (from, max > 0) else {
+            return Ok(None);
+        };
+        let mut per_address = self.per_address.lock();
+        let tenant = per_address.entry(ip).or_default();
+        if member && tenant.members as usize >= max {
+            if tenant.is_empty() {
+                per_address.remove(&ip);
+            }
+            return Err(Reason::Address);
+        }
+        if member {
+            tenant.members += 1;
+        } else {
+            tenant.visits += 1;
+        }
+        Ok(Some(Visit {
+            server: Arc::clone(self),
+            ip,
+            member,
+            share: Arc::clone(&tenant.share),
+        }))
+    }
+
+    /// Count a client turned away for `reason`, from client address `from`;
+    /// one line a minute says so (the address only at debug level).
+    pub fn refuse_for(&self, reason: Reason, from: Option<IpAddr>) {
+        let counter = match reason {
+            Reason::Address => &self.stats.address_refusals,
+            Reason::AddressMemory => &self.stats.address_memory_refusals,
+            Reason::Rate => &self.stats.rate_closes,
+        };
+        stats::add(counter, 1);
+        let what = match reason {
+            Reason::Address => "an address holds max_connections_per_address clients",
+            Reason::AddressMemory => "an address holds its share of memory_budget",
+            Reason::Rate => "a message or body came slower than min_rate",
+        };
+        match from {
+            Some(ip) => log::debug!("refused a client from {ip}: {what}"),
+            None => log::debug!("refused a client: {what}"),
+        }
+        if self.refusals.ready() {
+            log::warn!(
+                "refusing clients: {what} (this is logged once a minute; -v shows each \
+                 with its address; /metrics counts them by reason)"
+            );
+        }
     }
 
     /// Warn when the system would stop staps short of `max_connections`:

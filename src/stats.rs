@@ -33,6 +33,12 @@ pub struct Stats {
     pub relay_reconnects: AtomicU64,
     /// Messages from the broker over `max_message_size`, not delivered.
     pub oversize_dropped: AtomicU64,
+    /// Clients refused: their address held `max_connections_per_address`.
+    pub address_refusals: AtomicU64,
+    /// Messages and bodies refused: their address held its share of the budget.
+    pub address_memory_refusals: AtomicU64,
+    /// Messages and bodies closed for arriving slower than `min_rate`.
+    pub rate_closes: AtomicU64,
 }
 
 /// Add `n` to a counter.
@@ -49,7 +55,8 @@ impl Stats {
             "connections={clients} connections_total={} channels={channels} refused={} \
              messages_in={} messages_out={} dropped={} slow_disconnects={} relay={relay} \
              relay_published={} relay_received={} relay_dropped={} relay_reconnects={} \
-             oversize_dropped={} memory_used={} memory_refusals={}",
+             oversize_dropped={} memory_used={} memory_refusals={} address_refusals={} \
+             address_memory_refusals={} rate_closes={}",
             get(&self.connections_total),
             get(&self.refused),
             get(&self.messages_in),
@@ -63,6 +70,9 @@ impl Stats {
             get(&self.oversize_dropped),
             BUDGET.used(),
             BUDGET.refusals(),
+            get(&self.address_refusals),
+            get(&self.address_memory_refusals),
+            get(&self.rate_closes),
         )
     }
 }

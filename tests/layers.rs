@@ -17,6 +17,7 @@ const RANKS: &[(&str, u8)] = &[
     ("stream", 0),
     ("cli", 0),
     ("twin", 0),
+    ("address", 0),
     ("logging", 1),
     ("secret", 2),
     ("budget", 2),

@@ -1,50 +1,34 @@
 //! What a client sends after its handshake, as the reader thread reads it:
-//! tungstenite with staps' limits, the frame headers followed for the memory
-//! budget as the reader follows them, then staps' handling of each result
-//! (the frame it publishes, the pong it queues, the close code it answers).
-//! Whatever the bytes, every byte counted in the budget is given back.
+//! through staps' reframing (large frames split, the memory budget charged
+//! as bytes arrive) into tungstenite with staps' limits, then staps'
+//! handling of each result (the frame it publishes, the pong it queues, the
+//! close code it answers). Whatever the bytes, every byte counted in the
+//! budget is given back.
 #![no_main]
 
-use std::io::{self, Read, Write};
-
-use std::time::Instant;
+use std::io::{self, Read};
+use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use staps::fuzz::{self as client, BUDGET, Event, Incoming, Kind};
+use staps::fuzz::{self as client, BUDGET, Event, Incoming, Kind, MinRate, Reframed, Source};
 
 /// The client's bytes, handed out in chunks of the size the input's first
 /// byte says, so that frames split across reads are explored too.
 struct Input<'a> {
     data: &'a [u8],
     chunk: usize,
-    incoming: Incoming,
 }
 
 impl Read for Input<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.incoming.refused() {
-            return Err(io::Error::other("memory budget reached"));
-        }
-        let limit = self.incoming.read_limit(buf.len());
-        let n = limit.min(self.chunk).min(self.data.len());
+        let n = buf.len().min(self.chunk).min(self.data.len());
         buf[..n].copy_from_slice(&self.data[..n]);
         self.data = &self.data[n..];
-        if !self.incoming.follow(&buf[..n], Instant::now()) {
-            return Err(io::Error::other("memory budget reached"));
-        }
         Ok(n)
     }
 }
 
-impl Write for Input<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+impl Source for Input<'_> {}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&first, data)) = data.split_first() else {
@@ -53,10 +37,21 @@ fuzz_target!(|data: &[u8]| {
     // A budget small enough that large frames meet its limit too.
     BUDGET.set_limit(1 << 17);
     let before = BUDGET.used();
-    let input = Input {
-        data,
-        chunk: usize::from(first % 16) + 1,
-        incoming: Incoming::new(1 << 16, &BUDGET),
+    let input = Reframed {
+        incoming: Box::new(Incoming::new(
+            1 << 16,
+            MinRate {
+                period: Duration::from_secs(3600),
+                min_rate: 0,
+            },
+            &BUDGET,
+            None,
+            first & 0x80 != 0,
+        )),
+        inner: Input {
+            data,
+            chunk: usize::from(first % 16) + 1,
+        },
     };
     let mut ws = client::websocket(input, Vec::new(), 1 << 16);
     run(&mut ws, data.len());
@@ -64,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(BUDGET.used(), before, "bytes counted and never given back");
 });
 
-fn run(ws: &mut tungstenite::WebSocket<Input<'_>>, len: usize) {
+fn run(ws: &mut tungstenite::WebSocket<Reframed<Input<'_>>>, len: usize) {
     // Every read consumes input or ends the connection; the bound is a guard.
     for _ in 0..=len + 1 {
         match client::next_event(ws.read(), 0) {

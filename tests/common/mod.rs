@@ -254,13 +254,20 @@ pub fn try_connect(addr: SocketAddr, path: &str) -> Result<Ws, tungstenite::Erro
 /// A client with a tiny receive buffer that never reads: its raw socket, after
 /// the handshake.
 pub fn stalled_client(staps: &Staps, ch: &str) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&staps.addr().into()).unwrap();
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stalled_client_from("127.0.0.1", staps, ch)
+}
+
+/// [`stalled_client`] from loopback address `source`.
+pub fn stalled_client_from(source: &str, staps: &Staps, ch: &str) -> TcpStream {
+    let stream = small_socket_from(source, staps.addr());
     let (ws, _) = tungstenite::client(format!("ws://{}{ch}", staps.addr()), stream).unwrap();
     ws.into_inner()
+}
+
+/// A TCP connection from `source` with a 4 KiB receive buffer: what the
+/// server sends it piles up as soon as it stops reading.
+pub fn small_socket_from(source: &str, addr: SocketAddr) -> TcpStream {
+    socket_from(source, addr, Some(4096))
 }
 
 /// A field of `/proc/PID/status` (`VmRSS`, `VmHWM` in KiB, `Threads`).
@@ -524,4 +531,74 @@ pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A TCP connection to `addr` from loopback address `source` (127.0.0.2,
+/// 127.0.0.3, ...): bound before it connects, so that staps sees another
+/// client address.
+pub fn tcp_from(source: &str, addr: SocketAddr) -> TcpStream {
+    socket_from(source, addr, None)
+}
+
+/// A connection from `source`, with a receive buffer of `buffer` bytes
+/// when given.
+fn socket_from(source: &str, addr: SocketAddr, buffer: Option<usize>) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    if let Some(size) = buffer {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let from: SocketAddr = format!("{source}:0").parse().expect("source address");
+    socket.bind(&from.into()).expect("bind the source address");
+    socket.connect(&addr.into()).expect("tcp connect");
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream
+}
+
+/// A websocket client from loopback address `source`, or the handshake's error.
+pub fn try_connect_from(
+    source: &str,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<Ws, tungstenite::Error> {
+    let stream = tcp_from(source, addr);
+    match tungstenite::client(format!("ws://{addr}{path}"), stream) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("handshake interrupted"),
+    }
+}
+
+/// A websocket client from loopback address `source`.
+pub fn connect_from(source: &str, addr: SocketAddr, path: &str) -> Ws {
+    try_connect_from(source, addr, path)
+        .unwrap_or_else(|e| panic!("connect {path} from {source}: {e}"))
+}
+
+/// A raw websocket connection from `source`: handshake done by hand.
+pub fn raw_ws_from(source: &str, addr: SocketAddr, path: &str) -> TcpStream {
+    let mut stream = tcp_from(source, addr);
+    stream.write_all(upgrade_request(path).as_bytes()).unwrap();
+    let head = read_until_seen(&mut ByteReader(&mut stream), "\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    stream
+}
+
+/// Reads one byte at a time, so that nothing past the response head is taken.
+struct ByteReader<'a>(&'a mut TcpStream);
+
+impl Read for ByteReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(1);
+        self.0.read(&mut buf[..n])
+    }
+}
+
+/// The header of a masked client frame announcing `len` payload bytes
+/// (64-bit length form, mask key 0: the payload goes as it is).
+pub fn frame_header(fin: bool, opcode: u8, len: u64) -> Vec<u8> {
+    let mut f = vec![if fin { 0x80 } else { 0 } | opcode, 0x80 | 127];
+    f.extend_from_slice(&len.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 0]);
+    f
 }
