@@ -109,8 +109,8 @@ pub fn run() -> ExitCode {
         log::warn!("{warning}");
     }
 
-    let signals = match signals::install() {
-        Ok(signals) => signals,
+    let (signals, starting) = match signals::install() {
+        Ok(installed) => installed,
         Err(e) => {
             log::error!("cannot install signal handlers: {e}");
             return ExitCode::FAILURE;
@@ -214,6 +214,7 @@ pub fn run() -> ExitCode {
         }
         log::info!("{what} {l}");
     }
+    starting.done();
     log::info!("staps {} ready", env!("CARGO_PKG_VERSION"));
     readiness.ready();
     signals::run(signals, server, files)

@@ -55,13 +55,15 @@ pub enum Origin {
 
 /// Read the secret at `path`, or create it (mode 0600) when it is absent.
 pub fn load(path: &Path) -> io::Result<([u8; SECRET_LEN], Origin)> {
-    match open(path, libc::O_RDONLY) {
+    // Without blocking: a fifo put there would wait for a writer forever.
+    let reading = libc::O_RDONLY | libc::O_NONBLOCK;
+    match open(path, reading) {
         Ok(file) => read(file).map(|secret| (secret, Origin::Read)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => match create(path) {
             Ok(secret) => Ok((secret, Origin::Created)),
             // Another instance made it meanwhile: use that one.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                read(open(path, libc::O_RDONLY)?).map(|secret| (secret, Origin::Read))
+                read(open(path, reading)?).map(|secret| (secret, Origin::Read))
             }
             Err(e) => Err(e),
         },
@@ -84,6 +86,10 @@ fn read(mut file: File) -> io::Result<[u8; SECRET_LEN]> {
     let meta = file.metadata()?;
     if !meta.file_type().is_file() {
         return Err(io::Error::other("it is not a regular file"));
+    }
+    if meta.nlink() != 1 {
+        // Another name for it may be in a place others can read.
+        return Err(io::Error::other("it has more than one hard link"));
     }
     if meta.len() != SECRET_LEN as u64 {
         return Err(io::Error::other(format!(
@@ -168,5 +174,22 @@ mod tests {
         let short = dir.path().join("short");
         std::fs::write(&short, [0; 7]).unwrap();
         assert!(load(&short).unwrap_err().to_string().contains("7 bytes"));
+    }
+
+    #[test]
+    fn a_fifo_or_a_second_hard_link_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Opened without a writer: this would hang if it blocked.
+        let e = load(&fifo).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let secret = dir.path().join("secret");
+        load(&secret).unwrap();
+        std::fs::hard_link(&secret, dir.path().join("copy")).unwrap();
+        let e = load(&secret).unwrap_err();
+        assert!(e.to_string().contains("hard link"), "{e}");
     }
 }

@@ -7,6 +7,7 @@
 use std::io;
 use std::process;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
@@ -16,10 +17,30 @@ use crate::logging;
 use crate::server::Server;
 use crate::shutdown::{self, Files};
 
-/// Take over the signals; done before binding, so that a signal during startup
-/// cannot leave socket files behind.
-pub fn install() -> io::Result<Signals> {
-    Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
+/// Take over the signals; done before binding. Until [`Starting::done`],
+/// SIGTERM and SIGINT end the process at once (exit 1): a start that hangs
+/// (a slow name service, a file that never answers) must still stop. A
+/// socket file it bound is then stale, and replaced at the next start.
+pub fn install() -> io::Result<(Signals, Starting)> {
+    let starting = Arc::new(AtomicBool::new(true));
+    for signal in [SIGTERM, SIGINT] {
+        // Registered first: it runs before the handler that feeds `Signals`.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&starting))?;
+    }
+    Ok((
+        Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])?,
+        Starting(starting),
+    ))
+}
+
+/// The start is still going: SIGTERM and SIGINT end the process at once.
+pub struct Starting(Arc<AtomicBool>);
+
+impl Starting {
+    /// The start is over: from now on SIGTERM and SIGINT stop gracefully.
+    pub fn done(self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Handle signals until the process exits.

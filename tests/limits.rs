@@ -42,7 +42,7 @@ fn protocol_errors_close_with_rfc_codes() {
     let staps = Staps::start(&tcp_config(""), &[]);
     let ch = channel();
     let mut rx = connect(staps.addr(), &ch);
-    let cases: [(&str, Vec<u8>, u16); 5] = [
+    let cases: [(&str, Vec<u8>, u16); 7] = [
         (
             "invalid UTF-8 text",
             client_frame(true, 0x1, &[0x66, 0xff, 0x80]),
@@ -62,6 +62,17 @@ fn protocol_errors_close_with_rfc_codes() {
         (
             "continuation without a start",
             client_frame(true, 0x0, b"x"),
+            1002,
+        ),
+        // RFC 6455 5.2: the minimal number of bytes must encode the length.
+        (
+            "2 bytes in a 16-bit length",
+            [&[0x82, 0x80 | 126, 0, 2, 0, 0, 0, 0][..], b"hi"].concat(),
+            1002,
+        ),
+        (
+            "300 bytes in a 64-bit length",
+            [frame_header(true, 2, 300), vec![0; 300]].concat(),
             1002,
         ),
     ];

@@ -64,6 +64,24 @@ fn the_twin_listens_to_its_channel_and_cannot_send() {
     );
 }
 
+/// A read-only client is closed at the header of its first data frame: it
+/// never gets to send (or make staps hold) the message it announces.
+#[test]
+fn the_twin_is_closed_at_its_first_data_frame_header() {
+    let staps = Staps::start(&tcp_config(""), &[]);
+    let twin = twin_path(&readonly_url(staps.addr(), &channel()));
+    for header in [
+        frame_header(true, 2, 1 << 20),
+        // The start of a fragmented message.
+        client_frame(false, 1, b"part"),
+    ] {
+        let mut raw = raw_ws(staps.addr(), &twin);
+        raw.write_all(&client_frame(true, 9, b"ping")).unwrap();
+        raw.write_all(&header).unwrap();
+        assert_eq!(raw_close_code(&mut raw), 1008);
+    }
+}
+
 #[test]
 fn http_listeners_work_on_the_twin_and_publishing_to_it_is_403() {
     let staps = Staps::start(&tcp_config(""), &[]);

@@ -262,22 +262,6 @@ fn group_without_user_is_refused() {
     }
 }
 
-/// A websocket client connecting from `source` (another loopback address).
-fn connect_from(source: [u8; 4], addr: std::net::SocketAddr, path: &str) -> Result<Ws, String> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(&std::net::SocketAddr::from((source, 0)).into())
-        .unwrap();
-    socket.connect(&addr.into()).map_err(|e| e.to_string())?;
-    let stream: std::net::TcpStream = socket.into();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    match tungstenite::client(format!("ws://{addr}{path}"), stream) {
-        Ok((ws, _)) => Ok(ws),
-        Err(tungstenite::HandshakeError::Failure(e)) => Err(e.to_string()),
-        Err(tungstenite::HandshakeError::Interrupted(_)) => Err("interrupted".into()),
-    }
-}
-
 /// 300 sockets from one host trickle request heads. Before, they took every
 /// place the server had beside its clients and others got 503; now one
 /// address holds at most HANDSHAKES_PER_ADDRESS of them, and established
@@ -314,13 +298,32 @@ fn trickled_handshakes_from_one_host_crowd_out_no_one_else() {
     }
     assert!(refused >= 300 - 32, "only {refused} of 300 refused");
     for i in 0..15 {
-        let mut c = connect_from([127, 0, 0, 2], addr, &ch)
+        let mut c = try_connect_from("127.0.0.2", addr, &ch)
             .unwrap_or_else(|e| panic!("try {i} from another host: {e}"));
         a.send(Message::text(format!("hello {i}"))).unwrap();
         assert_eq!(recv(&mut b), Message::text(format!("hello {i}")));
         assert_eq!(recv(&mut c), Message::text(format!("hello {i}")));
     }
     drop(tricklers);
+}
+
+/// A fifo at secret_file would wait for a writer forever: it is refused at
+/// once (with a warning, and a secret of this process), and staps starts.
+#[test]
+fn a_fifo_at_secret_file_does_not_hang_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("secret");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let config = format!(
+        "[staps]\nlisten = 127.0.0.1:0\nsecret_file = {}\n",
+        fifo.display()
+    );
+    // Staps::start waits for "ready" with a deadline: a hang fails it.
+    let mut staps = Staps::start(&config, &[]);
+    let warning = staps.wait_log("cannot read or create the secret file");
+    assert!(warning.contains("not a regular file"), "{warning}");
 }
 
 /// A socket that sends nothing is closed after the first-byte timeout, not
