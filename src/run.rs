@@ -54,6 +54,7 @@ fn bind_and_drop_privileges(
 /// Run staps: parse the command line and the configuration, bind, detach
 /// or not, serve until a signal stops it.
 pub fn run() -> ExitCode {
+    server::tune_allocator();
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

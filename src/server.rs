@@ -130,6 +130,30 @@ pub fn max_handshakes(max_connections: usize) -> usize {
     }
 }
 
+/// Set up the allocator so that RSS follows what the memory budget counts.
+///
+/// glibc serves a large block from its heaps once a block of that size was
+/// freed (its mmap threshold rises up to 32 MiB), and a thread's heap keeps
+/// what is freed in it: after a burst of 1 MB messages, RSS stayed at 2.5
+/// times what the budget counted (BENCHMARKS.md, "RSS and the budget").
+/// A fixed threshold keeps every block of 128 KiB or more in a mapping of its
+/// own, unmapped when freed; small blocks (frames of chat-sized messages,
+/// an idle connection's buffers) stay in the heaps as before.
+pub fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes the allocator's parameters; it is called
+    // before any thread exists.
+    unsafe {
+        // Fixed values also turn glibc's dynamic thresholds off.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, ALLOCATOR_MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 2 * ALLOCATOR_MMAP_THRESHOLD);
+    }
+}
+
+/// Blocks this large or larger are mapped on their own (glibc's initial
+/// threshold, kept from rising).
+const ALLOCATOR_MMAP_THRESHOLD: libc::c_int = 128 * 1024;
+
 /// Give the heap that a crowd of clients left behind back to the system.
 /// glibc keeps freed memory in its arenas for reuse, tens of MiB after a
 /// spike of clients (figures: BENCHMARKS.md, "Measurements behind the constants"). Called when the

@@ -213,3 +213,47 @@ fn an_idle_connection_lets_go_of_a_large_messages_buffer() {
     // Before, every sender kept a 1.1 MiB buffer: 44 MiB for 40 of them.
     assert!(grown < 16 * MIB, "RSS grew by {} MiB", grown / MIB);
 }
+
+/// RSS follows what the budget counts: forty clients, each alone in its
+/// channel, send sixteen 1 MB messages each and stay connected. Each
+/// channel's ring keeps the last (40 MB counted); anything more that RSS
+/// keeps is the allocator's: glibc kept it in its per-thread arenas (RSS
+/// grew 2.5 times what was counted before staps set it up).
+#[test]
+fn rss_follows_the_budget_after_large_messages() {
+    let mut staps = Staps::start(&tcp_config("memory_budget = 67108864"), &[]);
+    let before = rss(&staps);
+    // All at once, from addresses of their own (an address's share of a
+    // 64 MiB budget is four 1 MiB messages in progress).
+    let senders: Vec<_> = (0..40)
+        .map(|i| {
+            let addr = staps.addr();
+            thread::spawn(move || {
+                let mut ws = connect_from(&format!("127.0.0.{}", 2 + i), addr, &channel());
+                for m in 0..16u8 {
+                    ws.send(Message::binary(vec![m; 1_000_000])).unwrap();
+                }
+                ws
+            })
+        })
+        .collect();
+    let clients: Vec<Ws> = senders.into_iter().map(|t| t.join().unwrap()).collect();
+    staps.wait_stats(|l| counter(l, "messages_in") == 40 * 16);
+    let grown = rss(&staps).saturating_sub(before);
+    let line = staps.stats();
+    let counted = counter(&line, "memory_used") as usize;
+    eprintln!(
+        "RSS grew by {} KiB for {counted} bytes counted",
+        grown / 1024
+    );
+    // Most rings keep their message (the budget may have evicted some).
+    assert!(counted >= 20_000_000, "{line}");
+    // What is counted, and some for the 40 threads and their buffers.
+    assert!(
+        grown < counted + 24 * MIB,
+        "RSS grew by {} MiB for {} MiB counted",
+        grown / MIB,
+        counted / MIB
+    );
+    drop(clients);
+}

@@ -274,16 +274,24 @@ fn the_debian_package_installs_serves_and_purges() {
     assert!(rc.trim().is_empty(), "init links left: {rc}");
 }
 
+/// Clients one address may hold in these tests: [`check_proxy`] opens five
+/// from 127.0.0.1.
+const PER_ADDRESS: usize = 6;
+
 /// staps on a socket nginx's or Apache's workers (www-data) may use.
 fn staps_for_proxy() -> Staps {
     Staps::start(
-        "[staps]\nsocket = {dir}/staps.sock\nmode = 0660\nsocket_group = www-data\n",
+        &format!(
+            "[staps]\nsocket = {{dir}}/staps.sock\nmode = 0660\nsocket_group = www-data\n\
+             [limits]\nmax_connections_per_address = {PER_ADDRESS}\n"
+        ),
         &[],
     )
 }
 
-/// Check what a proxy in front of staps on `port` lets through.
-fn check_proxy(port: u16) {
+/// Check what a proxy in front of staps on `port` lets through; the secrets
+/// it used (channel paths and read-only tokens), which no log may hold.
+fn check_proxy(port: u16) -> Vec<String> {
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     wait_until("the proxy to listen", || {
         std::net::TcpStream::connect(addr).is_ok()
@@ -343,6 +351,40 @@ fn check_proxy(port: u16) {
         let status = status_of(&err);
         assert!(status == 404 || status == 403, "{path}: {status}");
     }
+    check_per_address(addr);
+    vec![ch[1..].to_owned(), twin[3..].to_owned()]
+}
+
+/// Every connection comes from the proxy, yet each client address has its
+/// own limit: the proxy names the client (X-Forwarded-For), and what the
+/// client itself claims there changes nothing.
+fn check_per_address(addr: std::net::SocketAddr) {
+    let ch = channel();
+    let mine: Vec<Ws> = (0..PER_ADDRESS)
+        .map(|_| connect_from("127.0.0.2", addr, &ch))
+        .collect();
+    let refused = try_connect_from("127.0.0.2", addr, &ch).unwrap_err();
+    assert_eq!(status_of(&refused), 503, "one more from 127.0.0.2");
+    let mut spoofing = tcp_from("127.0.0.2", addr);
+    spoofing
+        .write_all(
+            format!(
+                "GET {ch} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                 X-Forwarded-For: 10.20.30.40\r\nX-Real-IP: 10.20.30.41\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let head = read_until_seen(&mut spoofing, "\r\n\r\n");
+    assert!(
+        head.starts_with("HTTP/1.1 503"),
+        "a claimed address helped: {head}"
+    );
+    // Another address is served.
+    let mut other = connect_from("127.0.0.3", addr, &ch);
+    drop(mine);
+    other.send(Message::text("still here")).unwrap();
 }
 
 /// The tests that run Debian's stock nginx and Apache on port 80 and change
@@ -447,10 +489,10 @@ fn nginx_with_the_shipped_example() {
     port_80_is_free();
     let staps = staps_for_proxy();
     let log = Path::new("/var/log/nginx/staps-access.log");
-    let _ = fs::remove_file(log);
+    empty_logs("/var/log/nginx");
     let _stop = Finally(vec!["nginx", "-s", "quit"]);
     follow_the_steps("nginx-staps.conf", &staps.sockets[0], &["nginx"]);
-    check_proxy(80);
+    let secrets = check_proxy(80);
     // The page keeps the port the client used.
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], 80).into();
     let page = raw_http(
@@ -469,6 +511,29 @@ fn nginx_with_the_shipped_example() {
         !text.contains(&ch[1..]),
         "a channel path in the access log:\n{text}"
     );
+    no_secret_in_logs("/var/log/nginx", &secrets);
+}
+
+/// No file in `dir` holds any of `secrets` (channel paths, tokens).
+fn no_secret_in_logs(dir: &str, secrets: &[String]) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = String::from_utf8_lossy(&fs::read(&path).unwrap_or_default()).into_owned();
+        for secret in secrets {
+            assert!(
+                !text.contains(secret.as_str()),
+                "{} holds a channel path or token:\n{text}",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Empty the log files of `dir`, so that what a test finds there is its own.
+fn empty_logs(dir: &str) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let _ = fs::write(entry.path(), b"");
+    }
 }
 
 #[test]
@@ -487,13 +552,22 @@ fn apache_with_the_shipped_example() {
     );
     port_80_is_free();
     let staps = staps_for_proxy();
+    empty_logs("/var/log/apache2");
     let _stop = Finally(vec!["apache2ctl", "stop"]);
     follow_the_steps(
         "apache-staps.conf",
         &staps.sockets[0],
         &["apache2ctl", "start"],
     );
-    check_proxy(80);
+    let secrets = check_proxy(80);
+    // Apache writes its log as requests end: one more, then look.
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], 80).into();
+    drop(connect(addr, &channel()));
+    wait_until("Apache to log the requests", || {
+        fs::read_to_string("/var/log/apache2/staps-access.log")
+            .is_ok_and(|t| t.contains("\"GET\" 101"))
+    });
+    no_secret_in_logs("/var/log/apache2", &secrets);
 }
 
 #[test]
