@@ -238,17 +238,25 @@ impl Budget {
     /// Once the whole budget nears its limit (where joins would stop), evict
     /// replay ring entries down to a lower mark: the gap between the two
     /// makes evictions rare passes rather than one per message.
+    #[inline(always)]
     fn relieve(&self) {
         let limit = self.limit();
-        if self.cached() == 0 || self.used() <= limit - limit / 16 {
-            return;
+        if self.cached() != 0 && self.used() > limit - limit / 16 {
+            self.shed(limit - limit / 8);
         }
+    }
+
+    /// Evict down to `down_to`. Cold and out of line: every frame's making
+    /// looks whether it is needed, and its frame must stay small.
+    #[cold]
+    #[inline(never)]
+    fn shed(&self, down_to: usize) {
         if self.shedding.swap(true, Relaxed) {
             return;
         }
         let cache = self.cache.lock().as_ref().and_then(Weak::upgrade);
         if let Some(cache) = cache {
-            cache.shed(limit - limit / 8);
+            cache.shed(down_to);
         }
         self.shedding.store(false, Relaxed);
     }

@@ -84,7 +84,7 @@ fn handshake(
     stream: Stream,
     peer: Option<IpAddr>,
     server: &Arc<Server>,
-) -> Option<(Joined, Vec<u8>)> {
+) -> Option<(Box<Joined>, Vec<u8>)> {
     let limits = &server.settings.limits;
     // The accept loop gave the socket its write timeout (handshake_timeout).
     let mut carry = Vec::new();
@@ -198,7 +198,12 @@ struct Member {
 }
 
 /// Join the channel as `member` asks, or refuse with 503.
-fn join(stream: Stream, server: &Arc<Server>, member: Member, rest: Vec<u8>) -> Option<Joined> {
+fn join(
+    stream: Stream,
+    server: &Arc<Server>,
+    member: Member,
+    rest: Vec<u8>,
+) -> Option<Box<Joined>> {
     let Member {
         path,
         readonly,
@@ -258,7 +263,9 @@ fn join(stream: Stream, server: &Arc<Server>, member: Member, rest: Vec<u8>) -> 
         );
     }
     stats::add(&server.stats.connections_total, 1);
-    Some(Joined {
+    // On the heap: the frame of `serve`, below every read and send of the
+    // connection's life, holds it (a stack page per idle connection).
+    Some(Box::new(Joined {
         server: Arc::clone(server),
         stream: Arc::new(stream),
         path,
@@ -268,7 +275,7 @@ fn join(stream: Stream, server: &Arc<Server>, member: Member, rest: Vec<u8>) -> 
         rest,
         visit,
         from,
-    })
+    }))
 }
 
 impl Joined {
@@ -321,7 +328,7 @@ impl Joined {
 
     /// Read and publish until the connection ends, then leave the channel.
     #[inline(never)]
-    fn run(mut self, server: &Server) {
+    fn run(mut self: Box<Self>, server: &Server) {
         let (close, stream) = if self.peer.wire == Wire::WebSocket {
             let rest = std::mem::take(&mut self.rest);
             read_loop(&self, rest, server)
@@ -715,7 +722,10 @@ fn read_events(
     }
 }
 
-/// How a client whose message was refused is closed.
+/// How a client whose message was refused is closed. Out of line, as the
+/// rest of the read loop's rare paths: see [`serve`] on stack pages.
+#[cold]
+#[inline(never)]
 fn refused(refusal: Refusal, client: &Joined, server: &Server) -> Close {
     log::debug!("client {}: message refused: {refusal:?}", client.peer.id);
     match refusal {

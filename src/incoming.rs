@@ -173,11 +173,12 @@ impl Incoming {
                 return Ok(0);
             }
             let now = now();
-            // A trickle never lets the read time out: it is timed here.
-            if self.too_slow(now) {
+            let out = self.process(&mut buf[..held + n], now);
+            // A trickle never lets the read time out: it is timed here,
+            // with what this read brought.
+            if out.is_ok() && self.too_slow(now) {
                 return Err(refused(self.refuse(Refusal::Slow)));
             }
-            let out = self.process(&mut buf[..held + n], now);
             match out {
                 Ok(0) => {}
                 Ok(out) => return Ok(out),
@@ -229,6 +230,11 @@ impl Incoming {
     /// call stopped): rewrite the header of a frame to split, follow the
     /// payload, hold back an incomplete header. Returns how many bytes of
     /// `buf` (from its start) tungstenite gets.
+    ///
+    /// Not inlined: its locals would stay in the frame of [`Self::read_with`],
+    /// which is on the stack while an idle reader waits for its client, and
+    /// cost every idle connection a stack page (BENCHMARKS.md).
+    #[inline(never)]
     fn process(&mut self, buf: &mut [u8], now: Instant) -> Result<usize, Refusal> {
         self.clean_end = false;
         self.head_len = 0;
@@ -298,31 +304,40 @@ impl Incoming {
                 && header.length <= self.max_message_size as u64
                 && let Some(mask) = header.mask
             {
-                let mut first = [
-                    bytes[0] & 0x7f,
-                    0x80 | 126,
-                    (CHUNK >> 8) as u8,
-                    CHUNK as u8,
-                    0,
-                    0,
-                    0,
-                    0,
-                ];
-                first[4..].copy_from_slice(&mask);
-                bytes.copy_within(header.len.., first.len());
-                bytes[..first.len()].copy_from_slice(&first);
-                wrote = first.len();
-                self.split = Some(Split {
-                    mask,
-                    fin: header.fin,
-                });
-                self.piece = CHUNK as u64;
+                wrote = self.split(header, mask, bytes);
             }
         }
         if header.length == 0 {
             self.end_frame();
         }
         Ok(wrote)
+    }
+
+    /// Rewrite the header of the frame at the start of `bytes` as its first
+    /// fragment's; how many bytes that header takes. Out of line: a reader
+    /// that passes a chat message here must not pay a stack page for it.
+    #[cold]
+    #[inline(never)]
+    fn split(&mut self, header: &Header, mask: [u8; 4], bytes: &mut [u8]) -> usize {
+        let mut first = [
+            bytes[0] & 0x7f,
+            0x80 | 126,
+            (CHUNK >> 8) as u8,
+            CHUNK as u8,
+            0,
+            0,
+            0,
+            0,
+        ];
+        first[4..].copy_from_slice(&mask);
+        bytes.copy_within(header.len.., first.len());
+        bytes[..first.len()].copy_from_slice(&first);
+        self.split = Some(Split {
+            mask,
+            fin: header.fin,
+        });
+        self.piece = CHUNK as u64;
+        first.len()
     }
 
     /// The fragment after the one just handed over, `left` bytes of the
@@ -417,6 +432,7 @@ impl Incoming {
     /// second, averaged over `period`: each period of its life must bring
     /// that many (and at least one byte, so `min_rate = 0` still closes a
     /// message that stopped). Pings between its fragments are no progress.
+    #[inline(never)]
     pub fn too_slow(&mut self, now: Instant) -> bool {
         let Some(since) = self.window else {
             return false;

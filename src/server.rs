@@ -320,6 +320,8 @@ impl Server {
 
     /// Count a client turned away for `reason`, from client address `from`;
     /// one line a minute says so (the address only at debug level).
+    #[cold]
+    #[inline(never)]
     pub fn refuse_for(&self, reason: Reason, from: Option<IpAddr>) {
         let counter = match reason {
             Reason::Address => &self.stats.address_refusals,
