@@ -32,12 +32,12 @@ use crate::budget::BUDGET;
 use crate::channels::{Channel, JoinError};
 use crate::config::Limits;
 use crate::frame::{Frame, Kind};
-use crate::http::{self, HeadError, Options, Route, respond};
+use crate::http::{self, HeadError, MAX_HEAD, Options, Route, respond};
 use crate::incoming::{Incoming, MinRate, Reframed, Refusal, Source};
 use crate::logging::{Throttle, escape, fingerprint};
 use crate::peer::{CLOSE_TIMEOUT, Close, Flushes, Launch, Peer};
 use crate::publish::{self, Publisher};
-use crate::server::{self, Handshake, Reason, Server, Slot, Visit};
+use crate::server::{self, Reason, Server, Visit, Waiting};
 use crate::stats;
 use crate::stream::{Stream, is_timeout};
 use crate::wire::Wire;
@@ -51,24 +51,15 @@ pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(3);
 /// for a frame that needs it, so idle connections keep this much.
 const READ_BUFFER: usize = 1024;
 
-/// Serve one accepted connection from its handshake to its end.
+/// Serve a connection whose request head has arrived (the event loop read
+/// it, `event_loop`) to its end, or until it waits for its next request.
 ///
 /// Three steps in functions of their own, each called from this shallow frame:
 /// the deepest moment of a reader thread's life sets how many stack pages
 /// stay resident for as long as its connection is idle; in one frame they
 /// would keep a page more per connection (figures: BENCHMARKS.md, "Measurements behind the constants").
-pub fn serve(
-    stream: Stream,
-    peer: Option<IpAddr>,
-    server: Arc<Server>,
-    slot: Slot,
-    place: Handshake,
-) {
-    // The connection's place is held until its reader is done with it.
-    let _slot = slot;
-    let handshaken = handshake(stream, peer, &server);
-    drop(place);
-    let Some((joined, handshake)) = handshaken else {
+pub fn serve(waiting: Waiting, server: Arc<Server>) {
+    let Some((joined, handshake)) = self::handshake(waiting, &server) else {
         return;
     };
     if joined.answer(&server, &handshake) {
@@ -76,37 +67,45 @@ pub fn serve(
     }
 }
 
-/// Read the request and answer it; for a websocket upgrade or a streaming
-/// listener, join its channel. Publishes (`POST`/`PUT`) may come one after
-/// another on a kept-alive connection. `peer`: the TCP peer's address.
+/// Answer the request whose head `waiting` holds; for a websocket upgrade
+/// or a streaming listener, join its channel. Publishes (`POST`/`PUT`) may
+/// come one after another on a kept-alive connection; between them it waits
+/// in the event loop, without this thread.
 #[inline(never)]
-fn handshake(
-    stream: Stream,
-    peer: Option<IpAddr>,
-    server: &Arc<Server>,
-) -> Option<(Box<Joined>, Vec<u8>)> {
-    let limits = &server.settings.limits;
+fn handshake(waiting: Waiting, server: &Arc<Server>) -> Option<(Box<Joined>, Vec<u8>)> {
+    let Waiting {
+        stream,
+        peer,
+        place,
+        head,
+    } = waiting;
     // The accept loop gave the socket its write timeout (handshake_timeout).
-    let mut carry = Vec::new();
+    let mut carry = head;
     let mut publisher = None;
     loop {
-        let now = Instant::now();
-        let deadline = now + limits.handshake_timeout;
-        let first_byte = now + limits.handshake_timeout.min(FIRST_BYTE_TIMEOUT);
-        let (request, rest) = match http::read_head(&stream, carry, first_byte, deadline) {
-            Ok(head) => head,
-            Err(e) => {
-                let response = match e {
-                    HeadError::TooLarge => http::Response::error(431, "request head too large"),
-                    HeadError::Malformed(why) => {
-                        http::Response::error(400, &format!("malformed request: {why}"))
-                    }
-                    HeadError::Closed | HeadError::TimedOut => {
-                        log::debug!("connection closed before a complete request: {e:?}");
-                        return None;
-                    }
-                };
+        let (request, rest) = match http::parse_head(&carry) {
+            Ok(Some((request, len))) => (request, carry[len..].to_vec()),
+            // The next request of a kept-alive connection is still to come.
+            Ok(None) if carry.len() < MAX_HEAD => {
+                server.park(Waiting {
+                    stream,
+                    peer,
+                    place,
+                    head: carry,
+                });
+                return None;
+            }
+            Ok(None) | Err(HeadError::TooLarge) => {
                 server.refuse();
+                respond(
+                    &stream,
+                    &http::Response::error(431, "request head too large"),
+                );
+                return None;
+            }
+            Err(HeadError::Malformed(why)) => {
+                server.refuse();
+                let response = http::Response::error(400, &format!("malformed request: {why}"));
                 respond(&stream, &response);
                 return None;
             }
@@ -158,6 +157,7 @@ fn handshake(
             options,
             from,
         };
+        drop(place);
         return join(stream, server, member, rest).map(|joined| (joined, answer));
     }
 }

@@ -61,52 +61,37 @@ impl Request {
     }
 }
 
-/// Why no request head could be read.
+/// Why a request head cannot be used.
 #[derive(Debug)]
 pub enum HeadError {
-    /// The client closed or the connection failed before a complete head.
-    Closed,
-    /// No complete head within the handshake timeout.
-    TimedOut,
     /// The head is larger than [`MAX_HEAD`] or has too many header lines.
     TooLarge,
     /// Not HTTP.
     Malformed(String),
 }
 
-/// Read one request head: its first byte by `first_byte`, all of it by
-/// `deadline`, after `carry` (what came after the previous request on a
-/// kept-alive connection). Returns it and the bytes that came after it.
-pub fn read_head(
-    stream: &Stream,
-    carry: Vec<u8>,
-    first_byte: Instant,
-    deadline: Instant,
-) -> Result<(Request, Vec<u8>), HeadError> {
+/// Read one request head by `deadline`, waiting on the socket (the metrics
+/// listener's scrapes: the public listeners' heads are read by the event
+/// loop); `None` when there is none to answer.
+pub fn read_head(stream: &Stream, deadline: Instant) -> Option<Request> {
     // Most heads are a few hundred bytes: start small, grow up to MAX_HEAD.
-    let mut filled = carry.len();
-    let mut buf = carry;
-    buf.resize(filled.max(1024), 0);
+    let mut buf = vec![0; 1024];
+    let mut filled = 0;
     loop {
         if filled > 0 {
             match parse_head(&buf[..filled]) {
-                Ok(Some((request, len))) => return Ok((request, buf[len..filled].to_vec())),
-                Ok(None) if filled >= MAX_HEAD => return Err(HeadError::TooLarge),
-                Ok(None) => {}
-                Err(e) => return Err(e),
+                Ok(Some((request, _))) => return Some(request),
+                Ok(None) if filled < MAX_HEAD => {}
+                _ => return None,
             }
         }
         if filled == buf.len() {
             buf.resize((2 * buf.len()).min(MAX_HEAD), 0);
         }
-        let until = if filled == 0 { first_byte } else { deadline };
-        let n = match stream.read_until(&mut buf[filled..], until) {
-            Ok(0) => return Err(HeadError::Closed),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(HeadError::TimedOut),
-            Err(_) => return Err(HeadError::Closed),
-        };
-        filled += n;
+        match stream.read_until(&mut buf[filled..], deadline) {
+            Ok(n) if n > 0 => filled += n,
+            _ => return None,
+        }
     }
 }
 

@@ -13,7 +13,8 @@
 //!
 //! ```text
 //!  8  run          wiring only (`main.rs` calls it)
-//!  7  listener     accept loops, a thread per connection
+//!  7  event_loop   every socket that only waits, on one thread
+//!     listener     listening sockets, the metrics listener's accept loop
 //!     relay        the broker thread (amiquip stays in here)
 //!     daemon       detaching, privileges, the pid file
 //!     metrics      /metrics and /healthz
@@ -62,6 +63,7 @@ mod cli;
 mod client;
 mod config;
 mod daemon;
+mod event_loop;
 mod files;
 mod frame;
 mod http;

@@ -17,7 +17,7 @@ use socket2::{Domain, Socket, Type};
 use crate::config::{Address, Endpoint, Settings, TcpSpec};
 use crate::logging::{Throttle, escape_path};
 use crate::resolve::Host;
-use crate::server::{Crowded, Server};
+use crate::server::Server;
 use crate::stream::Stream;
 use crate::systemd;
 
@@ -97,6 +97,24 @@ impl Listener {
             stream.set_write_timeout(options)?;
         }
         Ok((stream, from))
+    }
+
+    /// The listening socket's descriptor, for the event loop.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match self {
+            Listener::Tcp(l, _) => l.as_fd(),
+            Listener::Unix { listener, .. } => listener.as_fd(),
+        }
+    }
+
+    /// Accept without waiting (`WouldBlock` when nobody is waiting), as the
+    /// event loop does until the kernel has no more.
+    pub fn set_nonblocking(&self) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l, _) => l.set_nonblocking(true),
+            Listener::Unix { listener, .. } => listener.set_nonblocking(true),
+        }
     }
 
     /// Wake the accept loop so that it sees the server is stopping: on Linux,
@@ -445,50 +463,24 @@ fn bind_tcp(spec: &TcpSpec) -> Result<Listener, String> {
     Ok(Listener::Tcp(listener, addr))
 }
 
-/// What an accept loop does with each connection it takes: the public
-/// listeners admit a client ([`clients`]), the metrics listener answers a
-/// scrape. `Err` is a thread that could not start.
+/// What the metrics listener's accept loop does with each connection it
+/// takes (`Err`: a thread that could not start). The public listeners are
+/// the event loop's (`event_loop`).
 pub type Serve = fn(&Arc<Server>, Stream, Option<IpAddr>) -> io::Result<()>;
 
 /// Accept connections on `listener` on a thread called `name`, handing each
-/// to `serve`, until the server stops (or, with `through_shutdown`, until
-/// the process exits: `/healthz` answers while clients are closed).
+/// to `serve`, until the process exits (`/healthz` answers while clients are
+/// closed).
 pub fn spawn_accept_loop(
     listener: Arc<Listener>,
     server: Arc<Server>,
     name: &str,
-    through_shutdown: bool,
     serve: Serve,
 ) -> io::Result<()> {
     thread::Builder::new()
         .name(name.into())
-        .spawn(move || accept_loop(&listener, &server, through_shutdown, serve))
+        .spawn(move || accept_loop(&listener, &server, serve))
         .map(drop)
-}
-
-/// The public listeners' [`Serve`]: a place among the sockets and the
-/// handshakes, then a reader thread; a canned 503 without a thread when
-/// there is no place.
-pub fn clients(server: &Arc<Server>, stream: Stream, from: Option<IpAddr>) -> io::Result<()> {
-    let (slot, handshake) = match server.admit(from) {
-        Ok(admitted) => admitted,
-        Err(crowded) => {
-            server.refuse();
-            log::debug!("refused a connection: {crowded:?}");
-            let why = match crowded {
-                Crowded::Address => "too many handshakes from your address at once",
-                Crowded::Sockets | Crowded::Handshakes => "server is full",
-            };
-            let response = crate::http::Response::error(503, why).with("Retry-After", "5");
-            stream.refuse_now(&response.to_bytes());
-            return Ok(());
-        }
-    };
-    let server2 = Arc::clone(server);
-    server
-        .readers
-        .run(move || crate::client::serve(stream, from, server2, slot, handshake))
-        .inspect_err(|_| server.refuse())
 }
 
 /// Answer a connection taken with the spare descriptor, on a connection
@@ -507,7 +499,7 @@ fn refuse_out_of_fds(stream: Stream, server: &Arc<Server>) {
     }
 }
 
-fn accept_loop(listener: &Listener, server: &Arc<Server>, through_shutdown: bool, serve: Serve) {
+fn accept_loop(listener: &Listener, server: &Arc<Server>, serve: Serve) {
     let throttle = Throttle::new();
     let complain = |what: &str, e: &dyn std::fmt::Display| {
         if throttle.ready() {
@@ -520,11 +512,7 @@ fn accept_loop(listener: &Listener, server: &Arc<Server>, through_shutdown: bool
     let mut spare = File::open("/dev/null").ok();
     let options = listener.prepare(server.settings.limits.handshake_timeout);
     loop {
-        let accepted = listener.accept(options);
-        if server.is_stopping() && !through_shutdown {
-            return;
-        }
-        let (stream, from) = match accepted {
+        let (stream, from) = match listener.accept(options) {
             Ok(accepted) => accepted,
             Err(e) => {
                 match e.raw_os_error() {

@@ -29,7 +29,7 @@ pub fn scrapes(server: &Arc<Server>, stream: Stream, _: Option<IpAddr>) -> std::
 fn answer(stream: &Stream, server: &Server) {
     let _ = stream.set_write_timeout(Some(TIMEOUT));
     let deadline = Instant::now() + TIMEOUT;
-    if let Ok((request, _)) = http::read_head(stream, Vec::new(), deadline, deadline) {
+    if let Some(request) = http::read_head(stream, deadline) {
         http::respond(stream, &respond_to(&request, server));
     }
 }

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use crate::{
-    cli, config, daemon, listener, logging, metrics, relay, resolve, server, shutdown, signals,
+    cli, config, daemon, event_loop, listener, logging, metrics, relay, resolve, server, shutdown,
+    signals,
 };
 use clap::Parser;
 
@@ -180,40 +181,25 @@ pub fn run() -> ExitCode {
         }
     }
     // The metrics listener answers through a shutdown, for /healthz.
-    let loops = files
-        .metrics
-        .iter()
-        .map(|m| {
-            (
-                m,
-                "staps-metrics",
-                true,
-                metrics::scrapes as listener::Serve,
-                "metrics on",
-            )
-        })
-        .chain(files.listeners.iter().map(|l| {
-            (
-                l,
-                "staps-accept",
-                false,
-                listener::clients as listener::Serve,
-                "listening on",
-            )
-        }));
-    for (l, name, through_shutdown, serve, what) in loops {
+    if let Some(m) = &files.metrics {
         let spawned = listener::spawn_accept_loop(
-            Arc::clone(l),
+            Arc::clone(m),
             Arc::clone(&server),
-            name,
-            through_shutdown,
-            serve,
+            "staps-metrics",
+            metrics::scrapes,
         );
         if let Err(e) = spawned {
             files.remove();
-            return readiness.fail(1, &format!("cannot start the accept thread for {l}: {e}"));
+            return readiness.fail(1, &format!("cannot start the accept thread for {m}: {e}"));
         }
-        log::info!("{what} {l}");
+        log::info!("metrics on {m}");
+    }
+    if let Err(e) = event_loop::spawn(files.listeners.clone(), Arc::clone(&server)) {
+        files.remove();
+        return readiness.fail(1, &format!("cannot start the event loop: {e}"));
+    }
+    for l in &files.listeners {
+        log::info!("listening on {l}");
     }
     starting.done();
     log::info!("staps {} ready", env!("CARGO_PKG_VERSION"));

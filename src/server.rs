@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
@@ -16,6 +16,7 @@ use crate::config::Settings;
 use crate::link::Link;
 use crate::logging::Throttle;
 use crate::stats::{self, Stats};
+use crate::stream::Stream;
 use crate::threads::Pool;
 use crate::twin::Twins;
 
@@ -48,14 +49,35 @@ pub struct Server {
     /// Threads that write to connections.
     pub writers: Arc<Pool>,
     next_id: AtomicU64,
-    sockets: AtomicUsize,
-    max_sockets: usize,
-    handshakes: AtomicUsize,
-    max_handshakes: usize,
     per_address: Mutex<HashMap<IpAddr, Tenant>>,
     stopping: AtomicBool,
     /// The once-a-minute line about refused clients.
     refusals: Throttle,
+    /// Where connections wait for a request head without a thread.
+    lobby: OnceLock<Arc<dyn Lobby>>,
+}
+
+/// A connection waiting for a request head: its socket, its place among its
+/// address's, and what has arrived of the head.
+pub struct Waiting {
+    /// The socket.
+    pub stream: Stream,
+    /// The TCP peer's address (`None` on a unix socket).
+    pub peer: Option<IpAddr>,
+    /// Its place among the handshakes, and its address's.
+    pub place: Handshake,
+    /// The bytes of the head so far (and what followed it).
+    pub head: Vec<u8>,
+}
+
+/// Where a connection waits for its next request without a thread: the
+/// event loop (`event_loop`), which hands it to a reader thread again once
+/// its head is complete.
+pub trait Lobby: Send + Sync {
+    /// Keep `waiting` until its next head is complete.
+    fn park(&self, waiting: Waiting);
+    /// Look at the server's state now (it is stopping).
+    fn wake(&self);
 }
 
 /// What one client address holds now; gone when it holds nothing.
@@ -121,15 +143,6 @@ impl Drop for Visit {
     }
 }
 
-/// Sockets that may be in their handshake at once: an eighth of
-/// max_connections, at least 64 (1024 when there is no max_connections).
-pub fn max_handshakes(max_connections: usize) -> usize {
-    match max_connections {
-        0 => 1024,
-        max => (max / 8).max(64),
-    }
-}
-
 /// Set up the allocator so that RSS follows what the memory budget counts.
 ///
 /// glibc serves a large block from its heaps once a block of that size was
@@ -166,22 +179,15 @@ pub fn release_free_memory() {
     }
 }
 
-/// A connection's place in the server's count of open sockets; freed on drop.
-pub struct Slot(Arc<Server>);
+/// Sockets one address (an IPv4 address, an IPv6 /64) may have waiting for
+/// a request head at once. Generous: a waiting socket holds no thread, only
+/// a descriptor (and, once bytes come, a buffer counted in the memory
+/// budget), so an honest burst of a few hundred from one host goes through;
+/// bounded, so that one host cannot take every descriptor.
+pub const HANDSHAKES_PER_ADDRESS: u32 = 256;
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.sockets.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Sockets one address (an IPv4 address, an IPv6 /64) may have in their
-/// handshake at once. A browser's handshake takes a round trip; a host that
-/// holds dozens open is trickling them to crowd others out.
-pub const HANDSHAKES_PER_ADDRESS: u32 = 32;
-
-/// A connection's place among the sockets still in their handshake, and
-/// among its address's; freed when the handshake ends.
+/// A connection's place among its address's sockets waiting for a request
+/// head; freed when it is no longer waiting.
 pub struct Handshake {
     server: Arc<Server>,
     from: Option<IpAddr>,
@@ -189,7 +195,6 @@ pub struct Handshake {
 
 impl Drop for Handshake {
     fn drop(&mut self) {
-        self.server.handshakes.fetch_sub(1, Ordering::Relaxed);
         if let Some(ip) = self.from {
             let mut per_address = self.server.per_address.lock();
             if let Some(tenant) = per_address.get_mut(&ip) {
@@ -205,19 +210,16 @@ impl Drop for Handshake {
 /// Why a connection was turned away before its handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Crowded {
-    /// As many sockets as max_connections and the handshakes' room.
-    Sockets,
-    /// As many sockets in their handshake as the server takes.
-    Handshakes,
-    /// As many in their handshake from this address as one may have.
+    /// As many waiting for a head from this address as one may have.
     Address,
+    /// The memory budget takes no new connection.
+    Memory,
 }
 
 impl Server {
     /// A server for `settings`, with `relay` when instances are linked and
     /// `twins` for read-only URLs.
     pub fn new(settings: Settings, relay: Option<Link>, twins: Twins) -> Server {
-        let max = settings.limits.max_connections;
         let registry = Arc::new(Registry::new(relay.as_ref().map(Link::control)));
         let cache: Arc<dyn crate::budget::Cache> = registry.clone();
         crate::budget::BUDGET.set_cache(Arc::downgrade(&cache));
@@ -225,25 +227,29 @@ impl Server {
             registry,
             relay,
             twins,
-            // Readers are started by the accept thread, whose stack is not per connection.
+            // Readers are started by the event loop, whose stack is not per connection.
             readers: Pool::new("staps-client", READER_STACK, IDLE_THREADS, false),
             writers: Pool::new("staps-writer", WRITER_STACK, IDLE_THREADS, true),
-            // Sockets still in their handshake need room beyond the websocket
-            // clients, or a full server could not even answer 503.
-            max_sockets: if max == 0 {
-                usize::MAX
-            } else {
-                max.saturating_add(max_handshakes(max))
-            },
-            max_handshakes: max_handshakes(max),
-            handshakes: AtomicUsize::new(0),
             per_address: Mutex::new(HashMap::new()),
             settings,
             stats: Stats::default(),
             next_id: AtomicU64::new(1),
-            sockets: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             refusals: Throttle::new(),
+            lobby: OnceLock::new(),
+        }
+    }
+
+    /// The event loop that keeps waiting connections (at startup).
+    pub fn set_lobby(&self, lobby: Arc<dyn Lobby>) {
+        let _ = self.lobby.set(lobby);
+    }
+
+    /// Give `waiting` to the event loop until its next request head is
+    /// complete (without one, as in unit tests, it is closed).
+    pub fn park(&self, waiting: Waiting) {
+        if let Some(lobby) = self.lobby.get() {
+            lobby.park(waiting);
         }
     }
 
@@ -252,19 +258,20 @@ impl Server {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Take a socket slot and a handshake place for a new connection from
-    /// `from` (a TCP peer's address; `None` for unix sockets and trusted
-    /// proxies, which send complete request heads only).
-    pub fn admit(self: &Arc<Self>, from: Option<IpAddr>) -> Result<(Slot, Handshake), Crowded> {
-        let n = self.sockets.fetch_add(1, Ordering::Relaxed);
-        let slot = Slot(Arc::clone(self));
-        if n >= self.max_sockets {
-            return Err(Crowded::Sockets);
+    /// A place among the sockets waiting for a request head, for a new
+    /// connection from `from` (a TCP peer's address; `None` for unix sockets
+    /// and trusted proxies, which send complete request heads only). No
+    /// count bounds them all: what they hold is descriptors, which the event
+    /// loop takes back from the oldest silent socket when they run out, and
+    /// buffers, which the memory budget counts.
+    pub fn admit(self: &Arc<Self>, from: Option<IpAddr>) -> Result<Handshake, Crowded> {
+        if !crate::budget::BUDGET.admits_joins() {
+            crate::budget::BUDGET.refuse("new connections get 503");
+            return Err(Crowded::Memory);
         }
         let from = from
             .filter(|ip| !self.settings.trusted_proxies.trusts(Some(*ip)))
             .map(host_of);
-        let n = self.handshakes.fetch_add(1, Ordering::Relaxed);
         let mine = from.map(|ip| {
             let mut per_address = self.per_address.lock();
             let tenant = per_address.entry(ip).or_default();
@@ -275,13 +282,10 @@ impl Server {
             server: Arc::clone(self),
             from,
         };
-        if n >= self.max_handshakes {
-            return Err(Crowded::Handshakes);
-        }
         if mine > Some(HANDSHAKES_PER_ADDRESS) {
             return Err(Crowded::Address);
         }
-        Ok((slot, handshake))
+        Ok(handshake)
     }
 
     /// A place for client address `from` (`None` when it cannot be known:
@@ -356,7 +360,7 @@ impl Server {
         if self.settings.limits.max_connections == 0 {
             return;
         }
-        let clients = self.max_sockets as u64;
+        let clients = self.settings.limits.max_connections as u64;
         let read = |path: &str| {
             std::fs::read_to_string(path)
                 .ok()
@@ -422,5 +426,8 @@ impl Server {
     /// From now on the accept loops stop and new clients are refused.
     pub fn begin_stopping(&self) {
         self.stopping.store(true, Ordering::Release);
+        if let Some(lobby) = self.lobby.get() {
+            lobby.wake();
+        }
     }
 }

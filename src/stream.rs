@@ -28,6 +28,12 @@ macro_rules! both {
 }
 
 impl Stream {
+    /// The socket's descriptor, for the event loop.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        both!(self, s => s.as_fd())
+    }
+
     /// Shut down one or both directions; wakes a thread blocked on the socket.
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         both!(self, s => s.shutdown(how))

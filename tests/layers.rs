@@ -41,6 +41,7 @@ const RANKS: &[(&str, u8)] = &[
     ("client", 14),
     // 7. the process: accept loops, broker thread, daemon, metrics, stopping
     ("listener", 15),
+    ("event_loop", 16),
     ("relay", 15),
     ("daemon", 15),
     ("metrics", 16),
