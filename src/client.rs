@@ -162,6 +162,60 @@ fn handshake(waiting: Waiting, server: &Arc<Server>) -> Option<(Box<Joined>, Vec
     }
 }
 
+/// Why a client could not join.
+enum Refused {
+    /// Its address holds `max_connections_per_address` clients.
+    Address,
+    /// The registry said no.
+    Join(JoinError),
+}
+
+/// Answer a client that could not join. Out of line, as the rare paths of
+/// joining are: their frames would stay below every read of the
+/// connection's life (see [`serve`] on stack pages).
+#[cold]
+#[inline(never)]
+fn refuse_join(stream: &Stream, server: &Server, why: Refused, id: u64, path: &str) {
+    server.refuse();
+    let response = match why {
+        Refused::Address => http::Response::error(503, "too many connections from your address")
+            .with("Retry-After", "5"),
+        Refused::Join(JoinError::ChannelFull) => {
+            http::Response::error(503, "channel is full").with("Retry-After", "5")
+        }
+        Refused::Join(JoinError::ServerFull) => http::Response::error(503, "server is full"),
+        Refused::Join(JoinError::ShuttingDown) => {
+            http::Response::error(503, "server is shutting down")
+        }
+        Refused::Join(JoinError::MemoryFull) => {
+            http::Response::error(503, "server memory budget reached").with("Retry-After", "5")
+        }
+    };
+    log::debug!("client {id} refused on {}", escape(path));
+    respond(stream, &response);
+}
+
+/// The debug line of a join: the client's address and channel. Out of line
+/// (see [`refuse_join`]).
+#[cold]
+#[inline(never)]
+fn log_join(id: u64, from: Option<IpAddr>, path: &str, readonly: bool) {
+    let who = from.map_or_else(|| "an unknown address".into(), |ip| ip.to_string());
+    if readonly {
+        // The read-only URL is a secret too: only the channel's fingerprint.
+        log::debug!(
+            "client {id} from {who} joined channel {} read-only",
+            fingerprint(path)
+        );
+    } else {
+        log::debug!(
+            "client {id} from {who} joined channel {} ({})",
+            fingerprint(path),
+            escape(path)
+        );
+    }
+}
+
 /// A client that has joined its channel, before its `101` is out. However
 /// its thread ends, even by a panic, dropping it leaves the channel, so that
 /// no client stays counted (against `max_connections`, or by a shutdown that
@@ -197,7 +251,9 @@ struct Member {
     from: Option<IpAddr>,
 }
 
-/// Join the channel as `member` asks, or refuse with 503.
+/// Join the channel as `member` asks, or refuse with 503. Not inlined: see
+/// [`serve`] on stack pages.
+#[inline(never)]
 fn join(
     stream: Stream,
     server: &Arc<Server>,
@@ -215,11 +271,8 @@ fn join(
     let visit = match server.visit(from, true) {
         Ok(visit) => visit,
         Err(reason) => {
-            server.refuse();
             server.refuse_for(reason, from);
-            let response = http::Response::error(503, "too many connections from your address")
-                .with("Retry-After", "5");
-            respond(&stream, &response);
+            refuse_join(&stream, server, Refused::Address, id, &path);
             return None;
         }
     };
@@ -233,34 +286,12 @@ fn join(
     {
         Ok(channel) => channel,
         Err(e) => {
-            server.refuse();
-            let response = match e {
-                JoinError::ChannelFull => {
-                    http::Response::error(503, "channel is full").with("Retry-After", "5")
-                }
-                JoinError::ServerFull => http::Response::error(503, "server is full"),
-                JoinError::ShuttingDown => http::Response::error(503, "server is shutting down"),
-                JoinError::MemoryFull => http::Response::error(503, "server memory budget reached")
-                    .with("Retry-After", "5"),
-            };
-            log::debug!("client {id} refused on {}: {e:?}", escape(&path));
-            respond(&stream, &response);
+            refuse_join(&stream, server, Refused::Join(e), id, &path);
             return None;
         }
     };
-    let who = from.map_or_else(|| "an unknown address".into(), |ip| ip.to_string());
-    if readonly {
-        // The read-only URL is a secret too: only the channel's fingerprint.
-        log::debug!(
-            "client {id} from {who} joined channel {} read-only",
-            fingerprint(&path)
-        );
-    } else {
-        log::debug!(
-            "client {id} from {who} joined channel {} ({})",
-            fingerprint(&path),
-            escape(&path)
-        );
+    if log::log_enabled!(log::Level::Debug) {
+        log_join(id, from, &path, readonly);
     }
     stats::add(&server.stats.connections_total, 1);
     // On the heap: the frame of `serve`, below every read and send of the

@@ -49,6 +49,9 @@ impl Publisher {
 /// Read the body of `publish` (after `rest`, the bytes that came with its
 /// head) from client address `from`, publish it and answer. Returns what
 /// came after the body when the connection stays open for another request.
+/// Not inlined: its buffers would stay in the frame of the handshake, below
+/// the join of every websocket client (a stack page per connection).
+#[inline(never)]
 pub fn publish(
     stream: &Stream,
     server: &Arc<Server>,

@@ -292,6 +292,7 @@ impl Server {
     /// no per-address limits apply), as a `member` (a websocket client or
     /// stream listener, at most `max_connections_per_address` of them) or
     /// for a publish. `Ok(None)` when per-address limits are off.
+    #[inline(never)]
     pub fn visit(
         self: &Arc<Self>,
         from: Option<IpAddr>,
