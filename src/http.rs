@@ -403,7 +403,8 @@ pub struct Publish {
     pub path: String,
     /// How the body comes.
     pub length: Length,
-    /// A `text/*` body: published as text if it is valid UTF-8.
+    /// A body of a text type (none, `text/*`, JSON, a form, or one that
+    /// says `charset=utf-8`): published as text if it is valid UTF-8.
     pub text: bool,
     /// The client waits for `100 Continue` before it sends the body.
     pub expect_continue: bool,
@@ -467,17 +468,21 @@ fn check_publish(req: &Request, settings: &Settings, twins: &Twins) -> Result<Pu
         return Err(too_large(max));
     }
     let mut media = req.header("Content-Type").unwrap_or("").split(';');
-    let text = media
-        .next()
-        .unwrap_or("")
-        .trim()
-        .get(..5)
-        .is_some_and(|t| t.eq_ignore_ascii_case("text/"));
+    let kind = media.next().unwrap_or("").trim();
     let charset = media.filter_map(|p| p.split_once('=')).find_map(|(k, v)| {
         k.trim()
             .eq_ignore_ascii_case("charset")
             .then(|| v.trim().trim_matches('"'))
     });
+    // What people send text as: no type, text/*, JSON, a form (curl -d),
+    // or any type that says it is UTF-8.
+    let text = kind.is_empty()
+        || kind
+            .get(..5)
+            .is_some_and(|t| t.eq_ignore_ascii_case("text/"))
+        || kind.eq_ignore_ascii_case("application/json")
+        || kind.eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        || charset.is_some_and(|c| c.eq_ignore_ascii_case("utf-8"));
     if text && charset.is_some_and(|c| !c.eq_ignore_ascii_case("utf-8")) {
         return Err(Response::error(
             415,
@@ -809,8 +814,8 @@ ws.onopen = () =&gt; ws.send("hello");</pre>
 channel the same: <code>?echo=1</code> to get your own messages too, <code>?replay=5</code> to
 start with the channel's last five messages, <code>?max=2</code> (when you create the channel)
 to let no more than two in. Over HTTP, <code>POST</code> or <code>PUT</code> publishes its
-body (text for <code>text/*</code>, else binary: <code>curl -d</code> is binary, add
-<code>-H 'Content-Type: text/plain'</code> for text), <code>?sse</code> listens with
+body (valid UTF-8 with no type, <code>text/*</code>, JSON or a form, as <code>curl -d</code>
+sends, is text; anything else binary), <code>?sse</code> listens with
 Server-Sent Events, <code>?raw</code> with one line per message, and <code>?stats</code>
 tells how many are connected. <code>curl</code> on this page prints just a channel URL.</p>
 </body>

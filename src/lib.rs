@@ -39,11 +39,14 @@
 //!
 //! # A message's way
 //!
-//! `listener` accepts a connection and gives it a reader thread, which
-//! reads the request head (`http`) and joins the channel in the
-//! registry (`channels`). The reader (`client`) gets each message whole
-//! from tungstenite, following its frames for the memory budget
-//! (`incoming`, `budget`), encodes it once into a `frame::Frame`, and
+//! The `event_loop` accepts a connection on a `listener`, reads its
+//! request head as it arrives, and gives it a reader thread once the head
+//! is complete; the reader answers it (`http`) and joins the channel in
+//! the registry (`channels`), the client address (`address`) counted
+//! against its limits (`server`). The reader (`client`) gets each message
+//! whole from tungstenite, its bytes passed through `incoming` (large
+//! frames split, the memory budget charged as they arrive: `budget`),
+//! encodes it once into a `frame::Frame`, and
 //! publishes it: a reference goes to every other member (`peer`), and
 //! onto the `link` to the `relay` thread, which publishes it to the
 //! broker. Before it waits for its client again, the reader sends what it

@@ -101,7 +101,7 @@ fn http_listeners_work_on_the_twin_and_publishing_to_it_is_403() {
     // A publish to the channel itself reaches both.
     let r = post(addr, &ch, "", b"yes");
     assert!(body(&r).contains("{\"clients\": 2}"), "{r}");
-    read_until_seen(&mut sse, "event: binary\ndata: eWVz\n\n");
+    read_until_seen(&mut sse, "data: yes\n\n");
 }
 
 #[test]

@@ -132,12 +132,24 @@ fn curl_publishes_to_websocket_members_and_streaming_listeners() {
     let sse = CurlListener::start(&url, &["-H", "Accept: text/event-stream"]);
     wait_clients(addr, &ch, 3);
 
-    // curl -d sends application/x-www-form-urlencoded: not text/*, binary.
+    // curl -d sends application/x-www-form-urlencoded: text, as people mean it.
     let (code, out) = curl(&["-d", "hello", &url]);
     assert_eq!((code, out.as_str()), (0, "{\"clients\": 3}\n"));
-    assert_eq!(recv(&mut ws), Message::binary(b"hello".to_vec()));
+    assert_eq!(recv(&mut ws), Message::text("hello"));
     assert_eq!(raw.line(), "hello");
-    assert_eq!(sse.event(), ["event: binary", "data: aGVsbG8="]);
+    assert_eq!(sse.event(), ["data: hello"]);
+    // A binary type stays binary.
+    let (_, out) = curl(&[
+        "-H",
+        "Content-Type: application/octet-stream",
+        "--data-binary",
+        "bytes",
+        &url,
+    ]);
+    assert_eq!(out, "{\"clients\": 3}\n");
+    assert_eq!(recv(&mut ws), Message::binary(b"bytes".to_vec()));
+    assert_eq!(raw.line(), "bytes");
+    assert_eq!(sse.event(), ["event: binary", "data: Ynl0ZXM="]);
 
     // Text, with a line break: two data lines, one event.
     let (_, out) = curl(&[
@@ -241,6 +253,8 @@ fn text_binary_and_the_refusals_411_413_415() {
     );
     assert_eq!(recv(&mut ws), Message::binary(vec![0xc3, 0x28]));
     post("Content-Type: application/json\nContent-Length: 2\n", b"{}");
+    assert_eq!(recv(&mut ws), Message::text("{}"));
+    post("Content-Type: image/png\nContent-Length: 2\n", b"{}");
     assert_eq!(recv(&mut ws), Message::binary(b"{}".to_vec()));
 
     let (status, r) = post(
@@ -336,7 +350,8 @@ fn a_connection_posts_again_and_again_with_keep_alive() {
         rest.contains("Connection: close") && rest.contains("{\"clients\": 1}"),
         "{rest}"
     );
-    assert_eq!(recv(&mut ws), Message::binary(b"three".to_vec()));
+    // No Content-Type: UTF-8 is text.
+    assert_eq!(recv(&mut ws), Message::text("three"));
 }
 
 #[test]
@@ -563,9 +578,9 @@ fn the_memory_budget_and_handshake_timeout_bound_a_publish() {
     let (status, r) = post(600_000, b"");
     assert_eq!(status, 503, "{r}");
     assert!(r.contains("Retry-After: 5"), "{r}");
-    let (status, r) = post(100_000, &[7; 100_000]);
+    let (status, r) = post(100_000, &[0xff; 100_000]);
     assert_eq!(status, 200, "{r}");
-    assert_eq!(recv(&mut ws), Message::binary(vec![7; 100_000]));
+    assert_eq!(recv(&mut ws), Message::binary(vec![0xff; 100_000]));
     // A body that stops coming: 408 once handshake_timeout has passed.
     let (status, r) = post(10, b"abc");
     assert_eq!(status, 408, "{r}");
