@@ -31,10 +31,15 @@ use polling::{Event, Events, Poller};
 use crate::budget::BUDGET;
 use crate::client::FIRST_BYTE_TIMEOUT;
 use crate::http::{self, MAX_HEAD};
-use crate::listener::Listener;
+use crate::listener::{Listener, refuse_out_of_fds};
 use crate::logging::Throttle;
 use crate::server::{Crowded, Lobby, Server, Waiting};
 use crate::stream::Stream;
+
+/// How long a socket may wait for its head to complete before the loop
+/// closes it to take a new connection when descriptors run out: a client
+/// sends its request within a round trip of connecting.
+const SILENT: Duration = Duration::from_secs(1);
 
 /// Start the loop on its own thread, taking the connections of `listeners`.
 pub fn spawn(listeners: Vec<Arc<Listener>>, server: Arc<Server>) -> io::Result<()> {
@@ -220,32 +225,45 @@ impl Loop {
     }
 
     /// The process has no descriptor left: close the oldest connection that
-    /// has not sent a byte (a silent socket must not keep others out), or,
-    /// when there is none, answer the waiting one 503 with the spare
-    /// descriptor, so that clients learn at once instead of hanging.
+    /// has waited [`SILENT`] or longer without completing its head (a
+    /// waiting socket must not keep others out), or, when there is none,
+    /// answer the waiting connection (if any)
+    /// 503 with the spare descriptor, so that clients learn at once instead
+    /// of hanging. Linux's accept(2) takes the descriptor before it looks
+    /// for a connection, so EMFILE may come with nobody waiting, right after
+    /// the last descriptor went to a client whose request is on its way:
+    /// that one must not be the one closed.
     fn out_of_descriptors(&mut self, key: usize, e: &io::Error) {
         self.complain(
-            "out of file descriptors, closing silent sockets and refusing connections",
+            "out of file descriptors, closing waiting sockets and refusing connections",
             e,
         );
+        let now = Instant::now();
         let oldest = self
             .conns
             .iter()
             .enumerate()
-            .filter_map(|(i, c)| c.as_ref().filter(|c| !c.started).map(|c| (c.since, i)))
+            .filter_map(|(i, c)| {
+                c.as_ref()
+                    .filter(|c| now.duration_since(c.since) >= SILENT)
+                    .map(|c| (c.since, i))
+            })
             .min();
         if let Some((_, place)) = oldest {
+            log::debug!("closed a waiting socket to take a new connection");
             self.close(place);
             return;
         }
-        if let Some(file) = self.spare.take() {
-            drop(file);
-            if let Ok((stream, _)) = self.listeners[key].accept(self.options[key]) {
-                self.server.refuse();
-                let response = http::Response::error(503, "server is out of file descriptors")
-                    .with("Retry-After", "5");
-                stream.refuse_now(&response.to_bytes());
+        match self.spare.take() {
+            Some(file) => {
+                drop(file);
+                if let Ok((stream, _)) = self.listeners[key].accept(self.options[key]) {
+                    refuse_out_of_fds(stream, &self.server);
+                }
             }
+            // The spare is in use (by the last refusal): wait instead of
+            // spinning on the same error.
+            None => thread::sleep(Duration::from_millis(100)),
         }
         // Succeeds once a descriptor is free again.
         self.spare = self.spare.take().or_else(|| File::open("/dev/null").ok());

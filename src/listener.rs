@@ -484,8 +484,9 @@ pub fn spawn_accept_loop(
 }
 
 /// Answer a connection taken with the spare descriptor, on a connection
-/// thread (answering waits for the client to read it).
-fn refuse_out_of_fds(stream: Stream, server: &Arc<Server>) {
+/// thread: answering waits for the client's request and for it to read the
+/// answer, or closing would reset the connection before the client read it.
+pub fn refuse_out_of_fds(stream: Stream, server: &Arc<Server>) {
     server.refuse();
     let refused = server.readers.run(move || {
         crate::http::respond(

@@ -6,7 +6,6 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::process::Command;
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
@@ -24,20 +23,8 @@ fn out_of_file_descriptors_refuses_with_503_and_recovers() {
     }
     let mut staps = Staps::start(&tcp_config(""), &[]);
     let pid = staps.pid();
-    // Room for twenty-odd clients (one descriptor each): the limit is on
-    // descriptor numbers, and some high ones are inherited (cargo's jobserver).
-    let fds: Vec<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    let limit = fds.iter().filter(|&&fd| fd < 100).max().unwrap() + 1 + 20;
-    let free = limit - fds.iter().filter(|&&fd| fd < limit).count();
-    let set = Command::new("prlimit")
-        .arg(format!("--pid={pid}"))
-        .arg(format!("--nofile={limit}:{limit}"))
-        .status()
-        .expect("prlimit");
-    assert!(set.success());
+    // Room for twenty-odd clients (one descriptor each).
+    let free = limit_descriptors(pid, 20);
 
     let ch = channel();
     let mut clients = Vec::new();

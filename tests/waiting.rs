@@ -119,6 +119,39 @@ fn an_honest_burst_from_one_address_is_served_whole() {
     }
 }
 
+/// Sockets that never complete their head and take every descriptor the
+/// process has keep nobody out: once they have waited a second, the loop
+/// closes the oldest to take a new connection (the build before held them
+/// for the whole handshake_timeout).
+#[test]
+fn waiting_sockets_give_way_when_descriptors_run_out() {
+    if skip(
+        "waiting_sockets_give_way_when_descriptors_run_out",
+        needs_program("prlimit", "util-linux"),
+    ) {
+        return;
+    }
+    let staps = Staps::start(&tcp_config("handshake_timeout = 60"), &[]);
+    let addr = staps.addr();
+    // Room for about twenty sockets.
+    limit_descriptors(staps.pid(), 20);
+    // Twice as many sockets as there are descriptors, each with the start
+    // of a head that never ends.
+    let waiting: Vec<TcpStream> = (0..40)
+        .map(|i| {
+            let mut s = tcp_from(&format!("127.0.0.{}", 2 + i % 4), addr);
+            let _ = s.write_all(b"GET /");
+            s
+        })
+        .collect();
+    // Honest clients still get in.
+    wait_until(
+        "a client served while waiting sockets hold the descriptors",
+        || try_connect_from("127.0.0.50", addr, &channel()).is_ok(),
+    );
+    drop(waiting);
+}
+
 /// A shutdown closes what waits in the loop as well as the clients.
 #[test]
 fn shutdown_closes_the_sockets_that_wait() {

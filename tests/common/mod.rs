@@ -602,3 +602,21 @@ pub fn frame_header(fin: bool, opcode: u8, len: u64) -> Vec<u8> {
     f.extend_from_slice(&[0, 0, 0, 0]);
     f
 }
+
+/// Lower the open files limit of process `pid` (with prlimit) so that about
+/// `room` more descriptors fit; how many do. The limit is on descriptor
+/// numbers, and some high ones are inherited (cargo's jobserver).
+pub fn limit_descriptors(pid: u32, room: usize) -> usize {
+    let fds: Vec<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let limit = fds.iter().filter(|&&fd| fd < 100).max().unwrap() + 1 + room;
+    let set = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("prlimit");
+    assert!(set.success());
+    limit - fds.iter().filter(|&&fd| fd < limit).count()
+}
