@@ -177,9 +177,19 @@ impl Budget {
     /// Whether `n` more bytes of partial messages would fit now (without
     /// counting them: a body announced but not arrived yet).
     pub fn admits_incoming(&self, n: usize) -> bool {
+        self.incoming_fits(
+            self.incoming.load(Relaxed).saturating_add(n),
+            self.used().saturating_add(n),
+        )
+    }
+
+    /// Whether partial messages of `incoming` bytes in all, with `used`
+    /// bytes counted in all, are within the budget: their half of it, and
+    /// the whole less what rings hold (rings give way: they are evicted,
+    /// not in the way).
+    fn incoming_fits(&self, incoming: usize, used: usize) -> bool {
         let limit = self.limit();
-        self.incoming.load(Relaxed).saturating_add(n) <= limit / 2
-            && self.firm().saturating_add(n) <= limit
+        incoming <= limit / 2 && used.saturating_sub(self.cached()) <= limit
     }
 
     /// Count `n` bytes that are held already (a frame that exists).
@@ -205,8 +215,7 @@ impl Budget {
 
     /// Count `n` more bytes of a partial incoming message from the address
     /// of `share`, if the budget, the partial messages' half of it and the
-    /// address's share all have room (replay rings give way: they are
-    /// evicted, not in the way).
+    /// address's share all have room.
     pub fn try_charge_incoming(&self, n: usize, share: Option<&Share>) -> Result<(), Over> {
         if let Some(share) = share {
             let mine = share.incoming.fetch_add(n, Relaxed) + n;
@@ -215,10 +224,9 @@ impl Budget {
                 return Err(Over::Share);
             }
         }
-        let limit = self.limit();
         let incoming = self.incoming.fetch_add(n, Relaxed) + n;
         let used = self.used.fetch_add(n, Relaxed) + n;
-        if incoming <= limit / 2 && used.saturating_sub(self.cached()) <= limit {
+        if self.incoming_fits(incoming, used) {
             self.relieve();
             return Ok(());
         }

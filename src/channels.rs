@@ -72,7 +72,7 @@ impl Ring {
             return;
         }
         while self.frames.len() >= limits.replay_length || self.bytes + len > limits.replay_bytes {
-            if self.evict().is_none() {
+            if !self.evict() {
                 break;
             }
         }
@@ -82,13 +82,15 @@ impl Ring {
         BUDGET.cache(len);
     }
 
-    /// Let go of the oldest entry; its sequence number.
-    fn evict(&mut self) -> Option<u64> {
-        let (seq, old) = self.frames.pop_front()?;
+    /// Let go of the oldest entry; false when there was none.
+    fn evict(&mut self) -> bool {
+        let Some((_, old)) = self.frames.pop_front() else {
+            return false;
+        };
         let len = old.as_bytes().len();
         self.bytes -= len;
         BUDGET.uncache(len);
-        Some(seq)
+        true
     }
 
     /// The sequence number of the oldest entry.
@@ -97,7 +99,7 @@ impl Ring {
     }
 
     fn clear(&mut self) {
-        while self.evict().is_some() {}
+        while self.evict() {}
     }
 
     /// The last `n` messages, oldest first.
@@ -383,7 +385,7 @@ impl Cache for Registry {
             let Some(mut state) = channels[i].state.try_lock() else {
                 continue;
             };
-            if state.ring.evict().is_some() {
+            if state.ring.evict() {
                 evicted += 1;
             }
             if let Some(seq) = state.ring.oldest() {

@@ -78,12 +78,19 @@ fn handshake(waiting: Waiting, server: &Arc<Server>) -> Option<(Box<Joined>, Vec
         peer,
         place,
         head,
+        request: mut parsed_head,
     } = waiting;
     // The accept loop gave the socket its write timeout (handshake_timeout).
     let mut carry = head;
     let mut publisher = None;
     loop {
-        let (request, rest) = match http::parse_head(&carry) {
+        // The event loop parsed the first head; a kept-alive connection's
+        // next one may have come with the last body.
+        let parsed = match parsed_head.take() {
+            Some(parsed) => Ok(Some(*parsed)),
+            None => http::parse_head(&carry),
+        };
+        let (request, rest) = match parsed {
             Ok(Some((request, len))) => (request, carry[len..].to_vec()),
             // The next request of a kept-alive connection is still to come.
             Ok(None) if carry.len() < MAX_HEAD => {
@@ -92,6 +99,7 @@ fn handshake(waiting: Waiting, server: &Arc<Server>) -> Option<(Box<Joined>, Vec
                     peer,
                     place,
                     head: carry,
+                    request: None,
                 });
                 return None;
             }
@@ -627,13 +635,9 @@ fn open<'a>(client: &Joined, mut rest: Vec<u8>, limits: &'a Limits) -> WebSocket
         watching: false,
     };
     let share = visit.as_ref().map(|v| Arc::clone(v.share()));
-    let rate = MinRate {
-        period: limits.handshake_timeout,
-        min_rate: limits.min_rate,
-    };
     let mut incoming = Box::new(Incoming::new(
         limits.max_message_size,
-        rate,
+        MinRate::of(limits),
         &BUDGET,
         share,
         *readonly,

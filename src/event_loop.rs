@@ -279,6 +279,7 @@ impl Loop {
                     peer,
                     place,
                     head: Vec::new(),
+                    request: None,
                 };
                 self.keep(waiting, Instant::now());
             }
@@ -450,6 +451,8 @@ impl Conn {
 
 /// Read what has arrived, without waiting, into the connection's buffer (a
 /// silent socket has none: it is allocated as bytes come, up to MAX_HEAD).
+/// What the buffer held before is known to be no complete head: a new
+/// connection's is empty, and a reader gives one back only when it is not.
 fn read(conn: &mut Conn) -> Read {
     let mut scratch = [0u8; 2048];
     loop {
@@ -463,19 +466,18 @@ fn read(conn: &mut Conn) -> Read {
                 conn.charge();
                 let head = &conn.waiting.head;
                 match http::parse_head(head) {
-                    Ok(Some(_)) | Err(_) => return Read::Ready,
+                    // Parsed once: the reader takes it as it is.
+                    Ok(Some(parsed)) => {
+                        conn.waiting.request = Some(Box::new(parsed));
+                        return Read::Ready;
+                    }
+                    // The reader answers these (431, 400).
+                    Err(_) => return Read::Ready,
                     Ok(None) if head.len() >= MAX_HEAD => return Read::Ready,
                     Ok(None) => {}
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // What came with a connection given back may be a complete
-                // head already.
-                return match http::parse_head(&conn.waiting.head) {
-                    Ok(Some(_)) | Err(_) => Read::Ready,
-                    Ok(None) => Read::Wait,
-                };
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Read::Wait,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return Read::Gone,
         }

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::budget::{Budget, FREE, Over, Share};
+use crate::config::Limits;
 
 /// The largest frame tungstenite is handed: longer data frames are split
 /// into fragments of this size (a multiple of 4, so each keeps the mask).
@@ -46,14 +47,72 @@ pub enum Refusal {
     Slow,
 }
 
-/// How fast a message in progress must arrive: `min_rate` bytes a second,
-/// averaged over every `period` (`handshake_timeout`).
+/// How fast a message or HTTP body in progress must arrive: `min_rate`
+/// bytes a second, averaged over every `period` (`handshake_timeout`).
 #[derive(Clone, Copy, Debug)]
 pub struct MinRate {
     /// The period averaged over.
     pub period: Duration,
     /// Bytes a second.
     pub min_rate: u64,
+}
+
+impl MinRate {
+    /// The rate `limits` ask for.
+    pub fn of(limits: &Limits) -> MinRate {
+        MinRate {
+            period: limits.handshake_timeout,
+            min_rate: limits.min_rate,
+        }
+    }
+}
+
+/// One message's or body's progress against its [`MinRate`]: each period
+/// of its life must bring `min_rate` × `period` bytes, and at least one (so
+/// `min_rate = 0` still ends one that stopped).
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    period: Duration,
+    needed: u64,
+    /// When the current period started, and what it brought so far.
+    since: Instant,
+    got: u64,
+}
+
+impl Pace {
+    /// Timed from `now`.
+    pub fn new(rate: MinRate, now: Instant) -> Pace {
+        Pace {
+            period: rate.period,
+            needed: ((rate.min_rate as f64 * rate.period.as_secs_f64()) as u64).max(1),
+            since: now,
+            got: 0,
+        }
+    }
+
+    /// `n` more bytes arrived.
+    pub fn add(&mut self, n: u64) {
+        self.got += n;
+    }
+
+    /// When the current period ends.
+    pub fn deadline(&self) -> Instant {
+        self.since + self.period
+    }
+
+    /// Whether it keeps up at `now`: false once a whole period brought less
+    /// than it must; a period that brought enough starts the next.
+    pub fn keeps_up(&mut self, now: Instant) -> bool {
+        if now < self.deadline() {
+            return true;
+        }
+        if self.got < self.needed {
+            return false;
+        }
+        self.since = now;
+        self.got = 0;
+        true
+    }
 }
 
 /// A data frame being handed over in fragments.
@@ -90,10 +149,8 @@ pub struct Incoming {
     announced: u64,
     arrived: usize,
     charged: usize,
-    /// While a message is in progress: the start of the current rate
-    /// window and the payload bytes it has seen.
-    window: Option<Instant>,
-    window_bytes: u64,
+    /// While a message is in progress: its payload's pace.
+    pace: Option<Pace>,
     max_message_size: usize,
     rate: MinRate,
     budget: &'static Budget,
@@ -132,8 +189,7 @@ impl Incoming {
             announced: 0,
             arrived: 0,
             charged: 0,
-            window: None,
-            window_bytes: 0,
+            pace: None,
             max_message_size,
             rate,
             budget,
@@ -293,9 +349,8 @@ impl Incoming {
             if self.readonly {
                 return Err(self.refuse(Refusal::ReadOnly));
             }
-            if self.window.is_none() {
-                self.window = Some(now);
-                self.window_bytes = 0;
+            if self.pace.is_none() {
+                self.pace = Some(Pace::new(self.rate, now));
             }
             self.announced = self.announced.saturating_add(header.length);
             // Past max_message_size tungstenite refuses it at once, and an
@@ -368,7 +423,9 @@ impl Incoming {
     /// for its rate, and in the budget once it is past [`FREE`], as the
     /// buffer holding it grows.
     fn arrive(&mut self, n: u64) -> Result<(), Refusal> {
-        self.window_bytes += n;
+        if let Some(pace) = &mut self.pace {
+            pace.add(n);
+        }
         self.arrived = self.arrived.saturating_add(n as usize);
         if self.arrived <= FREE || self.arrived > self.max_message_size {
             return Ok(());
@@ -406,7 +463,7 @@ impl Incoming {
         self.charged = 0;
         self.arrived = 0;
         self.announced = 0;
-        self.window = None;
+        self.pace = None;
     }
 
     fn refuse(&mut self, refusal: Refusal) -> Refusal {
@@ -421,33 +478,18 @@ impl Incoming {
 
     /// Whether a message larger than [`FREE`] is in progress.
     pub fn in_large_message(&self) -> bool {
-        self.window.is_some() && self.is_large()
+        self.pace.is_some() && self.is_large()
     }
 
     fn is_large(&self) -> bool {
         self.announced > FREE as u64
     }
 
-    /// Whether the message in progress falls short of `min_rate` bytes a
-    /// second, averaged over `period`: each period of its life must bring
-    /// that many (and at least one byte, so `min_rate = 0` still closes a
-    /// message that stopped). Pings between its fragments are no progress.
+    /// Whether the message in progress falls short of its [`Pace`]. Pings
+    /// between its fragments are no progress.
     #[inline(never)]
     pub fn too_slow(&mut self, now: Instant) -> bool {
-        let Some(since) = self.window else {
-            return false;
-        };
-        let MinRate { period, min_rate } = self.rate;
-        if now.saturating_duration_since(since) < period {
-            return false;
-        }
-        let needed = ((min_rate as f64 * period.as_secs_f64()) as u64).max(1);
-        if self.window_bytes < needed {
-            return true;
-        }
-        self.window = Some(now);
-        self.window_bytes = 0;
-        false
+        self.pace.as_mut().is_some_and(|pace| !pace.keeps_up(now))
     }
 
     /// Whether the bytes handed over last ended a large message exactly:

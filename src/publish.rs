@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::budget::{BUDGET, FREE, Over, Share};
 use crate::frame::{Frame, Kind};
 use crate::http::{self, Length, Publish, Response, respond};
+use crate::incoming::{MinRate, Pace};
 use crate::logging::fingerprint;
 use crate::peer::Flushes;
 use crate::server::{Reason, Server};
@@ -85,7 +86,7 @@ pub fn publish(
         stream,
         buf: rest,
         pos: 0,
-        rate: Rate::new(limits.handshake_timeout, limits.min_rate),
+        pace: Pace::new(MinRate::of(limits), Instant::now()),
     };
     if publish.expect_continue
         && input.buf.is_empty()
@@ -218,43 +219,6 @@ impl Body<'_> {
     }
 }
 
-/// `min_rate`, averaged over every `period` of a body's life: each period
-/// must bring `min_rate × period` bytes (at least one).
-struct Rate {
-    period: std::time::Duration,
-    needed: u64,
-    /// When the current period started, and what it brought so far.
-    since: Instant,
-    got: u64,
-}
-
-impl Rate {
-    fn new(period: std::time::Duration, min_rate: u64) -> Rate {
-        Rate {
-            period,
-            needed: ((min_rate as f64 * period.as_secs_f64()) as u64).max(1),
-            since: Instant::now(),
-            got: 0,
-        }
-    }
-
-    /// Until when the next read may wait: the end of the current period.
-    fn deadline(&self) -> Instant {
-        self.since + self.period
-    }
-
-    /// The current period is over (the read timed out at its end): the next
-    /// one starts if it brought enough; false when it did not.
-    fn next_period(&mut self) -> bool {
-        if self.got < self.needed {
-            return false;
-        }
-        self.since = Instant::now();
-        self.got = 0;
-        true
-    }
-}
-
 impl Drop for Body<'_> {
     fn drop(&mut self) {
         BUDGET.release_incoming(self.charged, self.share);
@@ -267,7 +231,9 @@ struct Input<'a> {
     buf: Vec<u8>,
     /// Where the unread part of `buf` starts.
     pos: usize,
-    rate: Rate,
+    /// The body's progress against `min_rate`; a read waits at most until
+    /// the end of its current period.
+    pace: Pace,
 }
 
 impl Input<'_> {
@@ -287,15 +253,17 @@ impl Input<'_> {
         loop {
             let read = self
                 .stream
-                .read_until(&mut self.buf[from..], self.rate.deadline());
+                .read_until(&mut self.buf[from..], self.pace.deadline());
             let n = *read.as_ref().unwrap_or(&0);
             self.buf.truncate(from + n);
-            self.rate.got += n as u64;
+            self.pace.add(n as u64);
             return match read {
                 Ok(0) => Err(BodyError::Gone),
                 Ok(_) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    if self.rate.next_period() {
+                    // The read timed out at the end of a period: the next
+                    // starts if this one brought enough.
+                    if self.pace.keeps_up(Instant::now()) {
                         self.buf.resize(from + limit.clamp(1, READ_SIZE), 0);
                         continue;
                     }

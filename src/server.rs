@@ -13,6 +13,7 @@ use crate::address::host_of;
 use crate::budget::Share;
 use crate::channels::Registry;
 use crate::config::Settings;
+use crate::http::Request;
 use crate::link::Link;
 use crate::logging::Throttle;
 use crate::stats::{self, Stats};
@@ -68,6 +69,10 @@ pub struct Waiting {
     pub place: Handshake,
     /// The bytes of the head so far (and what followed it).
     pub head: Vec<u8>,
+    /// The head, parsed, once it is complete, and its length in `head`.
+    /// Boxed: a reader thread's first frames hold this for the life of the
+    /// connection, and every byte there counts (see `client::serve`).
+    pub request: Option<Box<(Request, usize)>>,
 }
 
 /// Where a connection waits for its next request without a thread: the
@@ -129,17 +134,14 @@ impl Visit {
 
 impl Drop for Visit {
     fn drop(&mut self) {
-        let mut per_address = self.server.per_address.lock();
-        if let Some(tenant) = per_address.get_mut(&self.ip) {
-            if self.member {
+        let member = self.member;
+        self.server.let_go(self.ip, |tenant| {
+            if member {
                 tenant.members -= 1;
             } else {
                 tenant.visits -= 1;
             }
-            if tenant.is_empty() {
-                per_address.remove(&self.ip);
-            }
-        }
+        });
     }
 }
 
@@ -196,13 +198,7 @@ pub struct Handshake {
 impl Drop for Handshake {
     fn drop(&mut self) {
         if let Some(ip) = self.from {
-            let mut per_address = self.server.per_address.lock();
-            if let Some(tenant) = per_address.get_mut(&ip) {
-                tenant.handshakes -= 1;
-                if tenant.is_empty() {
-                    per_address.remove(&ip);
-                }
-            }
+            self.server.let_go(ip, |tenant| tenant.handshakes -= 1);
         }
     }
 }
@@ -321,6 +317,18 @@ impl Server {
             member,
             share: Arc::clone(&tenant.share),
         }))
+    }
+
+    /// Let go of one of `ip`'s holds (`release` counts it down); an address
+    /// that holds nothing more is forgotten.
+    fn let_go(&self, ip: IpAddr, release: impl FnOnce(&mut Tenant)) {
+        let mut per_address = self.per_address.lock();
+        if let Some(tenant) = per_address.get_mut(&ip) {
+            release(tenant);
+            if tenant.is_empty() {
+                per_address.remove(&ip);
+            }
+        }
     }
 
     /// Count a client turned away for `reason`, from client address `from`;
