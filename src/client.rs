@@ -30,14 +30,13 @@ use uuid::Uuid;
 use crate::address::client_address;
 use crate::budget::BUDGET;
 use crate::channels::{Channel, JoinError};
-use crate::config::Limits;
 use crate::frame::{Frame, Kind};
 use crate::http::{self, HeadError, MAX_HEAD, Options, Route, respond};
 use crate::incoming::{Incoming, MinRate, Reframed, Refusal, Source};
 use crate::logging::{Throttle, escape, fingerprint};
 use crate::peer::{CLOSE_TIMEOUT, Close, Flushes, Launch, Peer};
 use crate::publish::{self, Publisher};
-use crate::server::{self, Reason, Server, Visit, Waiting};
+use crate::server::{self, Next, Reason, Resting, Server, Visit, Waiting};
 use crate::stats;
 use crate::stream::{Stream, is_timeout};
 use crate::wire::Wire;
@@ -59,11 +58,11 @@ const READ_BUFFER: usize = 1024;
 /// stay resident for as long as its connection is idle; in one frame they
 /// would keep a page more per connection (figures: BENCHMARKS.md, "Measurements behind the constants").
 pub fn serve(waiting: Waiting, server: Arc<Server>) {
-    let Some((joined, handshake)) = self::handshake(waiting, &server) else {
+    let Some((mut member, handshake)) = self::handshake(waiting, &server) else {
         return;
     };
-    if joined.answer(&server, &handshake) {
-        joined.run(&server);
+    if member.answer(&server, &handshake) {
+        member.talk();
     }
 }
 
@@ -72,7 +71,7 @@ pub fn serve(waiting: Waiting, server: Arc<Server>) {
 /// come one after another on a kept-alive connection; between them it waits
 /// in the event loop, without this thread.
 #[inline(never)]
-fn handshake(waiting: Waiting, server: &Arc<Server>) -> Option<(Box<Joined>, Vec<u8>)> {
+fn handshake(waiting: Waiting, server: &Arc<Server>) -> Option<(Box<Conversation>, Vec<u8>)> {
     let Waiting {
         stream,
         peer,
@@ -267,7 +266,7 @@ fn join(
     server: &Arc<Server>,
     member: Member,
     rest: Vec<u8>,
-) -> Option<Box<Joined>> {
+) -> Option<Box<Conversation>> {
     let Member {
         path,
         readonly,
@@ -304,31 +303,98 @@ fn join(
     stats::add(&server.stats.connections_total, 1);
     // On the heap: the frame of `serve`, below every read and send of the
     // connection's life, holds it (a stack page per idle connection).
-    Some(Box::new(Joined {
-        server: Arc::clone(server),
-        stream: Arc::new(stream),
-        path,
-        readonly,
-        channel,
-        peer,
-        rest,
-        visit,
-        from,
+    Some(Box::new(Conversation {
+        joined: Joined {
+            server: Arc::clone(server),
+            stream: Arc::new(stream),
+            path,
+            readonly,
+            channel,
+            peer,
+            rest,
+            visit,
+            from,
+        },
+        reader: None,
+        sender: None,
+        keepalive: None,
+        closing: None,
     }))
 }
 
 impl Joined {
-    /// Send the `101` (or a listener's `200`) answer, then let others write to the client
-    /// ([`Peer::ready`]); false if the client is gone already.
+    /// Leave the channel (again: a no-op); the last client to leave gives
+    /// memory back.
+    fn leave(&self) {
+        if self
+            .server
+            .registry
+            .leave(&self.path, &self.channel, &self.peer)
+        {
+            server::release_free_memory();
+        }
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        // After a normal end the first two are no-ops; after a panic they
+        // end the writer, free the client's place and let a shutdown stop
+        // waiting.
+        self.peer.close(Close::ABORT);
+        self.leave();
+        log::debug!(
+            "client {} left channel {}: {:?}",
+            self.peer.id,
+            fingerprint(&self.path),
+            self.peer.close_reason()
+        );
+        self.peer.reader_finished();
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// How long a websocket client may be silent before its reader gives its
+/// thread back and the connection waits in the event loop: long enough
+/// that a client sending every 50 ms keeps its thread (taking it back
+/// costs two wake-ups), short enough that a crowd of idle clients holds
+/// only the threads of those who spoke in the last quarter second. A
+/// stream listener, which has nothing to say, waits there from its `200`
+/// on.
+pub const PARK_AFTER: Duration = Duration::from_millis(250);
+
+/// A member's connection from its `101` (or `200`) on: what its reader
+/// thread works with, and what waits in the event loop while the client is
+/// silent ([`PARK_AFTER`]). On the heap, and moved between the two.
+struct Conversation {
+    joined: Joined,
+    /// A websocket client's reading side; `None` for a stream listener.
+    reader: Option<Client>,
+    /// Other instances learn who sent a message (0.1.x's correlation_id).
+    sender: Option<Uuid>,
+    /// When a stream listener's next keepalive (its wire's ping) is due.
+    keepalive: Option<Instant>,
+    /// Its close is out and the client's end of the connection is awaited
+    /// in the event loop, at most until then.
+    closing: Option<Instant>,
+}
+
+/// What a reader's tungstenite reads from.
+type Client = Reframed<ReadHalf>;
+
+impl Conversation {
+    /// Send the `101` (or a listener's `200`) answer, then let others write
+    /// to the client ([`Peer::ready`]); false if the client is gone already.
     ///
     /// The reader writes the answer, as it writes every other HTTP answer:
     /// until the peer is ready nobody else writes, so nothing can interleave
     /// with it.
     #[inline(never)]
-    fn answer(&self, server: &Arc<Server>, handshake: &[u8]) -> bool {
-        if let Err(e) = self.stream.send_all(handshake) {
-            log::debug!("client {}: cannot answer: {e}", self.peer.id);
-            self.peer.never_ready();
+    fn answer(&mut self, server: &Arc<Server>, handshake: &[u8]) -> bool {
+        let Joined { stream, peer, .. } = &self.joined;
+        if let Err(e) = stream.send_all(handshake) {
+            log::debug!("client {}: cannot answer: {e}", peer.id);
+            peer.never_ready();
             return false;
         }
         let writers = Arc::clone(&server.writers);
@@ -349,95 +415,135 @@ impl Joined {
             }
             started
         });
-        self.peer.ready(Arc::clone(&self.stream), launch);
+        peer.ready(Arc::clone(stream), launch);
+        if peer.wire == Wire::WebSocket {
+            self.reader = Some(open(&mut self.joined, server));
+            self.sender = server.relay.as_ref().map(|_| Uuid::new_v4());
+        } else if peer.wire.ping().is_some() && !ping.is_zero() {
+            self.keepalive = Some(Instant::now() + ping);
+        }
         true
     }
 
-    /// Leave the channel (again: a no-op); the last client to leave gives
-    /// memory back.
-    fn leave(&self) {
-        if self
-            .server
-            .registry
-            .leave(&self.path, &self.channel, &self.peer)
-        {
-            server::release_free_memory();
+    /// Read and publish until the client is silent, then wait in the event
+    /// loop; or until the connection ends. A stream listener has nothing to
+    /// say: it goes to the loop at once.
+    fn talk(mut self: Box<Self>) {
+        let server = Arc::clone(&self.joined.server);
+        match read_loop(&mut self, &server) {
+            None => server.rest(self),
+            Some(close) => self.end(close, &server),
         }
     }
 
-    /// Read and publish until the connection ends, then leave the channel.
-    #[inline(never)]
-    fn run(mut self: Box<Self>, server: &Server) {
-        let (close, stream) = if self.peer.wire == Wire::WebSocket {
-            let rest = std::mem::take(&mut self.rest);
-            read_loop(&self, rest, server)
-        } else {
-            (listen(&self, server), Arc::clone(&self.stream))
-        };
-        self.peer.close(close);
-        self.leave();
-        log::debug!(
-            "client {} left channel {}: {close:?}",
-            self.peer.id,
-            fingerprint(&self.path)
-        );
-        if self.peer.close_reason().is_some_and(|c| c.send) {
-            // Read what is left until the client closes (it has our close
-            // frame) or CLOSE_TIMEOUT has passed.
-            stream.drain(Instant::now() + CLOSE_TIMEOUT + Duration::from_secs(1));
+    /// The connection ends with `close`: leave the channel now; with a
+    /// close frame, the client's answer is awaited in the event loop (read
+    /// and dropped), at most [`CLOSE_TIMEOUT`] and a second.
+    fn end(mut self: Box<Self>, close: Close, server: &Server) {
+        self.joined.peer.close(close);
+        self.joined.leave();
+        if self.joined.peer.close_reason().is_some_and(|c| c.send) {
+            self.wait_for_end(Instant::now());
+            server.rest(self);
         }
-        self.peer.reader_finished();
-        let _ = stream.shutdown(Shutdown::Both);
+        // Otherwise dropped here: Joined's drop cuts the connection.
+    }
+
+    /// From now on only the client's end of the connection is awaited.
+    fn wait_for_end(&mut self, now: Instant) -> Next {
+        let deadline = now + CLOSE_TIMEOUT + Duration::from_secs(1);
+        self.closing = Some(deadline);
+        // Its buffers and its part of a message go back now.
+        self.reader = None;
+        Next::Wait(Some(deadline))
     }
 }
 
-impl Drop for Joined {
-    fn drop(&mut self) {
-        // After a normal end these are no-ops; after a panic they end the
-        // writer, free the client's place and let a shutdown stop waiting.
-        self.peer.close(Close::ABORT);
-        self.leave();
-        self.peer.reader_finished();
+impl Resting for Conversation {
+    fn stream(&self) -> &Stream {
+        &self.joined.stream
     }
-}
 
-/// An HTTP streaming listener's reader: a listener has nothing to say, so
-/// this only waits for the end of the connection (what arrives is ignored),
-/// and keeps it alive with the wire's ping every `ping_interval`, which also
-/// lets the writer see a listener that is gone. Returns how it ends.
-#[inline(never)]
-fn listen(client: &Joined, server: &Server) -> Close {
-    let Joined { stream, peer, .. } = client;
-    let limits = &server.settings.limits;
-    let ping = limits.ping_interval;
-    let keepalive = peer.wire.ping().filter(|_| !ping.is_zero());
-    let _ = stream.set_read_timeout(keepalive.as_ref().map(|_| ping));
-    let mut flushes = Flushes::new(true);
-    let mut ignored = [0u8; 256];
-    loop {
-        match (&mut &**stream).read(&mut ignored) {
-            Ok(0) => return Close::ABORT,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if is_timeout(&e) => {
-                if let Some(ping) = &keepalive {
-                    peer.send_control(ping.clone(), limits, &mut flushes);
-                    flushes.flush();
+    fn tick(&mut self, now: Instant) -> Next {
+        if let Some(deadline) = self.closing {
+            return if now >= deadline {
+                Next::Over
+            } else {
+                Next::Wait(Some(deadline))
+            };
+        }
+        let Joined { server, peer, .. } = &self.joined;
+        if peer.is_closing() {
+            // Closed while it waited here (shutdown, a slow consumer): its
+            // close is out.
+            self.joined.leave();
+            return self.wait_for_end(now);
+        }
+        let ping = server.settings.limits.ping_interval;
+        let Some(reader) = &mut self.reader else {
+            // A stream listener: its keepalive also lets its writer see a
+            // listener that is gone.
+            if let (Some(due), Some(frame)) = (self.keepalive, peer.wire.ping()) {
+                if now >= due {
+                    let mut flushes = Flushes::new(false);
+                    peer.send_control(frame, &server.settings.limits, &mut flushes);
+                    self.keepalive = Some(now + ping);
                 }
             }
-            Err(_) => return Close::ABORT,
+            return Next::Wait(self.keepalive);
+        };
+        let half = &mut reader.inner;
+        if ping.is_zero() {
+            return Next::Wait(None);
         }
-        if peer.is_closing() {
-            return Close::ABORT;
+        let silent_until = half.last_rx + 2 * ping;
+        if now >= silent_until {
+            peer.close(Close::with(1001, "ping timeout"));
+            self.joined.leave();
+            return self.wait_for_end(now);
         }
+        half.catch_up();
+        Next::Wait(Some(
+            half.ping_due
+                .map_or(silent_until, |due| due.min(silent_until)),
+        ))
+    }
+
+    fn ready(&mut self, now: Instant) -> Next {
+        let closing = self.closing.is_some() || self.joined.peer.is_closing();
+        if !closing && self.reader.is_some() {
+            return Next::Resume;
+        }
+        // What a listener or a closing client sends is read and dropped
+        // here; a flood is taken a bounded bite at a time.
+        let mut sink = [0u8; 1024];
+        for _ in 0..64 {
+            match self.joined.stream.read_ready(&mut sink) {
+                Ok(0) => return Next::Over,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return Next::Over,
+            }
+        }
+        self.tick(now)
+    }
+
+    fn resume(mut self: Box<Self>) {
+        if let Some(reader) = &mut self.reader {
+            // What woke it may be a pong or a ping only: then it waits in
+            // the loop again at its first read that finds nothing.
+            reader.inner.park_now = true;
+        }
+        self.talk();
     }
 }
 
 /// The reader's half of the socket, under [`Reframed`].
-struct ReadHalf<'a> {
+struct ReadHalf {
     stream: Arc<Stream>,
     peer: Arc<Peer>,
-    limits: &'a Limits,
+    server: Arc<Server>,
     last_rx: Instant,
     /// Receivers owed a send of what this reader has queued for them.
     flushes: Flushes,
@@ -456,6 +562,9 @@ struct ReadHalf<'a> {
     stall: Duration,
     /// The read timeout is `stall` for a large message in progress.
     watching: bool,
+    /// Taken from the event loop and no message since: the first read that
+    /// finds nothing sends the connection back there.
+    park_now: bool,
 }
 
 /// Messages a reader publishes (or reads it does) at most before it sends
@@ -474,13 +583,14 @@ struct ReadHalf<'a> {
 /// all.
 const FLUSH_AFTER: usize = 128;
 
-impl ReadHalf<'_> {
+impl ReadHalf {
     /// Publish `frame` to `channel` for client `from`; it is sent with the
     /// messages before it, at the latest with the [`FLUSH_AFTER`]th.
     fn publish(&mut self, channel: &Channel, from: u64, frame: &Frame, server: &Server) {
         let limits = &server.settings.limits;
         channel.publish(from, frame, limits, &server.stats, &mut self.flushes);
         self.deferred += 1;
+        self.park_now = false;
     }
 
     /// Whether the sends owed must go out before the next read: after
@@ -505,14 +615,16 @@ impl ReadHalf<'_> {
     /// moment of a reader's life sets how many stack pages stay resident
     /// while its connection is idle, and sending from down there kept a page
     /// more per connection (BENCHMARKS.md, "Measurements behind the
-    /// constants").
+    /// constants"). The event loop calls it for the ping of a client that
+    /// waits there.
     #[inline(never)]
     fn catch_up(&mut self) {
         if let Some(due) = self.ping_due {
             let now = Instant::now();
             if now >= due {
+                let limits = &self.server.settings.limits;
                 self.peer
-                    .send_control(Frame::ping(), self.limits, &mut self.flushes);
+                    .send_control(Frame::ping(), limits, &mut self.flushes);
                 self.ping_due = Some(now + self.ping);
             }
         }
@@ -551,19 +663,24 @@ impl ReadHalf<'_> {
         }
     }
 
-    /// The timeout of a blocking read: the ping interval, or `stall` while a
-    /// large message is in progress, so that its stalling is seen in time.
+    /// The timeout of a blocking read: [`PARK_AFTER`] (or the ping interval,
+    /// if shorter), or `stall` while a large message is in progress, so
+    /// that its stalling is seen in time.
     fn read_timeout(&self) -> Option<Duration> {
-        match (self.watching, self.ping.is_zero()) {
-            (true, true) => Some(self.stall),
-            (true, false) => Some(self.stall.min(self.ping)),
-            (false, true) => None,
-            (false, false) => Some(self.ping),
+        let wait = if self.watching {
+            self.stall
+        } else {
+            PARK_AFTER
+        };
+        if self.ping.is_zero() {
+            Some(wait)
+        } else {
+            Some(wait.min(self.ping))
         }
     }
 }
 
-impl Source for ReadHalf<'_> {
+impl Source for ReadHalf {
     fn watch(&mut self, large: bool) {
         if large != self.watching {
             self.watching = large;
@@ -572,23 +689,24 @@ impl Source for ReadHalf<'_> {
     }
 }
 
-impl Read for ReadHalf<'_> {
+impl Read for ReadHalf {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.is_due() {
             // Reads count too, so that a large frame streaming in does not
             // hold back what was published before it until it is whole.
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let ready = if self.full {
+        let ready = if self.full || self.park_now {
             self.stream.read_ready(buf)
         } else {
             Err(io::ErrorKind::WouldBlock.into())
         };
         let n = match ready {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if self.owes() {
+                if self.owes() || self.park_now {
                     // About to wait for the client: the read loop sends
-                    // what is owed first, and reads again.
+                    // what is owed first, and reads again, or lets the
+                    // event loop wait.
                     return Err(e);
                 }
                 self.time_the_wait();
@@ -607,76 +725,77 @@ impl Read for ReadHalf<'_> {
     }
 }
 
-/// The client's websocket, reading from `rest` first.
+/// The client's reading side; the bytes that came with its request head
+/// (`rest`) are rewritten as reads would have been, for its first
+/// websocket.
 #[inline(never)]
-fn open<'a>(client: &Joined, mut rest: Vec<u8>, limits: &'a Limits) -> WebSocket<Client<'a>> {
-    let Joined {
-        stream,
-        peer,
-        readonly,
-        visit,
-        ..
-    } = client;
+fn open(client: &mut Joined, server: &Arc<Server>) -> Client {
+    let limits = &server.settings.limits;
     let ping = limits.ping_interval;
-    let timeout = (!ping.is_zero()).then_some(ping);
-    let _ = stream.set_read_timeout(timeout);
-    let half = ReadHalf {
-        stream: Arc::clone(stream),
-        peer: Arc::clone(peer),
-        limits,
-        last_rx: Instant::now(),
+    let now = Instant::now();
+    let mut half = ReadHalf {
+        stream: Arc::clone(&client.stream),
+        peer: Arc::clone(&client.peer),
+        server: Arc::clone(server),
+        last_rx: now,
         flushes: Flushes::new(true),
         deferred: 0,
         full: false,
-        ping_due: (!ping.is_zero()).then(|| Instant::now() + ping),
+        ping_due: (!ping.is_zero()).then(|| now + ping),
         ping,
-        timeout,
+        timeout: None,
         stall: limits.handshake_timeout,
         watching: false,
+        park_now: false,
     };
-    let share = visit.as_ref().map(|v| Arc::clone(v.share()));
+    half.set_timeout(half.read_timeout());
+    let share = client.visit.as_ref().map(|v| Arc::clone(v.share()));
     let mut incoming = Box::new(Incoming::new(
         limits.max_message_size,
         MinRate::of(limits),
         &BUDGET,
         share,
-        *readonly,
+        client.readonly,
     ));
     // Bytes that came with the request head are the first tungstenite reads;
     // a refusal shows at the first read.
-    incoming.take_rest(&mut rest, half.last_rx);
-    let client = Reframed {
+    incoming.take_rest(&mut client.rest, now);
+    Reframed {
         incoming,
         inner: half,
-    };
-    websocket(client, rest, limits.max_message_size)
+    }
 }
 
-/// What a reader's tungstenite reads from.
-type Client<'a> = Reframed<ReadHalf<'a>>;
-
-/// Read messages and publish them until the connection ends; returns how it
-/// ends, and the socket for the last reads.
-fn read_loop(client: &Joined, rest: Vec<u8>, server: &Server) -> (Close, Arc<Stream>) {
+/// Read messages and publish them until the client is silent (`None`: the
+/// connection waits in the event loop) or the connection ends (how).
+fn read_loop(conversation: &mut Conversation, server: &Server) -> Option<Close> {
+    let Conversation {
+        joined,
+        reader: Some(reader),
+        sender,
+        ..
+    } = conversation
+    else {
+        return None;
+    };
     let limits = &server.settings.limits;
-    let mut ws = open(client, rest, limits);
-    // Other instances learn who sent a message (0.1.x's correlation_id).
-    let sender = server.relay.as_ref().map(|_| Uuid::new_v4());
+    let rest = std::mem::take(&mut joined.rest);
+    let mut ws = websocket(reader, rest, limits.max_message_size);
     // The sends the reader owes go out from here, between calls of
     // `read_events`, whose frame (tungstenite's read inlined) is the deep
     // one: sending from inside it kept a third stack page per connection.
-    let close = loop {
-        match read_events(&mut ws, client, server, sender) {
+    loop {
+        match read_events(&mut ws, joined, server, *sender) {
             Step::CatchUp => ws.get_mut().inner.catch_up(),
             Step::Rebuild => {
                 // tungstenite's buffer grew to a large message and is empty
                 // now: start over with a small one.
                 ws = websocket(ws.into_inner(), Vec::new(), limits.max_message_size);
             }
-            Step::End(close) => break close,
+            Step::Park => return None,
+            Step::End(close) => return Some(close),
         }
-    };
-    (close, ws.into_inner().inner.stream)
+    }
 }
 
 /// Why [`read_events`] returned.
@@ -685,15 +804,18 @@ enum Step {
     CatchUp,
     /// tungstenite's read buffer should start small again.
     Rebuild,
+    /// The client is silent between messages: the connection waits in the
+    /// event loop (tungstenite holds nothing of it then).
+    Park,
     /// The connection ends so.
     End(Close),
 }
 
 /// Read and publish until the reader owes sends, its websocket wants
-/// rebuilding, or the connection ends.
+/// rebuilding, the client is silent, or the connection ends.
 #[inline(never)]
 fn read_events(
-    ws: &mut WebSocket<Client<'_>>,
+    ws: &mut WebSocket<&mut Client>,
     client: &Joined,
     server: &Server,
     sender: Option<Uuid>,
@@ -712,7 +834,7 @@ fn read_events(
             // frame is on its way; whatever arrived now is not published.
             return Step::End(Close::ABORT);
         }
-        let incoming = &mut ws.get_mut().incoming;
+        let Reframed { incoming, inner } = &mut **ws.get_mut();
         // Pings keep a connection alive, not a half-sent message: timed here
         // when the client is silent or sends only pings, and by the reads
         // of a trickle.
@@ -722,15 +844,24 @@ fn read_events(
         let frame = match event {
             Event::Message(frame) => frame,
             Event::Ping(pong) => {
-                peer.send_control(pong, limits, &mut ws.get_mut().inner.flushes);
+                peer.send_control(pong, limits, &mut inner.flushes);
                 continue;
             }
             Event::Nothing => continue,
             Event::Quiet => {
                 let ping = limits.ping_interval;
-                if !ping.is_zero() && ws.get_ref().inner.last_rx.elapsed() >= 2 * ping {
+                if !ping.is_zero() && inner.last_rx.elapsed() >= 2 * ping {
                     return Step::End(Close::with(1001, "ping timeout"));
                 }
+                if inner.owes() {
+                    return Step::CatchUp;
+                }
+                if incoming.at_rest() {
+                    return Step::Park;
+                }
+                // Within a message: the rest is awaited on this thread,
+                // timed by `min_rate`.
+                inner.park_now = false;
                 return Step::CatchUp;
             }
             Event::End(close) => {
@@ -740,18 +871,17 @@ fn read_events(
                 });
             }
         };
-        let rebuild = ws.get_ref().incoming.clean_end();
+        let rebuild = incoming.clean_end();
         stats::add(&server.stats.messages_in, 1);
         stats::add(&server.stats.bytes_in, frame.payload().len() as u64);
-        let half = &mut ws.get_mut().inner;
-        half.publish(channel, peer.id, &frame, server);
+        inner.publish(channel, peer.id, &frame, server);
         if let (Some(relay), Some(sender)) = (&server.relay, sender) {
             relay.publish(path, &frame, sender, &server.stats);
         }
         if rebuild {
             return Step::Rebuild;
         }
-        if half.is_due() {
+        if inner.is_due() {
             return Step::CatchUp;
         }
     }
@@ -871,7 +1001,7 @@ mod tests {
         };
         let joined = join(Stream::Unix(a), &server, member, Vec::new()).expect("joined");
         assert_eq!(server.registry.counts(), (1, 1));
-        let peer = Arc::clone(&joined.peer);
+        let peer = Arc::clone(&joined.joined.peer);
         let died = std::thread::spawn(move || {
             let _joined = joined;
             panic!("a bug in the read loop");

@@ -1,15 +1,25 @@
 //! One event loop for every socket that is only waiting (SPEC §3), as
 //! Apache's event MPM keeps the connections it is not serving: a new
-//! connection until its request head is complete, and a kept-alive HTTP
-//! connection between requests. Such a socket holds no thread. The loop
-//! thread accepts on every public listener until the kernel has no more,
-//! reads what arrives into a buffer of the connection's own (allocated with
-//! the first byte, at most [`MAX_HEAD`], counted in the memory budget),
-//! keeps the first-byte and head deadlines, and hands a connection to a
-//! reader thread from the pool once its head is complete (or cannot be: too
-//! large, malformed), with the bytes read so far. What the conversation does
-//! from there is plain blocking code (`client`); a kept-alive connection
-//! comes back here through [`Lobby::park`].
+//! connection until its request head is complete, a kept-alive HTTP
+//! connection between requests, and a channel member whose client is
+//! silent. Such a socket holds no thread.
+//!
+//! The loop thread accepts on every public listener until the kernel has no
+//! more, reads what arrives into a buffer of the connection's own
+//! (allocated with the first byte, at most [`MAX_HEAD`], counted in the
+//! memory budget), keeps the first-byte and head deadlines, and hands a
+//! connection to a reader thread from the pool once its head is complete
+//! (or cannot be: too large, malformed), with the bytes read so far. What
+//! the conversation does from there is plain blocking code (`client`); a
+//! kept-alive connection comes back here through [`Lobby::park`].
+//!
+//! A websocket client silent for `client::PARK_AFTER`, and a stream
+//! listener from its `200` on, come here through [`Lobby::rest`] with their
+//! state ([`Resting`]). Messages reach them as before, by direct writes or
+//! a writer thread; the loop sends their pings, closes those that stopped
+//! answering, reads and drops what listeners and closing clients send, and
+//! gives a websocket client that sends again to a reader thread, which
+//! reads on as if it had never left.
 //!
 //! epoll through the `polling` crate: a small, well-kept wrapper (the one
 //! smol and async-io stand on) whose one-shot interest suits sockets that
@@ -22,6 +32,7 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -33,7 +44,7 @@ use crate::client::FIRST_BYTE_TIMEOUT;
 use crate::http::{self, MAX_HEAD};
 use crate::listener::{Listener, refuse_out_of_fds};
 use crate::logging::Throttle;
-use crate::server::{Crowded, Lobby, Server, Waiting};
+use crate::server::{Crowded, Lobby, Next, Resting, Server, Waiting};
 use crate::stream::Stream;
 
 /// How long a socket may wait for its head to complete before the loop
@@ -71,6 +82,7 @@ pub fn spawn(listeners: Vec<Arc<Listener>>, server: Arc<Server>) -> io::Result<(
         spare: File::open("/dev/null").ok(),
         next_gen: 0,
         throttle: Throttle::new(),
+        stopped: false,
     };
     thread::Builder::new()
         .name("staps-loop".into())
@@ -82,13 +94,24 @@ pub fn spawn(listeners: Vec<Arc<Listener>>, server: Arc<Server>) -> io::Result<(
 /// woken.
 struct Door {
     poller: Arc<Poller>,
-    tx: Sender<Waiting>,
+    tx: Sender<Parked>,
+}
+
+/// A connection given back to the loop.
+enum Parked {
+    Head(Waiting),
+    Member(Box<dyn Resting>),
 }
 
 impl Lobby for Door {
     fn park(&self, waiting: Waiting) {
         // The loop ends only with the process: the queue is never closed.
-        let _ = self.tx.send(waiting);
+        let _ = self.tx.send(Parked::Head(waiting));
+        self.wake();
+    }
+
+    fn rest(&self, member: Box<dyn Resting>) {
+        let _ = self.tx.send(Parked::Member(member));
         self.wake();
     }
 
@@ -97,7 +120,30 @@ impl Lobby for Door {
     }
 }
 
-/// A connection the loop keeps.
+/// A connection the loop keeps: one waiting for a request head, or a
+/// member whose client is silent.
+enum Kept {
+    Head(Conn),
+    Member(Member),
+}
+
+/// A resting member, and when it is to be looked at next.
+struct Member {
+    member: Box<dyn Resting>,
+    due: Option<Instant>,
+    generation: u64,
+}
+
+impl Kept {
+    fn stream(&self) -> &Stream {
+        match self {
+            Kept::Head(conn) => &conn.waiting.stream,
+            Kept::Member(m) => m.member.stream(),
+        }
+    }
+}
+
+/// A connection waiting for its request head.
 struct Conn {
     waiting: Waiting,
     /// When it came to the loop (accepted, or given back).
@@ -139,11 +185,11 @@ struct Loop {
     listeners: Vec<Arc<Listener>>,
     server: Arc<Server>,
     /// The connections, by key (less the listeners' count); `None` is free.
-    conns: Vec<Option<Conn>>,
+    conns: Vec<Option<Kept>>,
     free: Vec<usize>,
     /// Deadlines, soonest first: (when, place, generation).
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
-    parked: Receiver<Waiting>,
+    parked: Receiver<Parked>,
     /// What each listener's connections still need set ([`Listener::prepare`]).
     options: Vec<Option<Duration>>,
     /// A descriptor held in reserve: when the process runs out, it is given
@@ -151,6 +197,9 @@ struct Loop {
     spare: Option<File>,
     next_gen: u64,
     throttle: Throttle,
+    /// Shutdown has begun: the listeners are no longer watched, and heads
+    /// are no longer waited for.
+    stopped: bool,
 }
 
 /// What reading a waiting connection found.
@@ -178,18 +227,23 @@ impl Loop {
                     thread::sleep(Duration::from_millis(100));
                 }
             }
-            if self.server.is_stopping() {
+            if self.server.is_stopping() && !self.stopped {
                 self.stop();
-                return;
             }
             for event in events.iter() {
                 match event.key.checked_sub(self.listeners.len()) {
-                    None => self.accept(event.key),
+                    None if !self.stopped => self.accept(event.key),
+                    None => {}
                     Some(place) => self.ready(place),
                 }
             }
-            while let Ok(waiting) = self.parked.try_recv() {
-                self.keep(waiting, Instant::now());
+            let now = Instant::now();
+            while let Ok(parked) = self.parked.try_recv() {
+                match parked {
+                    Parked::Head(waiting) if !self.stopped => self.keep(waiting, now),
+                    Parked::Head(_) => {}
+                    Parked::Member(member) => self.rest(member, now),
+                }
             }
             self.expire();
         }
@@ -243,10 +297,9 @@ impl Loop {
             .conns
             .iter()
             .enumerate()
-            .filter_map(|(i, c)| {
-                c.as_ref()
-                    .filter(|c| now.duration_since(c.since) >= SILENT)
-                    .map(|c| (c.since, i))
+            .filter_map(|(i, c)| match c {
+                Some(Kept::Head(c)) if now.duration_since(c.since) >= SILENT => Some((c.since, i)),
+                _ => None,
             })
             .min();
         if let Some((_, place)) = oldest {
@@ -316,6 +369,35 @@ impl Loop {
             Read::Gone => return,
             Read::Wait => {}
         }
+        let expiry = conn.expiry(self.handshake_timeout());
+        if let Some(place) = self.watch(Kept::Head(conn)) {
+            self.timers.push(Reverse((expiry, place, generation)));
+        }
+    }
+
+    /// Keep a member whose client is silent: what is due is done first.
+    fn rest(&mut self, mut member: Box<dyn Resting>, now: Instant) {
+        match member.tick(now) {
+            Next::Over => {}
+            Next::Resume => self.resume(member),
+            Next::Wait(due) => {
+                let generation = self.next_gen;
+                self.next_gen += 1;
+                let kept = Kept::Member(Member {
+                    member,
+                    due,
+                    generation,
+                });
+                if let (Some(place), Some(due)) = (self.watch(kept), due) {
+                    self.timers.push(Reverse((due, place, generation)));
+                }
+            }
+        }
+    }
+
+    /// Give `kept` a place and watch its socket; None (and it is closed)
+    /// when it cannot be watched.
+    fn watch(&mut self, kept: Kept) -> Option<usize> {
         let place = self.free.pop().unwrap_or_else(|| {
             self.conns.push(None);
             self.conns.len() - 1
@@ -324,25 +406,37 @@ impl Loop {
         // SAFETY: the socket is deleted from the poller before it is
         // dropped or handed over (`take`).
         let added = unsafe {
-            self.poller.add(
-                conn.waiting.stream.as_fd().as_raw_fd(),
-                Event::readable(key),
-            )
+            self.poller
+                .add(kept.stream().as_fd().as_raw_fd(), Event::readable(key))
         };
         if let Err(e) = added {
             self.complain("cannot watch a connection", &e);
             self.free.push(place);
-            return;
+            return None;
         }
-        let expiry = conn.expiry(self.handshake_timeout());
-        self.timers.push(Reverse((expiry, place, generation)));
-        self.conns[place] = Some(conn);
+        if matches!(kept, Kept::Member(_)) {
+            self.server.stats.resting.fetch_add(1, Ordering::Relaxed);
+        }
+        self.conns[place] = Some(kept);
+        Some(place)
     }
 
     /// Bytes arrived on the connection at `place`.
     fn ready(&mut self, place: usize) {
+        match self.conns.get(place) {
+            Some(Some(Kept::Head(_))) => self.head_ready(place),
+            Some(Some(Kept::Member(_))) => {
+                let now = Instant::now();
+                self.member_next(place, now, |member| member.ready(now), true);
+            }
+            _ => {}
+        }
+    }
+
+    /// Bytes of a request head arrived.
+    fn head_ready(&mut self, place: usize) {
         let timeout = self.handshake_timeout();
-        let Some(conn) = self.conns.get_mut(place).and_then(Option::as_mut) else {
+        let Some(Some(Kept::Head(conn))) = self.conns.get_mut(place) else {
             return;
         };
         let was_started = conn.started;
@@ -353,21 +447,70 @@ impl Loop {
                     let generation = conn.generation;
                     self.timers.push(Reverse((expiry, place, generation)));
                 }
-                let key = self.listeners.len() + place;
-                let armed = self
-                    .poller
-                    .modify(conn.waiting.stream.as_fd(), Event::readable(key));
-                if let Err(e) = armed {
-                    self.complain("cannot watch a connection", &e);
-                    self.close(place);
-                }
+                self.rearm(place);
             }
             Read::Ready => {
-                if let Some(conn) = self.take(place) {
+                if let Some(Kept::Head(conn)) = self.take(place) {
                     self.hand_over(conn);
                 }
             }
             Read::Gone => self.close(place),
+        }
+    }
+
+    /// Do with the member at `place` what `step` says (its socket is
+    /// watched again when `rearm`: it reported bytes, which disarmed it).
+    fn member_next(
+        &mut self,
+        place: usize,
+        now: Instant,
+        step: impl FnOnce(&mut dyn Resting) -> Next,
+        rearm: bool,
+    ) {
+        let Some(Some(Kept::Member(m))) = self.conns.get_mut(place) else {
+            return;
+        };
+        match step(&mut *m.member) {
+            Next::Wait(due) => {
+                if due != m.due || m.due.is_some_and(|d| d <= now) {
+                    m.due = due;
+                    if let Some(due) = due {
+                        self.timers.push(Reverse((due, place, m.generation)));
+                    }
+                }
+                if rearm {
+                    self.rearm(place);
+                }
+            }
+            Next::Resume => {
+                if let Some(Kept::Member(m)) = self.take(place) {
+                    self.resume(m.member);
+                }
+            }
+            Next::Over => self.close(place),
+        }
+    }
+
+    /// Watch the socket at `place` for its next bytes (interest is one-shot).
+    fn rearm(&mut self, place: usize) {
+        let Some(Some(kept)) = self.conns.get(place) else {
+            return;
+        };
+        let key = self.listeners.len() + place;
+        if let Err(e) = self
+            .poller
+            .modify(kept.stream().as_fd(), Event::readable(key))
+        {
+            self.complain("cannot watch a connection", &e);
+            self.close(place);
+        }
+    }
+
+    /// A silent client sent again: a reader thread reads on.
+    fn resume(&self, member: Box<dyn Resting>) {
+        if let Err(e) = self.server.readers.run(move || member.resume()) {
+            // The member is dropped with the job: its connection is cut.
+            self.complain("cannot start a thread for a client that sent again", &e);
         }
     }
 
@@ -386,7 +529,8 @@ impl Loop {
         }
     }
 
-    /// Close connections whose head did not come in time.
+    /// Close connections whose head did not come in time; do what is due
+    /// for resting members.
     fn expire(&mut self) {
         let now = Instant::now();
         let timeout = self.handshake_timeout();
@@ -395,32 +539,45 @@ impl Loop {
                 break;
             }
             self.timers.pop();
-            let due = self.conns[place]
-                .as_ref()
-                .is_some_and(|c| c.generation == generation && c.expiry(timeout) <= now);
-            if due {
-                log::debug!("connection closed before a complete request: timed out");
-                self.close(place);
+            match &self.conns[place] {
+                Some(Kept::Head(c)) if c.generation == generation && c.expiry(timeout) <= now => {
+                    log::debug!("connection closed before a complete request: timed out");
+                    self.close(place);
+                }
+                Some(Kept::Member(m))
+                    if m.generation == generation && m.due.is_some_and(|d| d <= now) =>
+                {
+                    self.member_next(place, now, |member| member.tick(now), false);
+                }
+                _ => {}
             }
         }
     }
 
     /// Out of the poller and the table.
-    fn take(&mut self, place: usize) -> Option<Conn> {
-        let conn = self.conns.get_mut(place)?.take()?;
-        let _ = self.poller.delete(conn.waiting.stream.as_fd());
+    fn take(&mut self, place: usize) -> Option<Kept> {
+        let kept = self.conns.get_mut(place)?.take()?;
+        let _ = self.poller.delete(kept.stream().as_fd());
+        if matches!(kept, Kept::Member(_)) {
+            self.server.stats.resting.fetch_sub(1, Ordering::Relaxed);
+        }
         self.free.push(place);
-        Some(conn)
+        Some(kept)
     }
 
     fn close(&mut self, place: usize) {
         drop(self.take(place));
     }
 
-    /// Shutdown: close what waits and stop watching the listeners.
+    /// Shutdown: stop watching the listeners and close what waits for a
+    /// request head. Resting members stay: the shutdown's close frames
+    /// reach them by direct writes, and their answers are awaited here.
     fn stop(&mut self) {
+        self.stopped = true;
         for place in 0..self.conns.len() {
-            self.close(place);
+            if matches!(self.conns[place], Some(Kept::Head(_))) {
+                self.close(place);
+            }
         }
         for listener in &self.listeners {
             let _ = self.poller.delete(listener.as_fd());

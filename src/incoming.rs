@@ -476,6 +476,17 @@ impl Incoming {
         self.refusal
     }
 
+    /// Whether everything handed over so far ended a message, and nothing is
+    /// held back: tungstenite then holds no part of one, and the
+    /// connection may wait without a reader (`client`).
+    pub fn at_rest(&self) -> bool {
+        self.left.is_none()
+            && self.head_len == 0
+            && self.pace.is_none()
+            && self.pending_pos == self.pending_len
+            && self.refusal.is_none()
+    }
+
     /// Whether a message larger than [`FREE`] is in progress.
     pub fn in_large_message(&self) -> bool {
         self.pace.is_some() && self.is_large()

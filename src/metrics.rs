@@ -96,6 +96,13 @@ pub fn exposition(server: &Server) -> String {
     );
     family(
         &mut out,
+        "connections_resting",
+        "gauge",
+        "Of those, clients silent for a while: they wait in the event loop and hold no thread.",
+        &[("", s.resting.load(Relaxed))],
+    );
+    family(
+        &mut out,
         "channels",
         "gauge",
         "Channels with clients on this instance.",

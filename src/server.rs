@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 
@@ -75,14 +76,48 @@ pub struct Waiting {
     pub request: Option<Box<(Request, usize)>>,
 }
 
-/// Where a connection waits for its next request without a thread: the
-/// event loop (`event_loop`), which hands it to a reader thread again once
-/// its head is complete.
+/// Where a connection waits without a thread: the event loop
+/// (`event_loop`), which hands it to a reader thread again once there is
+/// something to read.
 pub trait Lobby: Send + Sync {
     /// Keep `waiting` until its next head is complete.
     fn park(&self, waiting: Waiting);
+    /// Keep a member whose client is silent until it sends again.
+    fn rest(&self, member: Box<dyn Resting>);
     /// Look at the server's state now (it is stopping).
     fn wake(&self);
+}
+
+/// A websocket client or stream listener whose reader gave its thread back
+/// (`client`), as the event loop keeps it: it is watched for bytes and
+/// looked at when its next timer is due (a ping to send, a client that
+/// stopped answering). Messages still reach it without a thread: by direct
+/// writes, or a writer thread for a backlog.
+pub trait Resting: Send {
+    /// Its socket.
+    fn stream(&self) -> &Stream;
+    /// Do what is due at `now`: send a ping, close a client that stopped
+    /// answering, end one whose close took too long.
+    fn tick(&mut self, now: Instant) -> Next;
+    /// Bytes (or the end) arrived, and the socket is no longer watched:
+    /// what it takes is done without waiting here; [`Next::Resume`] when
+    /// the client's reader must read them on a thread.
+    fn ready(&mut self, now: Instant) -> Next;
+    /// Read on the calling thread (a reader from the pool) until the client
+    /// is silent again or the connection ends.
+    fn resume(self: Box<Self>);
+}
+
+/// What the event loop does next with a [`Resting`] member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// Watch its socket, and look at it again at this time (or only when
+    /// bytes come).
+    Wait(Option<Instant>),
+    /// Hand it to a reader thread ([`Resting::resume`]).
+    Resume,
+    /// Its connection is over: drop it, which closes it.
+    Over,
 }
 
 /// What one client address holds now; gone when it holds nothing.
@@ -249,6 +284,14 @@ impl Server {
         }
     }
 
+    /// Give `member` to the event loop until its client sends again
+    /// (without one, as in unit tests, it is closed).
+    pub fn rest(&self, member: Box<dyn Resting>) {
+        if let Some(lobby) = self.lobby.get() {
+            lobby.rest(member);
+        }
+    }
+
     /// A new connection id.
     pub fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
@@ -359,12 +402,12 @@ impl Server {
         }
     }
 
-    /// Warn when the system would stop staps short of `max_connections`:
-    /// every client takes a thread, two while it has a backlog (counted
-    /// here, as all may have one at once), each with four memory mappings
-    /// (stack, its guard page, the signal stack and its guard), and one
-    /// descriptor.
-    /// Quiet when all is well.
+    /// Warn when the system would stop staps short of `max_connections`
+    /// clients all talking at once: a client takes a descriptor, and a
+    /// thread while it talks (it sent within `client::PARK_AFTER`, or has
+    /// a backlog), with four memory mappings (stack, its guard page, the
+    /// signal stack and its guard); a silent one waits in the event loop
+    /// without. Quiet when all is well.
     pub fn check_system_limits(&self) {
         if self.settings.limits.max_connections == 0 {
             return;
@@ -388,14 +431,14 @@ impl Server {
         check(
             "vm.max_map_count",
             read("/proc/sys/vm/max_map_count"),
-            8,
+            4,
             1024,
             "raise it (the Debian package ships /usr/lib/sysctl.d/50-staps.conf)",
         );
         check(
             "kernel.pid_max",
             read("/proc/sys/kernel/pid_max"),
-            2,
+            1,
             1024,
             "raise kernel.pid_max",
         );

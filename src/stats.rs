@@ -4,9 +4,13 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::budget::BUDGET;
 
-/// Monotonic counters. Gauges (connections now, channels) live in the registry.
+/// Monotonic counters, and the event loop's gauge. The other gauges
+/// (connections now, channels) live in the registry.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Members whose client is silent, waiting in the event loop without a
+    /// thread (a gauge, kept by the loop).
+    pub resting: AtomicU64,
     /// Websocket clients accepted since start.
     pub connections_total: AtomicU64,
     /// Connections turned away before or during the handshake (limits, errors).

@@ -181,3 +181,242 @@ fn shutdown_closes_the_sockets_that_wait() {
     }
     assert_eq!(staps.wait_exit().code(), Some(0));
 }
+
+// ---------------------------------------------------------- resting members
+//
+// SPEC §3: a websocket client silent for a quarter of a second, and a stream
+// listener from its `200` on, wait in the event loop without a thread
+// (`staps_connections_resting` counts them); nothing the client sees changes.
+
+/// staps with a metrics listener and extra `[limits]` lines; where /metrics is.
+fn with_metrics(limits: &str) -> (Staps, std::net::SocketAddr) {
+    let config = tcp_config(limits).replace("[limits]", "metrics = 127.0.0.1:0\n[limits]");
+    let mut staps = Staps::start(&config, &[]);
+    let line = staps.wait_log("metrics on ");
+    let at = line
+        .split("metrics on ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (staps, at)
+}
+
+/// A gauge from /metrics (`staps_` and `name`).
+fn gauge(metrics: std::net::SocketAddr, name: &str) -> u64 {
+    let text = get(metrics, "/metrics", "");
+    let key = format!("staps_{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .unwrap_or_else(|| panic!("no {key} in /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Wait until `n` clients rest in the loop.
+fn wait_resting(metrics: std::net::SocketAddr, n: u64) {
+    wait_until(&format!("{n} resting clients"), || {
+        gauge(metrics, "connections_resting") == n
+    });
+}
+
+/// An SSE listener on `path` by a raw request; its socket after the head.
+/// HTTP/1.0: the events come as they are, not in chunks.
+fn sse_from(source: &str, addr: std::net::SocketAddr, path: &str) -> TcpStream {
+    let mut s = tcp_from(source, addr);
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n");
+    s.write_all(request.as_bytes()).unwrap();
+    let head = read_until_seen(&mut s, "\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
+
+/// Silent clients from many addresses give their threads back; each is
+/// taken again by its own message, which reaches every other client.
+#[test]
+fn silent_clients_rest_without_a_thread_and_wake_on_their_messages() {
+    let (staps, metrics) = with_metrics("");
+    let addr = staps.addr();
+    let ch = channel();
+    let mut clients: Vec<Ws> = (0..150)
+        .map(|i| connect_from(&format!("127.0.0.{}", 2 + i % 50), addr, &ch))
+        .collect();
+    wait_resting(metrics, 150);
+    // A thread each would be 150 readers; the pool keeps at most 64 idle.
+    let threads = readers(&staps);
+    assert!(
+        threads < 100,
+        "{threads} reader threads for 150 silent clients"
+    );
+    for sender in [0, 75, 149] {
+        let text = format!("from {sender}");
+        clients[sender].send(Message::text(text.clone())).unwrap();
+        for (i, c) in clients.iter_mut().enumerate() {
+            if i != sender {
+                assert_eq!(recv(c), Message::text(text.clone()));
+            }
+        }
+    }
+    // Silent again, all of them rest again.
+    wait_resting(metrics, 150);
+}
+
+/// A resting client's ping is answered, and its close is answered and
+/// ends its membership: the loop hands it to a reader for both.
+#[test]
+fn a_resting_client_is_woken_by_a_ping_and_by_a_close() {
+    let (_staps, metrics) = with_metrics("");
+    let ch = channel();
+    let mut raw = raw_ws(_staps.addr(), &ch);
+    wait_resting(metrics, 1);
+    raw.write_all(&client_frame(true, 0x9, b"are you there"))
+        .unwrap();
+    assert_eq!(server_frame(&mut raw), (0xA, b"are you there".to_vec()));
+    wait_resting(metrics, 1);
+    let mut close = 4000u16.to_be_bytes().to_vec();
+    close.extend_from_slice(b"bye");
+    raw.write_all(&client_frame(true, 0x8, &close)).unwrap();
+    assert_eq!(raw_close_code(&mut raw), 4000);
+    // The server ends the connection, and the client is gone.
+    let mut buf = [0u8; 16];
+    assert_eq!(raw.read(&mut buf).unwrap_or(0), 0);
+    wait_until("the closed client gone", || {
+        gauge(metrics, "connections") == 0 && gauge(metrics, "connections_resting") == 0
+    });
+}
+
+/// The loop pings resting clients; one that answers stays, one that does
+/// not is closed with 1001 after two intervals, as a reader would.
+#[test]
+fn the_loop_pings_resting_clients_and_closes_those_that_stop_answering() {
+    let (staps, metrics) = with_metrics("ping_interval = 1");
+    let addr = staps.addr();
+    let ch = channel();
+    let mut answers = raw_ws(addr, &ch);
+    let mut silent = raw_ws(addr, &ch);
+    wait_resting(metrics, 2);
+    // One client answers every ping (until the server stops pinging it).
+    let answering = std::thread::spawn(move || {
+        let mut answered = 0;
+        loop {
+            match server_frame(&mut answers) {
+                (0x9, payload) => {
+                    answers
+                        .write_all(&client_frame(true, 0xA, &payload))
+                        .unwrap();
+                    answered += 1;
+                }
+                (0x8, payload) => {
+                    return (answered, u16::from_be_bytes([payload[0], payload[1]]));
+                }
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    });
+    // The silent one gets its pings, then 1001.
+    let mut pings = 0;
+    let code = loop {
+        match server_frame(&mut silent) {
+            (0x9, _) => pings += 1,
+            (0x8, payload) => break u16::from_be_bytes([payload[0], payload[1]]),
+            other => panic!("unexpected frame {other:?}"),
+        }
+    };
+    assert_eq!(code, 1001);
+    assert!(pings >= 1, "closed without a ping");
+    // The other, answering, is still there, and resting between pings.
+    wait_until("the silent client gone", || {
+        gauge(metrics, "connections") == 1
+    });
+    wait_resting(metrics, 1);
+    // Its pings go on until the server stops; then it is closed with 1001.
+    staps.signal(libc::SIGTERM);
+    let (answered, code) = answering.join().unwrap();
+    assert_eq!(code, 1001);
+    assert!(answered >= 2, "{answered} pings answered");
+}
+
+/// A resting receiver, websocket or SSE, gets every message in order, by
+/// direct writes and a writer thread, without being woken.
+#[test]
+fn resting_receivers_get_every_message_in_order() {
+    let (staps, metrics) = with_metrics("");
+    let addr = staps.addr();
+    let ch = channel();
+    let mut receiver = connect_from("127.0.0.2", addr, &ch);
+    let mut sse = sse_from("127.0.0.3", addr, &ch);
+    wait_resting(metrics, 2);
+    let mut sender = connect_from("127.0.0.4", addr, &ch);
+    let n = 2000;
+    let writer = std::thread::spawn(move || {
+        for i in 0..n {
+            sender.send(Message::text(format!("m{i}"))).unwrap();
+        }
+        sender
+    });
+    for i in 0..n {
+        assert_eq!(recv(&mut receiver), Message::text(format!("m{i}")));
+    }
+    let mut seen = String::new();
+    let want = format!("data: m{}\n\n", n - 1);
+    let mut buf = [0u8; 65536];
+    while !seen.ends_with(&want) {
+        let got = sse.read(&mut buf).expect("SSE stream");
+        assert!(got > 0, "SSE stream ended");
+        seen.push_str(std::str::from_utf8(&buf[..got]).unwrap());
+    }
+    let events: Vec<&str> = seen
+        .split("\n\n")
+        .filter(|e| e.starts_with("data: "))
+        .collect();
+    let expected: Vec<String> = (0..n).map(|i| format!("data: m{i}")).collect();
+    assert_eq!(events, expected);
+    drop(writer.join().unwrap());
+    // An HTTP publish reaches the resting ones too.
+    let answer = post(addr, &ch, "Content-Type: text/plain\r\n", b"posted");
+    assert!(answer.contains("{\"clients\": 2}"), "{answer}");
+    assert_eq!(recv(&mut receiver), Message::text("posted"));
+}
+
+/// A shutdown closes resting clients with 1001 and ends resting streams;
+/// clients that answer let staps stop at once, not after the close timeout.
+#[test]
+fn shutdown_closes_resting_clients() {
+    let (mut staps, metrics) = with_metrics("");
+    let addr = staps.addr();
+    let ch = channel();
+    let mut clients: Vec<Ws> = (0..40)
+        .map(|i| connect_from(&format!("127.0.0.{}", 2 + i % 10), addr, &ch))
+        .collect();
+    let mut streams: Vec<TcpStream> = (0..5)
+        .map(|i| sse_from(&format!("127.0.0.{}", 20 + i), addr, &ch))
+        .collect();
+    wait_resting(metrics, 45);
+    staps.signal(libc::SIGTERM);
+    for c in &mut clients {
+        assert_eq!(close_code(c), 1001);
+        // The answer goes out; then the server ends the connection.
+        let _ = c.flush();
+    }
+    for c in &mut clients {
+        assert!(
+            matches!(c.read(), Err(tungstenite::Error::ConnectionClosed)),
+            "the connection stays open after the close handshake"
+        );
+    }
+    for s in &mut streams {
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).expect("stream ends");
+    }
+    assert_eq!(staps.wait_exit().code(), Some(0));
+    assert!(
+        !staps
+            .lines()
+            .iter()
+            .any(|l| l.contains("did not finish the close handshake")),
+        "resting clients answered the close, yet staps waited for them"
+    );
+}
