@@ -152,7 +152,9 @@ pub fn run() -> ExitCode {
     let amqp = settings.amqp.clone();
     let files = shutdown::Files::new(listeners, metrics, &settings);
     // Privileges are dropped: the secret's directory is the service user's.
-    let twins = match crate::secret::twins(settings.secret_file.as_deref()) {
+    let default = settings.secret_file.as_deref()
+        == Some(std::path::Path::new(crate::config::DEFAULT_SECRET_FILE));
+    let twins = match crate::secret::twins(settings.secret_file.as_deref(), default) {
         Ok(twins) => twins,
         Err(e) => {
             files.remove();

@@ -18,7 +18,10 @@ use crate::twin::{SECRET_LEN, Twins};
 /// absent); when there is none to read or make, or `path` is `None`, under
 /// a secret of this process only, with a warning for the first case: its
 /// twins die with the process and do not work across linked instances.
-pub fn twins(path: Option<&Path>) -> io::Result<Twins> {
+/// When `path` is only the default (no configuration names it) and its
+/// directory does not exist, staps is not installed there (`make run` on a
+/// fresh machine): that is said at info level, not warned about.
+pub fn twins(path: Option<&Path>, default: bool) -> io::Result<Twins> {
     let Some(path) = path else {
         return ephemeral().map(Twins::new);
     };
@@ -32,6 +35,14 @@ pub fn twins(path: Option<&Path>) -> io::Result<Twins> {
             }
             Ok(Twins::new(secret))
         }
+        Err(e) if default && is_not_installed(path, &e) => {
+            log::info!(
+                "no {}: read-only URLs use a secret of this process only (set \
+                 secret_file to keep them across starts)",
+                escape_path(path)
+            );
+            ephemeral().map(Twins::new)
+        }
         Err(e) => {
             log::warn!(
                 "cannot read or create the secret file {}: {e}; read-only URLs use a secret \
@@ -42,6 +53,12 @@ pub fn twins(path: Option<&Path>) -> io::Result<Twins> {
             ephemeral().map(Twins::new)
         }
     }
+}
+
+/// Whether `e`, from making the secret at `path`, says that its directory
+/// does not exist.
+fn is_not_installed(path: &Path, e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound && path.parent().is_some_and(|dir| !dir.exists())
 }
 
 /// Where the secret came from.
@@ -156,6 +173,24 @@ mod tests {
         let (again, origin) = load(&path).unwrap();
         assert_eq!((again, origin), (made, Origin::Read));
         assert_ne!(made, ephemeral().unwrap());
+    }
+
+    /// `make run` on a machine without /var/lib/staps is not warned about;
+    /// a secret that cannot be made where its directory exists is.
+    #[test]
+    fn only_a_missing_directory_means_not_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let absent = dir.path().join("nowhere").join("secret");
+        let e = load(&absent).unwrap_err();
+        assert!(is_not_installed(&absent, &e), "{e}");
+        // Its directory is there but is a file: a broken installation.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let under_a_file = file.join("secret");
+        let e = load(&under_a_file).unwrap_err();
+        assert!(!is_not_installed(&under_a_file, &e), "{e}");
+        // Made where its directory exists: nothing to say.
+        assert!(twins(Some(&dir.path().join("secret")), true).is_ok());
     }
 
     #[test]
