@@ -134,7 +134,7 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 /// The part of an address that counts as one client: an IPv6 host has a /64.
-pub fn host_of(ip: IpAddr) -> IpAddr {
+pub(crate) fn host_of(ip: IpAddr) -> IpAddr {
     match canonical(ip) {
         IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !0xffff_ffff_ffff_ffff)),
         v4 => v4,
@@ -142,12 +142,16 @@ pub fn host_of(ip: IpAddr) -> IpAddr {
 }
 
 /// The values of every header of a request called `name`, in order.
-pub type Headers<'a> = &'a dyn Fn(&str) -> Vec<&'a str>;
+pub(crate) type Headers<'a> = &'a dyn Fn(&str) -> Vec<&'a str>;
 
 /// The client address of a request from `peer` (`None`: a unix socket).
 /// `None` when it cannot be known (a unix-socket peer that names nobody):
 /// per-address limits do not apply then.
-pub fn client_address(peer: Option<IpAddr>, trusted: &Trusted, headers: Headers) -> Option<IpAddr> {
+pub(crate) fn client_address(
+    peer: Option<IpAddr>,
+    trusted: &Trusted,
+    headers: Headers,
+) -> Option<IpAddr> {
     let named = if trusted.trusts(peer) {
         forwarded_for(trusted, headers)
     } else {

@@ -11,7 +11,7 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How to log in.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Credentials {
+pub(crate) enum Credentials {
     /// No user in the URL: the broker's default (guest/guest).
     Guest,
     /// `user:pass@`.
@@ -27,7 +27,7 @@ pub enum Credentials {
 
 /// A broker URL, taken apart.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BrokerUrl {
+pub(crate) struct BrokerUrl {
     /// `amqps://`.
     pub tls: bool,
     /// Host name or address.
@@ -49,7 +49,7 @@ pub struct BrokerUrl {
 impl BrokerUrl {
     /// Parse `amqp[s]://[user[:pass]@]host[:port][/vhost][?heartbeat=N&connection_timeout=MS&channel_max=N&auth_mechanism=external]`.
     /// Without a user, guest/guest; without a vhost, `/`.
-    pub fn parse(text: &str) -> Result<BrokerUrl, String> {
+    pub(crate) fn parse(text: &str) -> Result<BrokerUrl, String> {
         let form = "expected amqp://user:pass@host:port/vhost";
         let url = url::Url::parse(text).map_err(|e| format!("{e}; {form}"))?;
         let tls = match url.scheme() {
@@ -118,7 +118,7 @@ impl BrokerUrl {
 }
 
 /// An AMQP URL with its password replaced, for logs and `--check-config`.
-pub fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -135,7 +135,7 @@ pub fn redact(url: &str) -> String {
 
 /// Decode `%XX` escapes, keeping invalid ones as they are (`+` stays `+`);
 /// `None` when the result is not UTF-8.
-pub fn percent_decode(text: &str) -> Option<String> {
+pub(crate) fn percent_decode(text: &str) -> Option<String> {
     let raw = text.as_bytes();
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;

@@ -28,7 +28,7 @@ use crate::logging::Throttle;
 
 /// A partial message up to this size is not counted: it is the reader's own
 /// small buffer, and refusing it would stop even chat-sized messages.
-pub const FREE: usize = 4096;
+pub(crate) const FREE: usize = 4096;
 
 /// What holds the bytes the budget may take back: the replay rings.
 pub trait Cache: Send + Sync {
@@ -289,7 +289,7 @@ impl Default for Budget {
 }
 
 /// The default budget: a quarter of the machine's memory, at most 1 GiB.
-pub fn default_limit() -> usize {
+pub(crate) fn default_limit() -> usize {
     // SAFETY: sysconf has no preconditions.
     let (pages, size) = unsafe {
         (

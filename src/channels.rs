@@ -29,7 +29,7 @@ use crate::wire::Encodings;
 
 /// The members of one channel path.
 #[derive(Debug)]
-pub struct Channel {
+pub(crate) struct Channel {
     state: Mutex<State>,
     /// Most members, set by the client that created the channel (`max=N`).
     cap: Option<usize>,
@@ -117,12 +117,12 @@ impl Drop for Ring {
 
 impl Channel {
     /// How many members the channel has here.
-    pub fn clients(&self) -> usize {
+    pub(crate) fn clients(&self) -> usize {
         self.state.lock().members.len()
     }
 
     /// The slow-client policy of its members.
-    pub fn policy(&self, limits: &Limits) -> SlowClient {
+    pub(crate) fn policy(&self, limits: &Limits) -> SlowClient {
         self.slow.unwrap_or(limits.slow_client)
     }
 
@@ -130,7 +130,7 @@ impl Channel {
     /// messages), each in its wire format. Never blocks, but for room under
     /// `slow_client = wait`. The sends this caller owes go to `flushes`.
     /// Returns how many members it was queued for.
-    pub fn publish(
+    pub(crate) fn publish(
         &self,
         from: u64,
         frame: &Frame,
@@ -178,7 +178,7 @@ impl Channel {
 /// What the registry tells the relay. Sent while the registry is locked, so
 /// the order of binds and unbinds is the order of the channels' lives.
 #[derive(Debug)]
-pub enum Control {
+pub(crate) enum Control {
     /// The first local client joined channel `path`.
     Bind(Arc<str>),
     /// The last local client left channel `path`.
@@ -187,7 +187,7 @@ pub enum Control {
 
 /// Why a client could not join.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JoinError {
+pub(crate) enum JoinError {
     /// `max_connections` reached.
     ServerFull,
     /// `max_clients_per_channel` reached.
@@ -207,7 +207,7 @@ struct Inner {
 
 /// All channels of this instance.
 #[derive(Default)]
-pub struct Registry {
+pub(crate) struct Registry {
     inner: Mutex<Inner>,
     /// Signalled when the last client leaves, for a graceful shutdown.
     empty: Condvar,
@@ -217,7 +217,7 @@ pub struct Registry {
 
 impl Registry {
     /// A registry that tells `relay` (when there is one) which channels exist.
-    pub fn new(relay: Option<Sender<Control>>) -> Registry {
+    pub(crate) fn new(relay: Option<Sender<Control>>) -> Registry {
         Registry {
             relay,
             ..Registry::default()
@@ -234,12 +234,12 @@ impl Registry {
     }
 
     /// The channel `path`, if it has local members.
-    pub fn get(&self, path: &str) -> Option<Arc<Channel>> {
+    pub(crate) fn get(&self, path: &str) -> Option<Arc<Channel>> {
         self.inner.lock().channels.get(path).cloned()
     }
 
     /// Add `peer` to channel `path`, creating the channel if it is new.
-    pub fn join(
+    pub(crate) fn join(
         &self,
         path: &Arc<str>,
         peer: &Arc<Peer>,
@@ -301,7 +301,7 @@ impl Registry {
 
     /// Remove `peer` from channel `path`; the channel goes with its last member.
     /// Returns whether that was the instance's last client.
-    pub fn leave(&self, path: &str, channel: &Arc<Channel>, peer: &Peer) -> bool {
+    pub(crate) fn leave(&self, path: &str, channel: &Arc<Channel>, peer: &Peer) -> bool {
         let mut inner = self.inner.lock();
         let mut state = channel.state.lock();
         let before = state.members.len();
@@ -328,13 +328,13 @@ impl Registry {
     }
 
     /// Clients and channels now.
-    pub fn counts(&self) -> (usize, usize) {
+    pub(crate) fn counts(&self) -> (usize, usize) {
         let inner = self.inner.lock();
         (inner.clients, inner.channels.len())
     }
 
     /// Refuse new clients and start closing every member with `close`.
-    pub fn close_all(&self, close: Close) {
+    pub(crate) fn close_all(&self, close: Close) {
         // Collected under the locks, closed after them: closing empties queues
         // and may start writer threads, which no lock should wait for.
         let members: Vec<Arc<[Arc<Peer>]>> = {
@@ -352,7 +352,7 @@ impl Registry {
     }
 
     /// Wait until every client has left, or `deadline`; true when all left.
-    pub fn wait_empty(&self, deadline: Instant) -> bool {
+    pub(crate) fn wait_empty(&self, deadline: Instant) -> bool {
         let mut inner = self.inner.lock();
         while inner.clients > 0 {
             if self.empty.wait_until(&mut inner, deadline).timed_out() {

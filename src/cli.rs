@@ -11,7 +11,7 @@ use clap::{ArgAction, Parser};
 /// others.
 #[derive(Debug, Default, Parser)]
 #[command(name = "staps", version, about, long_about = None)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Listen on these unix domain sockets (several after one flag, or repeat
     /// it). Listeners given on the command line replace those of the files;
     /// `--socket` alone, as in 0.1.x, listens on no socket (with --port).
@@ -63,7 +63,7 @@ pub struct Cli {
 
 impl Cli {
     /// How much more than the default to log (negative: less).
-    pub fn verbosity(&self) -> i8 {
+    pub(crate) fn verbosity(&self) -> i8 {
         (self.verbose + u8::from(self.debug)) as i8 - self.quiet as i8
     }
 }

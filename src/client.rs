@@ -44,7 +44,7 @@ use crate::wire::Wire;
 /// A new connection sends its first byte within this (or handshake_timeout,
 /// if shorter): a client sends its request right after connecting, and a
 /// socket that stays silent only holds a place among the handshakes.
-pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What tungstenite reads from the socket at a time; it grows the buffer only
 /// for a frame that needs it, so idle connections keep this much.
@@ -57,7 +57,7 @@ const READ_BUFFER: usize = 1024;
 /// the deepest moment of a reader thread's life sets how many stack pages
 /// stay resident for as long as its connection is idle; in one frame they
 /// would keep a page more per connection (figures: BENCHMARKS.md, "Measurements behind the constants").
-pub fn serve(waiting: Waiting, server: Arc<Server>) {
+pub(crate) fn serve(waiting: Waiting, server: Arc<Server>) {
     let Some((mut member, handshake)) = self::handshake(waiting, &server) else {
         return;
     };
@@ -361,7 +361,7 @@ impl Drop for Joined {
 /// only the threads of those who spoke in the last quarter second. A
 /// stream listener, which has nothing to say, waits there from its `200`
 /// on.
-pub const PARK_AFTER: Duration = Duration::from_millis(250);
+pub(crate) const PARK_AFTER: Duration = Duration::from_millis(250);
 
 /// A member's connection from its `101` (or `200`) on: what its reader
 /// thread works with, and what waits in the event loop while the client is

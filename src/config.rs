@@ -18,7 +18,7 @@ use crate::amqp_url::redact;
 use crate::cli::Cli;
 
 /// Exit code for a configuration error (`EX_CONFIG` of sysexits.h, as `nginx -t`).
-pub const EX_CONFIG: i32 = 78;
+pub(crate) const EX_CONFIG: i32 = 78;
 
 /// What to do with a receiver whose queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,12 +110,12 @@ impl fmt::Display for TcpSpec {
 
 /// The largest `max_message_size` accepted: a message is held whole in
 /// memory, and a larger bound invites allocations the system cannot make.
-pub const MAX_MESSAGE_SIZE: usize = 1 << 30;
+pub(crate) const MAX_MESSAGE_SIZE: usize = 1 << 30;
 
 /// `queue_bytes` unless configured: a burst of a few thousand messages
 /// queued for every receiver of a busy channel, while the memory budget
 /// (frames shared by all receivers count once) bounds them all together.
-pub const DEFAULT_QUEUE_BYTES: usize = 4 << 20;
+pub(crate) const DEFAULT_QUEUE_BYTES: usize = 4 << 20;
 
 /// The `[limits]` section.
 #[derive(Debug, Clone)]
@@ -182,16 +182,16 @@ impl Limits {
 /// eighth of what each kind may take, its partial messages (which may take
 /// half the budget) and its receivers' backlogs (once half the budget is in
 /// use: [`crate::budget::Budget::is_over`]).
-pub const ADDRESS_SHARE: usize = 8;
+pub(crate) const ADDRESS_SHARE: usize = 8;
 
 /// `min_rate` unless configured, in bytes a second: a 1 MiB message over a
 /// link of 8 kbit/s still arrives; a trickle of a byte every few seconds
 /// does not hold memory for long.
-pub const DEFAULT_MIN_RATE: u64 = 1024;
+pub(crate) const DEFAULT_MIN_RATE: u64 = 1024;
 
 /// `max_connections_per_address` unless configured: a sixteenth of
 /// `max_connections`, at least 64; no limit without `max_connections`.
-pub fn default_per_address(max_connections: usize) -> usize {
+pub(crate) fn default_per_address(max_connections: usize) -> usize {
     match max_connections {
         0 => 0,
         max => (max / 16).max(64),
@@ -295,7 +295,7 @@ impl Default for Settings {
 
 /// Where the secret of read-only URLs is kept unless configured: the
 /// service user's directory (the package's and the unit's `/var/lib/staps`).
-pub const DEFAULT_SECRET_FILE: &str = "/var/lib/staps/secret";
+pub(crate) const DEFAULT_SECRET_FILE: &str = "/var/lib/staps/secret";
 
 /// Where a value came from, for error messages.
 #[derive(Debug, Clone)]
@@ -363,7 +363,7 @@ pub struct Loaded {
 }
 
 /// The socket 0.1.6 served when no listener was configured.
-pub const LEGACY_SOCKET: &str = "/var/run/staps/staps.sock";
+pub(crate) const LEGACY_SOCKET: &str = "/var/run/staps/staps.sock";
 
 /// One configuration key, defined once: its section and name, what it
 /// means, how a value is read into the settings (from a file or the command
@@ -802,7 +802,7 @@ const LEGACY_SECTION: &str = "controller.base";
 
 /// Load the files (`defaults`, those that exist, or only `cli.config`),
 /// then apply the command line.
-pub fn load(cli: &Cli, defaults: &[PathBuf]) -> Result<Loaded, ConfigError> {
+pub(crate) fn load(cli: &Cli, defaults: &[PathBuf]) -> Result<Loaded, ConfigError> {
     let mut settings = Settings::default();
     let mut warnings = Vec::new();
     let mut deprecated = Vec::new();
@@ -868,7 +868,7 @@ pub fn from_text(path: &Path, text: &str) -> Result<Loaded, ConfigError> {
 }
 
 /// Parse one file's text into `settings`.
-pub fn apply_file(
+pub(crate) fn apply_file(
     settings: &mut Settings,
     warnings: &mut Vec<String>,
     deprecated: &mut Vec<String>,
@@ -1058,7 +1058,7 @@ fn parse_port(value: &str) -> Result<u16, String> {
 }
 
 /// How `ADDRESS:PORT` is written; for errors.
-pub const ADDRESS_FORM: &str = "expected ADDRESS:PORT, e.g. 127.0.0.1:8080 or [::1]:8080";
+pub(crate) const ADDRESS_FORM: &str = "expected ADDRESS:PORT, e.g. 127.0.0.1:8080 or [::1]:8080";
 
 fn parse_listen(value: &str) -> Result<Address, String> {
     if let Ok(addr) = value.parse() {

@@ -24,7 +24,7 @@ use crate::{files, logging, sys};
 /// Switch to `user`/`group` for good: supplementary groups reset to the
 /// target group, then the group, then the user. As a user other than root,
 /// staps keeps running as it is, with a warning if `user` names someone else.
-pub fn drop_privileges(settings: &Settings, host: &Host) -> Result<(), String> {
+pub(crate) fn drop_privileges(settings: &Settings, host: &Host) -> Result<(), String> {
     let Some((uid, gid)) = host.run_as else {
         return Ok(());
     };
@@ -58,16 +58,16 @@ pub fn drop_privileges(settings: &Settings, host: &Host) -> Result<(), String> {
 
 /// What the detached child owes its waiting parent: one line saying it is
 /// ready, or why it is not. Empty in the foreground.
-pub struct Readiness(Option<File>);
+pub(crate) struct Readiness(Option<File>);
 
 impl Readiness {
     /// Readiness of a process that did not detach.
-    pub fn foreground() -> Readiness {
+    pub(crate) fn foreground() -> Readiness {
         Readiness(None)
     }
 
     /// Serving: let the parent exit 0, and tell systemd.
-    pub fn ready(&mut self) {
+    pub(crate) fn ready(&mut self) {
         if let Some(mut pipe) = self.0.take() {
             let _ = pipe.write_all(b"READY\n");
         }
@@ -76,7 +76,7 @@ impl Readiness {
 
     /// Startup failed: let the parent (if any) report it and exit `code`;
     /// the code for this process to exit with.
-    pub fn fail(&mut self, code: u8, message: &str) -> ExitCode {
+    pub(crate) fn fail(&mut self, code: u8, message: &str) -> ExitCode {
         match self.0.take() {
             Some(mut pipe) => {
                 let _ = writeln!(pipe, "ERROR {code} {message}");
@@ -93,7 +93,7 @@ impl Readiness {
 /// until the child is ready and returns `Err(0)`, or prints the child's
 /// error and returns `Err` with its code; the child gets `Ok`, or `Err` once
 /// it has told the parent why it failed. No thread may exist before this.
-pub fn detach<T: 'static>(
+pub(crate) fn detach<T: 'static>(
     settings: &Settings,
     host: &Host,
     bind: impl FnOnce() -> Result<T, String> + 'static,
@@ -241,7 +241,7 @@ fn detach_error(e: &daemonize::Error, settings: &Settings) -> String {
 
 /// Remove the pid file if it still holds this process's pid (daemon mode
 /// only); the error when it could not be removed.
-pub fn remove_pid_file(settings: &Settings) -> io::Result<()> {
+pub(crate) fn remove_pid_file(settings: &Settings) -> io::Result<()> {
     let Some(path) = settings.pid_file.as_ref().filter(|_| settings.daemon) else {
         return Ok(());
     };

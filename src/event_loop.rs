@@ -53,7 +53,7 @@ use crate::stream::Stream;
 const SILENT: Duration = Duration::from_secs(1);
 
 /// Start the loop on its own thread, taking the connections of `listeners`.
-pub fn spawn(listeners: Vec<Arc<Listener>>, server: Arc<Server>) -> io::Result<()> {
+pub(crate) fn spawn(listeners: Vec<Arc<Listener>>, server: Arc<Server>) -> io::Result<()> {
     let poller = Arc::new(Poller::new()?);
     for (key, listener) in listeners.iter().enumerate() {
         listener.set_nonblocking()?;

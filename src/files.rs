@@ -14,7 +14,7 @@ use std::path::Path;
 
 /// How a file is opened for writing.
 #[derive(Clone, Copy, Debug)]
-pub enum Write {
+pub(crate) enum Write {
     /// Keep what is there and add at the end (logs).
     Append,
     /// Keep the contents until the caller truncates (a pid file is truncated
@@ -24,7 +24,7 @@ pub enum Write {
 
 /// Open `path` for writing, creating it with `mode` if absent, never through a
 /// symlink; refuse anything but a regular file with one link.
-pub fn open_for_writing(path: &Path, how: Write, mode: libc::mode_t) -> io::Result<File> {
+pub(crate) fn open_for_writing(path: &Path, how: Write, mode: libc::mode_t) -> io::Result<File> {
     let append = match how {
         Write::Append => libc::O_APPEND,
         Write::Keep => 0,
@@ -44,7 +44,11 @@ pub fn open_for_writing(path: &Path, how: Write, mode: libc::mode_t) -> io::Resu
 
 /// open(2) `path` with `flags` (and `mode`, when it creates), never through
 /// a symlink: one there is an error that says so.
-pub fn open_no_follow(path: &Path, flags: libc::c_int, mode: libc::mode_t) -> io::Result<File> {
+pub(crate) fn open_no_follow(
+    path: &Path,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<File> {
     let cpath = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
     let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
@@ -62,12 +66,16 @@ pub fn open_no_follow(path: &Path, flags: libc::c_int, mode: libc::mode_t) -> io
 }
 
 /// Give `file` to `uid`/`gid` through its descriptor (`None` leaves one as it is).
-pub fn chown(file: &File, uid: Option<libc::uid_t>, gid: Option<libc::gid_t>) -> io::Result<()> {
+pub(crate) fn chown(
+    file: &File,
+    uid: Option<libc::uid_t>,
+    gid: Option<libc::gid_t>,
+) -> io::Result<()> {
     std::os::unix::fs::fchown(file, uid, gid)
 }
 
 /// Take the pid file's lock without waiting: false if another process holds it.
-pub fn try_lock(file: &File) -> io::Result<bool> {
+pub(crate) fn try_lock(file: &File) -> io::Result<bool> {
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
         return Ok(true);

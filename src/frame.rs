@@ -18,7 +18,7 @@ pub struct Frame(Arc<Counted>);
 /// Frame bytes counted in the memory budget while they exist.
 #[derive(Debug)]
 #[repr(transparent)]
-pub struct Counted([u8]);
+pub(crate) struct Counted([u8]);
 
 impl Drop for Counted {
     fn drop(&mut self) {

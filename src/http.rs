@@ -16,7 +16,7 @@ use crate::twin::Twins;
 use crate::wire::Wire;
 
 /// Largest request head staps reads; a larger one is answered 431.
-pub const MAX_HEAD: usize = 8192;
+pub(crate) const MAX_HEAD: usize = 8192;
 
 /// Most header lines in a request head.
 const MAX_HEADERS: usize = 64;
@@ -73,7 +73,7 @@ pub enum HeadError {
 /// Read one request head by `deadline`, waiting on the socket (the metrics
 /// listener's scrapes: the public listeners' heads are read by the event
 /// loop); `None` when there is none to answer.
-pub fn read_head(stream: &Stream, deadline: Instant) -> Option<Request> {
+pub(crate) fn read_head(stream: &Stream, deadline: Instant) -> Option<Request> {
     // Most heads are a few hundred bytes: start small, grow up to MAX_HEAD.
     let mut buf = vec![0; 1024];
     let mut filled = 0;
@@ -224,7 +224,7 @@ fn reason_phrase(status: u16) -> &'static str {
 }
 
 /// Send `response` and close. Failures mean the client is gone: nothing to do.
-pub fn respond(stream: &Stream, response: &Response) {
+pub(crate) fn respond(stream: &Stream, response: &Response) {
     let _ = stream.send_all(&response.to_bytes());
     let _ = stream.shutdown(Shutdown::Write);
     // Read what the client still sends until it closes, so that closing does not
@@ -239,7 +239,7 @@ const GUARDS: &str = "X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-ref
 
 /// The head of a streaming listener's `200` answer (a websocket client's is
 /// [`switching_protocols`]).
-pub fn listening(wire: Wire) -> Vec<u8> {
+pub(crate) fn listening(wire: Wire) -> Vec<u8> {
     let (content_type, chunked) = match wire {
         Wire::WebSocket => return Vec::new(),
         Wire::EventStream { chunked } => ("text/event-stream; charset=utf-8", chunked),
@@ -260,7 +260,7 @@ pub fn listening(wire: Wire) -> Vec<u8> {
 }
 
 /// The `101 Switching Protocols` answer to a valid upgrade.
-pub fn switching_protocols(accept: &str) -> Vec<u8> {
+pub(crate) fn switching_protocols(accept: &str) -> Vec<u8> {
     format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Accept: {accept}\r\n\r\n"
@@ -327,7 +327,7 @@ pub enum Route {
 
 /// Whether `req` is a `HEAD` (true) or a `GET` (false); any other method
 /// gets `405` with `Allow: allow`.
-pub fn get_or_head(req: &Request, allow: &str) -> Result<bool, Response> {
+pub(crate) fn get_or_head(req: &Request, allow: &str) -> Result<bool, Response> {
     match req.method.as_str() {
         "GET" => Ok(false),
         "HEAD" => Ok(true),
@@ -504,7 +504,7 @@ fn check_publish(req: &Request, settings: &Settings, twins: &Twins) -> Result<Pu
 }
 
 /// The answer to a message over `max_message_size`.
-pub fn too_large(max: usize) -> Response {
+pub(crate) fn too_large(max: usize) -> Response {
     Response::error(
         413,
         &format!("message larger than max_message_size ({max} bytes)"),
@@ -512,7 +512,7 @@ pub fn too_large(max: usize) -> Response {
 }
 
 /// The answer to a publish: the local members it was queued for.
-pub fn published(clients: u64, keep_alive: bool) -> Response {
+pub(crate) fn published(clients: u64, keep_alive: bool) -> Response {
     clients_response(clients as usize).keep_alive(keep_alive)
 }
 
@@ -591,7 +591,7 @@ fn channel_path(req: &Request, settings: &Settings, twins: &Twins) -> Result<Nam
 
 /// Read the channel options (SPEC §10) of request target `target`; unknown
 /// keys are ignored, a malformed value is an error saying which.
-pub fn parse_options(target: &str, limits: &Limits) -> Result<Options, String> {
+pub(crate) fn parse_options(target: &str, limits: &Limits) -> Result<Options, String> {
     let mut options = Options::default();
     let number = |key: &str, value: &str| {
         value
@@ -637,7 +637,7 @@ fn query_keys(target: &str) -> impl Iterator<Item = (&str, &str)> {
 }
 
 /// The answer to `GET /P?stats`.
-pub fn stats_response(clients: usize, head_only: bool) -> Response {
+pub(crate) fn stats_response(clients: usize, head_only: bool) -> Response {
     clients_response(clients).head_only(head_only)
 }
 

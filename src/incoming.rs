@@ -30,7 +30,7 @@ use crate::config::Limits;
 
 /// The largest frame tungstenite is handed: longer data frames are split
 /// into fragments of this size (a multiple of 4, so each keeps the mask).
-pub const CHUNK: usize = 16 * 1024;
+pub(crate) const CHUNK: usize = 16 * 1024;
 
 /// Why a client's message was refused; the reader closes it so.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,7 +71,7 @@ impl MinRate {
 /// of its life must bring `min_rate` × `period` bytes, and at least one (so
 /// `min_rate = 0` still ends one that stopped).
 #[derive(Clone, Copy, Debug)]
-pub struct Pace {
+pub(crate) struct Pace {
     period: Duration,
     needed: u64,
     /// When the current period started, and what it brought so far.
@@ -81,7 +81,7 @@ pub struct Pace {
 
 impl Pace {
     /// Timed from `now`.
-    pub fn new(rate: MinRate, now: Instant) -> Pace {
+    pub(crate) fn new(rate: MinRate, now: Instant) -> Pace {
         Pace {
             period: rate.period,
             needed: ((rate.min_rate as f64 * rate.period.as_secs_f64()) as u64).max(1),
@@ -91,18 +91,18 @@ impl Pace {
     }
 
     /// `n` more bytes arrived.
-    pub fn add(&mut self, n: u64) {
+    pub(crate) fn add(&mut self, n: u64) {
         self.got += n;
     }
 
     /// When the current period ends.
-    pub fn deadline(&self) -> Instant {
+    pub(crate) fn deadline(&self) -> Instant {
         self.since + self.period
     }
 
     /// Whether it keeps up at `now`: false once a whole period brought less
     /// than it must; a period that brought enough starts the next.
-    pub fn keeps_up(&mut self, now: Instant) -> bool {
+    pub(crate) fn keeps_up(&mut self, now: Instant) -> bool {
         if now < self.deadline() {
             return true;
         }

@@ -58,6 +58,10 @@
 //! listener gets each message in its format (`wire`: a Server-Sent Event or
 //! a raw chunk), encoded once for all such listeners of the channel.
 
+// Everything is crate-private but what the fuzz targets reach (`fuzz`):
+// a `pub` that nothing outside can reach is a lie about the crate's surface.
+#![warn(unreachable_pub)]
+
 mod address;
 mod amqp_url;
 mod budget;

@@ -13,7 +13,7 @@ use crate::frame::Frame;
 use crate::stats;
 
 /// A message a local client published, on its way to the broker.
-pub struct Outbound {
+pub(crate) struct Outbound {
     /// The channel.
     pub path: Arc<str>,
     /// The message.
@@ -25,7 +25,7 @@ pub struct Outbound {
 /// The relay's state, as the counters show it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
-pub enum State {
+pub(crate) enum State {
     /// Not connected: connecting or waiting to retry.
     Down = 1,
     /// Connected, bindings in place.
@@ -33,7 +33,7 @@ pub enum State {
 }
 
 /// The handle the rest of staps holds: where to send what goes to the broker.
-pub struct Link {
+pub(crate) struct Link {
     outbound: Sender<Outbound>,
     control: Sender<Control>,
     state: AtomicU8,
@@ -42,7 +42,7 @@ pub struct Link {
 }
 
 /// The relay thread's ends of the queues, until it starts.
-pub struct Ends {
+pub(crate) struct Ends {
     /// Messages for the broker.
     pub outbound: Receiver<Outbound>,
     /// Binds and unbinds from the registry.
@@ -56,7 +56,7 @@ const OUTBOUND: usize = 4096;
 
 impl Link {
     /// A relay handle and the ends its thread will read.
-    pub fn new() -> (Link, Ends) {
+    pub(crate) fn new() -> (Link, Ends) {
         let (outbound_tx, outbound_rx) = crossbeam_channel::bounded(OUTBOUND);
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let relay = Link {
@@ -75,13 +75,19 @@ impl Link {
     }
 
     /// The queue for binds and unbinds, for the registry.
-    pub fn control(&self) -> Sender<Control> {
+    pub(crate) fn control(&self) -> Sender<Control> {
         self.control.clone()
     }
 
     /// Hand a message from local client `sender` on `path` to the broker. Never
     /// waits: when the relay is down or behind, the message is counted as dropped.
-    pub fn publish(&self, path: &Arc<str>, frame: &Frame, sender: Uuid, stats: &stats::Stats) {
+    pub(crate) fn publish(
+        &self,
+        path: &Arc<str>,
+        frame: &Frame,
+        sender: Uuid,
+        stats: &stats::Stats,
+    ) {
         if self.state() != State::Up {
             stats::add(&stats.relay_dropped, 1);
             return;
@@ -100,7 +106,7 @@ impl Link {
 
     /// The state's name for counters and `/healthz`: `down` or `up`
     /// (`off` is the name when there is no link).
-    pub fn state_name(link: Option<&Link>) -> &'static str {
+    pub(crate) fn state_name(link: Option<&Link>) -> &'static str {
         match link.map(Link::state) {
             None => "off",
             Some(State::Down) => "down",
@@ -109,7 +115,7 @@ impl Link {
     }
 
     /// Whether the broker is connected.
-    pub fn state(&self) -> State {
+    pub(crate) fn state(&self) -> State {
         match self.state.load(Ordering::Relaxed) {
             2 => State::Up,
             _ => State::Down,
@@ -117,7 +123,7 @@ impl Link {
     }
 
     /// For the relay thread: the broker is connected or not.
-    pub fn set_state(&self, state: State) {
+    pub(crate) fn set_state(&self, state: State) {
         self.state.store(state as u8, Ordering::Relaxed);
     }
 }

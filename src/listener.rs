@@ -27,7 +27,7 @@ const BACKLOG: i32 = 1024;
 
 /// A bound listening socket.
 #[derive(Debug)]
-pub enum Listener {
+pub(crate) enum Listener {
     /// TCP, with the address it is bound to.
     Tcp(TcpListener, SocketAddr),
     /// A unix socket and its file, removed on exit if it is still ours.
@@ -63,7 +63,7 @@ impl Listener {
     /// What [`Listener::accept`] must still set on each connection: nothing
     /// when the options are inherited, else `Some(write_timeout)` (a unix
     /// socket inherits nothing; a failed setsockopt is logged and falls back).
-    pub fn prepare(&self, write_timeout: Duration) -> Option<Duration> {
+    pub(crate) fn prepare(&self, write_timeout: Duration) -> Option<Duration> {
         let Listener::Tcp(l, _) = self else {
             return Some(write_timeout);
         };
@@ -82,7 +82,7 @@ impl Listener {
 
     /// The next connection, and its peer's address when it is TCP; `options`
     /// is what [`Listener::prepare`] said to set.
-    pub fn accept(&self, options: Option<Duration>) -> io::Result<(Stream, Option<IpAddr>)> {
+    pub(crate) fn accept(&self, options: Option<Duration>) -> io::Result<(Stream, Option<IpAddr>)> {
         let (stream, from) = match self {
             Listener::Tcp(l, _) => {
                 let (s, addr) = l.accept()?;
@@ -100,7 +100,7 @@ impl Listener {
     }
 
     /// The listening socket's descriptor, for the event loop.
-    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+    pub(crate) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
         match self {
             Listener::Tcp(l, _) => l.as_fd(),
@@ -110,7 +110,7 @@ impl Listener {
 
     /// Accept without waiting (`WouldBlock` when nobody is waiting), as the
     /// event loop does until the kernel has no more.
-    pub fn set_nonblocking(&self) -> io::Result<()> {
+    pub(crate) fn set_nonblocking(&self) -> io::Result<()> {
         match self {
             Listener::Tcp(l, _) => l.set_nonblocking(true),
             Listener::Unix { listener, .. } => listener.set_nonblocking(true),
@@ -119,7 +119,7 @@ impl Listener {
 
     /// Wake the accept loop so that it sees the server is stopping: on Linux,
     /// shutdown(2) on a listening socket makes a blocked accept(2) return EINVAL.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         let socket = match self {
             Listener::Tcp(l, _) => socket2::SockRef::from(l),
             Listener::Unix { listener, .. } => socket2::SockRef::from(listener),
@@ -129,7 +129,7 @@ impl Listener {
 
     /// Remove the socket file, if it is still the one we created; the error
     /// when it could not be removed.
-    pub fn remove_file(&self) -> io::Result<()> {
+    pub(crate) fn remove_file(&self) -> io::Result<()> {
         if let Listener::Unix { path, id, .. } = self {
             if let Ok(meta) = std::fs::symlink_metadata(path) {
                 if Some((meta.dev(), meta.ino())) == *id {
@@ -143,7 +143,7 @@ impl Listener {
 
 /// Take the listening sockets systemd passed, as listeners; they replace
 /// the configured ones. Must run before any thread exists.
-pub fn take_activated() -> Result<Vec<Listener>, String> {
+pub(crate) fn take_activated() -> Result<Vec<Listener>, String> {
     systemd::take_listen_fds()?
         .into_iter()
         .map(|(fd, socket)| {
@@ -169,7 +169,7 @@ pub fn take_activated() -> Result<Vec<Listener>, String> {
 }
 
 /// Bind every configured listener. Errors say which one and why.
-pub fn bind_all(settings: &Settings, host: &Host) -> Result<Vec<Listener>, String> {
+pub(crate) fn bind_all(settings: &Settings, host: &Host) -> Result<Vec<Listener>, String> {
     let mut listeners = Vec::new();
     for path in &settings.sockets {
         match bind_unix(path, settings.mode, host.socket_owner) {
@@ -193,7 +193,7 @@ pub fn bind_all(settings: &Settings, host: &Host) -> Result<Vec<Listener>, Strin
 }
 
 /// Bind the metrics listener, when one is configured.
-pub fn bind_metrics(settings: &Settings, host: &Host) -> Result<Option<Listener>, String> {
+pub(crate) fn bind_metrics(settings: &Settings, host: &Host) -> Result<Option<Listener>, String> {
     let Some(endpoint) = &host.metrics else {
         return Ok(None);
     };
@@ -466,12 +466,12 @@ fn bind_tcp(spec: &TcpSpec) -> Result<Listener, String> {
 /// What the metrics listener's accept loop does with each connection it
 /// takes (`Err`: a thread that could not start). The public listeners are
 /// the event loop's (`event_loop`).
-pub type Serve = fn(&Arc<Server>, Stream, Option<IpAddr>) -> io::Result<()>;
+pub(crate) type Serve = fn(&Arc<Server>, Stream, Option<IpAddr>) -> io::Result<()>;
 
 /// Accept connections on `listener` on a thread called `name`, handing each
 /// to `serve`, until the process exits (`/healthz` answers while clients are
 /// closed).
-pub fn spawn_accept_loop(
+pub(crate) fn spawn_accept_loop(
     listener: Arc<Listener>,
     server: Arc<Server>,
     name: &str,
@@ -486,7 +486,7 @@ pub fn spawn_accept_loop(
 /// Answer a connection taken with the spare descriptor, on a connection
 /// thread: answering waits for the client's request and for it to read the
 /// answer, or closing would reset the connection before the client read it.
-pub fn refuse_out_of_fds(stream: Stream, server: &Arc<Server>) {
+pub(crate) fn refuse_out_of_fds(stream: Stream, server: &Arc<Server>) {
     server.refuse();
     let refused = server.readers.run(move || {
         crate::http::respond(

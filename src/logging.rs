@@ -20,7 +20,7 @@ use crate::files;
 
 /// Where the level comes from, strongest first: `-v`/`-q`, then `RUST_LOG`
 /// (which may also name modules), then `log_level` in the files, then `info`.
-pub fn init(verbosity: i8, file_level: Option<LevelFilter>) {
+pub(crate) fn init(verbosity: i8, file_level: Option<LevelFilter>) {
     let mut builder = env_logger::Builder::new();
     let rust_log = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
     match (verbosity, rust_log) {
@@ -86,12 +86,12 @@ fn under_journald() -> bool {
 
 /// Open `log_file` for appending, never through a symlink (it is opened as
 /// root at startup, and may sit in a directory the service user owns).
-pub fn open_log(path: &Path) -> io::Result<File> {
+pub(crate) fn open_log(path: &Path) -> io::Result<File> {
     files::open_for_writing(path, files::Write::Append, 0o640)
 }
 
 /// Point stdout and stderr at `path` (appending), for `log_file` and SIGHUP.
-pub fn redirect_to(path: &Path) -> io::Result<()> {
+pub(crate) fn redirect_to(path: &Path) -> io::Result<()> {
     let file = open_log(path)?;
     for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
         // SAFETY: both descriptors are valid; dup2 atomically replaces fd.
@@ -105,7 +105,7 @@ pub fn redirect_to(path: &Path) -> io::Result<()> {
 /// A short stand-in for a channel path in logs: 8 hex digits of a hash keyed
 /// at random for this process, so it cannot be looked up in a table of common
 /// paths. Stable for the life of the process.
-pub fn fingerprint(path: &str) -> String {
+pub(crate) fn fingerprint(path: &str) -> String {
     static KEY: OnceLock<RandomState> = OnceLock::new();
     let hash = KEY.get_or_init(RandomState::new).hash_one(path);
     format!("{:08x}", (hash >> 32) as u32)
@@ -114,16 +114,16 @@ pub fn fingerprint(path: &str) -> String {
 /// A condition that repeats with every connection while it lasts (out of
 /// descriptors, threads or memory) is logged once a minute, not thousands of
 /// times a second.
-pub struct Throttle(std::sync::Mutex<Option<Instant>>);
+pub(crate) struct Throttle(std::sync::Mutex<Option<Instant>>);
 
 impl Throttle {
     /// A throttle that lets the first line through.
-    pub const fn new() -> Throttle {
+    pub(crate) const fn new() -> Throttle {
         Throttle(std::sync::Mutex::new(None))
     }
 
     /// Whether a line may be logged now; if so, the next one waits a minute.
-    pub fn ready(&self) -> bool {
+    pub(crate) fn ready(&self) -> bool {
         let Ok(mut last) = self.0.lock() else {
             return false;
         };
@@ -145,7 +145,7 @@ impl Default for Throttle {
 /// so that a channel path or file name from outside can neither start a
 /// forged log line (journald reads `<0>` at a line's start as a priority)
 /// nor send escape sequences to a terminal.
-pub fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         if c.is_control() {
@@ -158,7 +158,7 @@ pub fn escape(text: &str) -> String {
 }
 
 /// A file path as it may be logged: see [`escape`].
-pub fn escape_path(path: &Path) -> String {
+pub(crate) fn escape_path(path: &Path) -> String {
     escape(&path.to_string_lossy())
 }
 

@@ -21,7 +21,11 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The metrics listener's [`crate::listener::Serve`]: each scrape on a
 /// connection thread.
-pub fn scrapes(server: &Arc<Server>, stream: Stream, _: Option<IpAddr>) -> std::io::Result<()> {
+pub(crate) fn scrapes(
+    server: &Arc<Server>,
+    stream: Stream,
+    _: Option<IpAddr>,
+) -> std::io::Result<()> {
     let server2 = Arc::clone(server);
     server.readers.run(move || answer(&stream, &server2))
 }
@@ -35,7 +39,7 @@ fn answer(stream: &Stream, server: &Server) {
 }
 
 /// What a request to the metrics listener gets.
-pub fn respond_to(request: &Request, server: &Server) -> Response {
+pub(crate) fn respond_to(request: &Request, server: &Server) -> Response {
     let head_only = match http::get_or_head(request, "GET, HEAD") {
         Ok(head_only) => head_only,
         Err(refusal) => return refusal,
@@ -75,7 +79,7 @@ fn relay_state(server: &Server) -> &'static str {
 }
 
 /// The metrics, in the Prometheus text exposition format 0.0.4.
-pub fn exposition(server: &Server) -> String {
+pub(crate) fn exposition(server: &Server) -> String {
     let (clients, channels) = server.registry.counts();
     let s = &server.stats;
     let mut out = String::with_capacity(4096);

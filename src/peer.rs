@@ -47,7 +47,7 @@ use crate::wire::Wire;
 /// How long clients get to answer the close frame when the server stops,
 /// how long one connection lingers after its close frame before it is cut,
 /// and how long a writer whose closed client still takes a trickle goes on.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How a connection ends, as the client will be told.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,7 +108,7 @@ struct Write {
 
 /// Starts a writer thread for a peer: given by the reader once the `101` is
 /// out, called whenever a backlog needs one.
-pub type Launch = Box<dyn Fn(Arc<Peer>) -> io::Result<()> + Send + Sync>;
+pub(crate) type Launch = Box<dyn Fn(Arc<Peer>) -> io::Result<()> + Send + Sync>;
 
 /// The socket and how to start a writer for it.
 struct Sink {
@@ -124,7 +124,7 @@ impl std::fmt::Debug for Sink {
 
 /// A channel member as the other members see it: a queue and a way to close it.
 #[derive(Debug)]
-pub struct Peer {
+pub(crate) struct Peer {
     /// Unique for the life of the process.
     pub id: u64,
     /// Receives its own messages too (`echo=1`).
@@ -179,7 +179,7 @@ impl Drop for Peer {
 }
 
 /// What happened to one delivery.
-pub enum Delivery {
+pub(crate) enum Delivery {
     Queued,
     Dropped,
     Disconnected,
@@ -189,7 +189,7 @@ pub enum Delivery {
 impl Peer {
     /// A new peer, before its `101` (or `200`) is out; its backlog counts in
     /// `share`, its client address's part of the budget, when there is one.
-    pub fn new(id: u64, echo: bool, wire: Wire, share: Option<Arc<Share>>) -> Arc<Peer> {
+    pub(crate) fn new(id: u64, echo: bool, wire: Wire, share: Option<Arc<Share>>) -> Arc<Peer> {
         let (tx, rx) = crossbeam_channel::unbounded();
         Arc::new(Peer {
             id,
@@ -306,7 +306,7 @@ impl Peer {
     /// For the reader, once the `101` answer is out: the socket, and how to
     /// start a writer for a backlog. What came during the handshake (replayed
     /// messages, a close) goes out now.
-    pub fn ready(self: &Arc<Self>, stream: Arc<Stream>, launch: Launch) {
+    pub(crate) fn ready(self: &Arc<Self>, stream: Arc<Stream>, launch: Launch) {
         let _ = self.sink.set(Sink { stream, launch });
         {
             let mut write = self.write.lock();
@@ -323,7 +323,7 @@ impl Peer {
 
     /// For the reader, when the connection failed before its `101` went out:
     /// nothing will ever be written.
-    pub fn never_ready(&self) {
+    pub(crate) fn never_ready(&self) {
         let mut write = self.write.lock();
         if write.state == State::Pending {
             self.set_state(&mut write, State::Done);
@@ -417,7 +417,7 @@ impl Peer {
     }
 
     /// For the reader: it is done with the connection.
-    pub fn reader_finished(&self) {
+    pub(crate) fn reader_finished(&self) {
         self.reader_done.store(true, Ordering::Release);
         if let Some(writer) = &self.write.lock().writer {
             writer.unpark();
@@ -434,7 +434,7 @@ impl Peer {
     /// that closes thousands of idle clients needs no thread for each. A
     /// writer takes over only what the socket does not take; a busy writer
     /// sends the close frame after the frame it is writing.
-    pub fn close(self: &Arc<Self>, close: Close) -> bool {
+    pub(crate) fn close(self: &Arc<Self>, close: Close) -> bool {
         if !self.start_closing(close) {
             return false;
         }
@@ -551,17 +551,17 @@ impl Peer {
     }
 
     /// Bytes of the frames waiting to be sent.
-    pub fn queued_bytes(&self) -> usize {
+    pub(crate) fn queued_bytes(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
     }
 
     /// Whether the connection is closing; it then takes no more messages.
-    pub fn is_closing(&self) -> bool {
+    pub(crate) fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
     }
 
     /// How the connection is closing, once it is.
-    pub fn close_reason(&self) -> Option<Close> {
+    pub(crate) fn close_reason(&self) -> Option<Close> {
         *self.close.lock()
     }
 
@@ -583,7 +583,12 @@ impl Peer {
     /// Queue a control frame (a pong, a ping) for the reader, which sends it
     /// with `flushes`. Skipped when the queue is full: a client that floods
     /// pings and never reads must not grow the server's memory.
-    pub fn send_control(self: &Arc<Self>, frame: Frame, limits: &Limits, flushes: &mut Flushes) {
+    pub(crate) fn send_control(
+        self: &Arc<Self>,
+        frame: Frame,
+        limits: &Limits,
+        flushes: &mut Flushes,
+    ) {
         if !self.is_closing() && !self.is_full(frame.as_bytes().len(), limits) {
             self.enqueue(frame, flushes);
         }
@@ -594,7 +599,7 @@ impl Peer {
     /// [`SlowClient::Wait`] a caller that may wait waits for room (one that
     /// may not, the relay thread, disconnects the receiver instead).
     #[inline(always)]
-    pub fn deliver(
+    pub(crate) fn deliver(
         self: &Arc<Self>,
         frame: &Frame,
         limits: &Limits,
@@ -631,7 +636,7 @@ impl Peer {
     /// stalled from now on, unless it was already. So every dead receiver of
     /// a channel is timed from the same moment, and the publisher waits
     /// about `slow_timeout` once, not once for each.
-    pub fn note_if_full(&self, len: usize, limits: &Limits) {
+    pub(crate) fn note_if_full(&self, len: usize, limits: &Limits) {
         if !self.is_closing() && self.is_full(len, limits) {
             self.stalled_since();
         }
@@ -698,7 +703,7 @@ fn since_epoch(t: Instant) -> u64 {
 /// out at [`Flushes::flush`], at the latest when this is dropped; until
 /// then no other thread sends what this one queued for those peers.
 #[derive(Debug)]
-pub struct Flushes {
+pub(crate) struct Flushes {
     /// Unique among the live ones: the owner marks of `Peer::owed`.
     id: u32,
     /// Each idle peer this publisher sends to, the frames it holds for it,
@@ -713,7 +718,7 @@ pub struct Flushes {
 
 impl Flushes {
     /// For a thread that may wait for a receiver's room (`may_wait`) or not.
-    pub fn new(may_wait: bool) -> Flushes {
+    pub(crate) fn new(may_wait: bool) -> Flushes {
         static IDS: AtomicU32 = AtomicU32::new(1);
         let mut id = IDS.fetch_add(1, Ordering::Relaxed);
         if id == 0 {
@@ -729,19 +734,19 @@ impl Flushes {
     }
 
     /// Whether its owner may wait for room under `slow_client = wait`.
-    pub fn may_wait(&self) -> bool {
+    pub(crate) fn may_wait(&self) -> bool {
         self.may_wait
     }
 
     /// Whether no send is owed.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     /// Whether one peer is owed so much that the sends should go out now:
     /// what a publisher holds counts against the peer's queue bound, and a
     /// receiver that keeps up must never look slow for it.
-    pub fn is_due(&self) -> bool {
+    pub(crate) fn is_due(&self) -> bool {
         self.largest >= FLUSH_BYTES
     }
 
@@ -754,7 +759,7 @@ impl Flushes {
     }
 
     /// Send to every peer owed a send.
-    pub fn flush(&mut self) {
+    pub(crate) fn flush(&mut self) {
         self.largest = 0;
         for (i, (peer, frames, _)) in std::mem::take(&mut self.entries).into_iter().enumerate() {
             peer.send_owed(frames, (u64::from(self.id) << 32) | (i as u64 + 1));
@@ -774,7 +779,7 @@ const FLUSH_BYTES: usize = BATCH_BYTES;
 
 /// A receiver with this many bytes queued is treated as a slow consumer
 /// while the memory budget is used up.
-pub const PRESSURE_BACKLOG: usize = 64 * 1024;
+pub(crate) const PRESSURE_BACKLOG: usize = 64 * 1024;
 
 // ------------------------------------------------------------ the writer
 
@@ -784,7 +789,7 @@ impl Peer {
     /// the peer is closing, send the close frame and cut the connection when
     /// the reader is done or after [`CLOSE_TIMEOUT`]. `stall`: a client that
     /// takes nothing for this long is gone.
-    pub fn write_backlog(&self, stall: Duration) {
+    pub(crate) fn write_backlog(&self, stall: Duration) {
         let Some(sink) = self.sink.get() else {
             return;
         };

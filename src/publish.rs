@@ -32,14 +32,14 @@ const READ_SIZE: usize = 16 * 1024;
 /// Who publishes over one connection, for the relay: other instances learn
 /// a message's sender (0.1.x's correlation id), and the registry's members
 /// never match its id, so every member gets its messages.
-pub struct Publisher {
+pub(crate) struct Publisher {
     id: u64,
     sender: Uuid,
 }
 
 impl Publisher {
     /// The publisher of a new connection.
-    pub fn new(server: &Server) -> Publisher {
+    pub(crate) fn new(server: &Server) -> Publisher {
         Publisher {
             id: server.next_id(),
             sender: Uuid::new_v4(),
@@ -53,7 +53,7 @@ impl Publisher {
 /// Not inlined: its buffers would stay in the frame of the handshake, below
 /// the join of every websocket client (a stack page per connection).
 #[inline(never)]
-pub fn publish(
+pub(crate) fn publish(
     stream: &Stream,
     server: &Arc<Server>,
     publisher: &Publisher,

@@ -49,7 +49,7 @@ const PREFETCH: u16 = 1000;
 const ACK_BATCH: usize = 100;
 
 /// Start the relay thread for `url`.
-pub fn spawn(
+pub(crate) fn spawn(
     broker: Broker,
     shown: String,
     ends: Ends,
@@ -66,7 +66,7 @@ pub fn spawn(
 /// Nagle's algorithm on, and small publishes then wait for delayed ACKs
 /// (40 ms each) from the broker.
 #[derive(Clone, Debug)]
-pub struct Broker {
+pub(crate) struct Broker {
     tls: bool,
     host: String,
     port: u16,
@@ -76,7 +76,7 @@ pub struct Broker {
 
 impl Broker {
     /// The broker `url` names, with amiquip's connection options.
-    pub fn new(url: BrokerUrl) -> Broker {
+    pub(crate) fn new(url: BrokerUrl) -> Broker {
         let mut options = ConnectionOptions::<Auth>::default()
             .heartbeat(url.heartbeat)
             .connection_timeout(Some(url.connect_timeout));

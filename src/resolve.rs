@@ -10,7 +10,7 @@ use crate::{sys, systemd};
 
 /// The files read when `-c` is not given, in order; later files win:
 /// `/etc/staps/staps.conf`, then `~/.staps.conf` (`HOME`).
-pub fn default_files() -> Vec<std::path::PathBuf> {
+pub(crate) fn default_files() -> Vec<std::path::PathBuf> {
     let mut files = vec![std::path::PathBuf::from("/etc/staps/staps.conf")];
     if let Some(home) = std::env::var_os("HOME") {
         files.push(std::path::Path::new(&home).join(".staps.conf"));

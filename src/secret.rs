@@ -21,7 +21,7 @@ use crate::twin::{SECRET_LEN, Twins};
 /// When `path` is only the default (no configuration names it) and its
 /// directory does not exist, staps is not installed there (`make run` on a
 /// fresh machine): that is said at info level, not warned about.
-pub fn twins(path: Option<&Path>, default: bool) -> io::Result<Twins> {
+pub(crate) fn twins(path: Option<&Path>, default: bool) -> io::Result<Twins> {
     let Some(path) = path else {
         return ephemeral().map(Twins::new);
     };
@@ -63,7 +63,7 @@ fn is_not_installed(path: &Path, e: &io::Error) -> bool {
 
 /// Where the secret came from.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Origin {
+pub(crate) enum Origin {
     /// Read from the file.
     Read,
     /// The file was absent and has been created.
@@ -71,7 +71,7 @@ pub enum Origin {
 }
 
 /// Read the secret at `path`, or create it (mode 0600) when it is absent.
-pub fn load(path: &Path) -> io::Result<([u8; SECRET_LEN], Origin)> {
+pub(crate) fn load(path: &Path) -> io::Result<([u8; SECRET_LEN], Origin)> {
     // Without blocking: a fifo put there would wait for a writer forever.
     let reading = libc::O_RDONLY | libc::O_NONBLOCK;
     match open(path, reading) {
@@ -89,7 +89,7 @@ pub fn load(path: &Path) -> io::Result<([u8; SECRET_LEN], Origin)> {
 }
 
 /// A secret for this process only, for when none can be read or created.
-pub fn ephemeral() -> io::Result<[u8; SECRET_LEN]> {
+pub(crate) fn ephemeral() -> io::Result<[u8; SECRET_LEN]> {
     let mut secret = [0; SECRET_LEN];
     random(&mut secret)?;
     Ok(secret)

@@ -24,10 +24,10 @@ use crate::twin::Twins;
 
 /// Stack of the thread that reads a connection (handshake, frames, fan-out).
 /// Its deepest path is the handshake plus logging; the rest is on the heap.
-pub const READER_STACK: usize = 128 * 1024;
+pub(crate) const READER_STACK: usize = 128 * 1024;
 
 /// Stack of a writer thread: it only moves bytes from its queue to the socket.
-pub const WRITER_STACK: usize = 64 * 1024;
+pub(crate) const WRITER_STACK: usize = 64 * 1024;
 
 /// Finished connection threads kept waiting for new connections, per kind:
 /// enough for bursts of reconnecting clients, few enough that idle ones cost
@@ -35,7 +35,7 @@ pub const WRITER_STACK: usize = 64 * 1024;
 const IDLE_THREADS: usize = 64;
 
 /// Everything the connection threads share.
-pub struct Server {
+pub(crate) struct Server {
     /// The effective settings.
     pub settings: Settings,
     /// The channels; their replay rings are the memory budget's cache.
@@ -61,7 +61,7 @@ pub struct Server {
 
 /// A connection waiting for a request head: its socket, its place among its
 /// address's, and what has arrived of the head.
-pub struct Waiting {
+pub(crate) struct Waiting {
     /// The socket.
     pub stream: Stream,
     /// The TCP peer's address (`None` on a unix socket).
@@ -79,7 +79,7 @@ pub struct Waiting {
 /// Where a connection waits without a thread: the event loop
 /// (`event_loop`), which hands it to a reader thread again once there is
 /// something to read.
-pub trait Lobby: Send + Sync {
+pub(crate) trait Lobby: Send + Sync {
     /// Keep `waiting` until its next head is complete.
     fn park(&self, waiting: Waiting);
     /// Keep a member whose client is silent until it sends again.
@@ -93,7 +93,7 @@ pub trait Lobby: Send + Sync {
 /// looked at when its next timer is due (a ping to send, a client that
 /// stopped answering). Messages still reach it without a thread: by direct
 /// writes, or a writer thread for a backlog.
-pub trait Resting: Send {
+pub(crate) trait Resting: Send {
     /// Its socket.
     fn stream(&self) -> &Stream;
     /// Do what is due at `now`: send a ping, close a client that stopped
@@ -110,7 +110,7 @@ pub trait Resting: Send {
 
 /// What the event loop does next with a [`Resting`] member.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Next {
+pub(crate) enum Next {
     /// Watch its socket, and look at it again at this time (or only when
     /// bytes come).
     Wait(Option<Instant>),
@@ -141,7 +141,7 @@ impl Tenant {
 
 /// Why a client was turned away, as the metrics count it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
+pub(crate) enum Reason {
     /// Its address holds `max_connections_per_address` clients (503).
     Address,
     /// Its address holds its share of the memory budget (1009 / 503).
@@ -153,7 +153,7 @@ pub enum Reason {
 /// A client address's hold on its place: a member counted against
 /// `max_connections_per_address`, or a publish; it carries the address's
 /// part of the memory budget. Let go on drop.
-pub struct Visit {
+pub(crate) struct Visit {
     server: Arc<Server>,
     ip: IpAddr,
     member: bool,
@@ -162,7 +162,7 @@ pub struct Visit {
 
 impl Visit {
     /// The address's part of the memory budget.
-    pub fn share(&self) -> &Arc<Share> {
+    pub(crate) fn share(&self) -> &Arc<Share> {
         &self.share
     }
 }
@@ -189,7 +189,7 @@ impl Drop for Visit {
 /// A fixed threshold keeps every block of 128 KiB or more in a mapping of its
 /// own, unmapped when freed; small blocks (frames of chat-sized messages,
 /// an idle connection's buffers) stay in the heaps as before.
-pub fn tune_allocator() {
+pub(crate) fn tune_allocator() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only changes the allocator's parameters; it is called
     // before any thread exists.
@@ -208,7 +208,7 @@ const ALLOCATOR_MMAP_THRESHOLD: libc::c_int = 128 * 1024;
 /// glibc keeps freed memory in its arenas for reuse, tens of MiB after a
 /// spike of clients (figures: BENCHMARKS.md, "Measurements behind the constants"). Called when the
 /// last client leaves, so it costs nothing while anyone is connected.
-pub fn release_free_memory() {
+pub(crate) fn release_free_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free pages to the kernel.
     unsafe {
@@ -221,11 +221,11 @@ pub fn release_free_memory() {
 /// a descriptor (and, once bytes come, a buffer counted in the memory
 /// budget), so an honest burst of a few hundred from one host goes through;
 /// bounded, so that one host cannot take every descriptor.
-pub const HANDSHAKES_PER_ADDRESS: u32 = 256;
+pub(crate) const HANDSHAKES_PER_ADDRESS: u32 = 256;
 
 /// A connection's place among its address's sockets waiting for a request
 /// head; freed when it is no longer waiting.
-pub struct Handshake {
+pub(crate) struct Handshake {
     server: Arc<Server>,
     from: Option<IpAddr>,
 }
@@ -240,7 +240,7 @@ impl Drop for Handshake {
 
 /// Why a connection was turned away before its handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Crowded {
+pub(crate) enum Crowded {
     /// As many waiting for a head from this address as one may have.
     Address,
     /// The memory budget takes no new connection.
@@ -250,7 +250,7 @@ pub enum Crowded {
 impl Server {
     /// A server for `settings`, with `relay` when instances are linked and
     /// `twins` for read-only URLs.
-    pub fn new(settings: Settings, relay: Option<Link>, twins: Twins) -> Server {
+    pub(crate) fn new(settings: Settings, relay: Option<Link>, twins: Twins) -> Server {
         let registry = Arc::new(Registry::new(relay.as_ref().map(Link::control)));
         let cache: Arc<dyn crate::budget::Cache> = registry.clone();
         crate::budget::BUDGET.set_cache(Arc::downgrade(&cache));
@@ -272,13 +272,13 @@ impl Server {
     }
 
     /// The event loop that keeps waiting connections (at startup).
-    pub fn set_lobby(&self, lobby: Arc<dyn Lobby>) {
+    pub(crate) fn set_lobby(&self, lobby: Arc<dyn Lobby>) {
         let _ = self.lobby.set(lobby);
     }
 
     /// Give `waiting` to the event loop until its next request head is
     /// complete (without one, as in unit tests, it is closed).
-    pub fn park(&self, waiting: Waiting) {
+    pub(crate) fn park(&self, waiting: Waiting) {
         if let Some(lobby) = self.lobby.get() {
             lobby.park(waiting);
         }
@@ -286,14 +286,14 @@ impl Server {
 
     /// Give `member` to the event loop until its client sends again
     /// (without one, as in unit tests, it is closed).
-    pub fn rest(&self, member: Box<dyn Resting>) {
+    pub(crate) fn rest(&self, member: Box<dyn Resting>) {
         if let Some(lobby) = self.lobby.get() {
             lobby.rest(member);
         }
     }
 
     /// A new connection id.
-    pub fn next_id(&self) -> u64 {
+    pub(crate) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
@@ -303,7 +303,7 @@ impl Server {
     /// count bounds them all: what they hold is descriptors, which the event
     /// loop takes back from the oldest silent socket when they run out, and
     /// buffers, which the memory budget counts.
-    pub fn admit(self: &Arc<Self>, from: Option<IpAddr>) -> Result<Handshake, Crowded> {
+    pub(crate) fn admit(self: &Arc<Self>, from: Option<IpAddr>) -> Result<Handshake, Crowded> {
         if !crate::budget::BUDGET.admits_joins() {
             crate::budget::BUDGET.refuse("new connections get 503");
             return Err(Crowded::Memory);
@@ -332,7 +332,7 @@ impl Server {
     /// stream listener, at most `max_connections_per_address` of them) or
     /// for a publish. `Ok(None)` when per-address limits are off.
     #[inline(never)]
-    pub fn visit(
+    pub(crate) fn visit(
         self: &Arc<Self>,
         from: Option<IpAddr>,
         member: bool,
@@ -378,7 +378,7 @@ impl Server {
     /// one line a minute says so (the address only at debug level).
     #[cold]
     #[inline(never)]
-    pub fn refuse_for(&self, reason: Reason, from: Option<IpAddr>) {
+    pub(crate) fn refuse_for(&self, reason: Reason, from: Option<IpAddr>) {
         let counter = match reason {
             Reason::Address => &self.stats.address_refusals,
             Reason::AddressMemory => &self.stats.address_memory_refusals,
@@ -408,7 +408,7 @@ impl Server {
     /// a backlog), with four memory mappings (stack, its guard page, the
     /// signal stack and its guard); a silent one waits in the event loop
     /// without. Quiet when all is well.
-    pub fn check_system_limits(&self) {
+    pub(crate) fn check_system_limits(&self) {
         if self.settings.limits.max_connections == 0 {
             return;
         }
@@ -459,24 +459,24 @@ impl Server {
     }
 
     /// Count a connection that was turned away.
-    pub fn refuse(&self) {
+    pub(crate) fn refuse(&self) {
         stats::add(&self.stats.refused, 1);
     }
 
     /// Whether shutdown has begun.
-    pub fn is_stopping(&self) -> bool {
+    pub(crate) fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
 
     /// One line of counters.
-    pub fn stats_line(&self) -> String {
+    pub(crate) fn stats_line(&self) -> String {
         let (clients, channels) = self.registry.counts();
         self.stats
             .line(clients, channels, Link::state_name(self.relay.as_ref()))
     }
 
     /// From now on the accept loops stop and new clients are refused.
-    pub fn begin_stopping(&self) {
+    pub(crate) fn begin_stopping(&self) {
         self.stopping.store(true, Ordering::Release);
         if let Some(lobby) = self.lobby.get() {
             lobby.wake();

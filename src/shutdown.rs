@@ -15,7 +15,7 @@ use crate::{daemon, logging, systemd};
 
 /// What a running instance has on disk and must remove when it ends: its
 /// listeners' socket files (where still its own) and the pid file.
-pub struct Files {
+pub(crate) struct Files {
     /// The public listeners.
     pub listeners: Vec<Arc<Listener>>,
     /// The metrics listener, if any.
@@ -25,7 +25,7 @@ pub struct Files {
 
 impl Files {
     /// The files of `listeners`, `metrics` and the pid file of `settings`.
-    pub fn new(
+    pub(crate) fn new(
         listeners: Vec<Arc<Listener>>,
         metrics: Option<Arc<Listener>>,
         settings: &Settings,
@@ -43,7 +43,7 @@ impl Files {
     /// directories: `/run/staps` belongs to the staps user (the unit's
     /// `RuntimeDirectory=`, the init script's `install -d -o staps`); in a
     /// directory only root may write, they stay behind, and that is said once.
-    pub fn remove(&self) {
+    pub(crate) fn remove(&self) {
         let mut left = Vec::new();
         for (listener, what) in self
             .listeners
@@ -78,7 +78,7 @@ fn listener_path(listener: &Listener) -> String {
 
 /// Stop accepting, close every client with 1001, give them [`CLOSE_TIMEOUT`]
 /// to answer, and remove the files.
-pub fn shutdown(server: &Server, files: &Files) {
+pub(crate) fn shutdown(server: &Server, files: &Files) {
     systemd::notify("STOPPING=1");
     server.begin_stopping();
     // The metrics listener goes on answering: /healthz says 503 meanwhile.

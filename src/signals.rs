@@ -21,7 +21,7 @@ use crate::shutdown::{self, Files};
 /// SIGTERM and SIGINT end the process at once (exit 1): a start that hangs
 /// (a slow name service, a file that never answers) must still stop. A
 /// socket file it bound is then stale, and replaced at the next start.
-pub fn install() -> io::Result<(Signals, Starting)> {
+pub(crate) fn install() -> io::Result<(Signals, Starting)> {
     let starting = Arc::new(AtomicBool::new(true));
     for signal in [SIGTERM, SIGINT] {
         // Registered first: it runs before the handler that feeds `Signals`.
@@ -34,17 +34,17 @@ pub fn install() -> io::Result<(Signals, Starting)> {
 }
 
 /// The start is still going: SIGTERM and SIGINT end the process at once.
-pub struct Starting(Arc<AtomicBool>);
+pub(crate) struct Starting(Arc<AtomicBool>);
 
 impl Starting {
     /// The start is over: from now on SIGTERM and SIGINT stop gracefully.
-    pub fn done(self) {
+    pub(crate) fn done(self) {
         self.0.store(false, Ordering::SeqCst);
     }
 }
 
 /// Handle signals until the process exits.
-pub fn run(mut signals: Signals, server: Arc<Server>, files: Files) -> ! {
+pub(crate) fn run(mut signals: Signals, server: Arc<Server>, files: Files) -> ! {
     let files = Arc::new(files);
     let mut stopping = false;
     for signal in signals.forever() {

@@ -7,7 +7,7 @@ use crate::budget::BUDGET;
 /// Monotonic counters, and the event loop's gauge. The other gauges
 /// (connections now, channels) live in the registry.
 #[derive(Debug, Default)]
-pub struct Stats {
+pub(crate) struct Stats {
     /// Members whose client is silent, waiting in the event loop without a
     /// thread (a gauge, kept by the loop).
     pub resting: AtomicU64,
@@ -46,14 +46,14 @@ pub struct Stats {
 }
 
 /// Add `n` to a counter.
-pub fn add(counter: &AtomicU64, n: u64) {
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Relaxed);
 }
 
 impl Stats {
     /// One line of `key=value` pairs; `clients`, `channels` and `relay` (off,
     /// down, up) are the gauges.
-    pub fn line(&self, clients: usize, channels: usize, relay: &str) -> String {
+    pub(crate) fn line(&self, clients: usize, channels: usize, relay: &str) -> String {
         let get = |c: &AtomicU64| c.load(Relaxed);
         format!(
             "connections={clients} connections_total={} channels={channels} refused={} \

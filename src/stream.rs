@@ -187,7 +187,7 @@ impl Stream {
 }
 
 /// Whether an I/O error is a socket timeout (SO_RCVTIMEO/SO_SNDTIMEO give EAGAIN).
-pub fn is_timeout(e: &io::Error) -> bool {
+pub(crate) fn is_timeout(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut

@@ -4,7 +4,7 @@ use std::ffi::CString;
 
 /// A user's ids.
 #[derive(Debug, Clone, Copy)]
-pub struct User {
+pub(crate) struct User {
     /// User id.
     pub uid: libc::uid_t,
     /// Primary group id; `None` for a number with no passwd entry.
@@ -12,7 +12,7 @@ pub struct User {
 }
 
 /// Look a user up by name, or by number (with its passwd entry, if any).
-pub fn lookup_user(name: &str) -> Result<User, String> {
+pub(crate) fn lookup_user(name: &str) -> Result<User, String> {
     let cname = CString::new(name).map_err(|_| format!("'{name}' is not a user name"))?;
     let number = name.parse::<libc::uid_t>().ok();
     let mut buf = vec![0 as libc::c_char; 4096];
@@ -45,7 +45,7 @@ pub fn lookup_user(name: &str) -> Result<User, String> {
 }
 
 /// Look a group up by name, or take a number as it is.
-pub fn lookup_group(name: &str) -> Result<libc::gid_t, String> {
+pub(crate) fn lookup_group(name: &str) -> Result<libc::gid_t, String> {
     if let Ok(gid) = name.parse::<libc::gid_t>() {
         return Ok(gid);
     }
@@ -72,12 +72,12 @@ pub fn lookup_group(name: &str) -> Result<libc::gid_t, String> {
 }
 
 /// The effective user id.
-pub fn euid() -> libc::uid_t {
+pub(crate) fn euid() -> libc::uid_t {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() }
 }
 
 /// Whether the process runs as root, and so can change owners and drop privileges.
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     euid() == 0
 }

@@ -12,14 +12,14 @@ use socket2::Socket;
 const LISTEN_FDS_START: i32 = 3;
 
 /// Whether systemd passed listening sockets to this process (`LISTEN_PID`/`LISTEN_FDS`).
-pub fn socket_activated() -> bool {
+pub(crate) fn socket_activated() -> bool {
     let ours = std::env::var("LISTEN_PID").is_ok_and(|pid| pid == std::process::id().to_string());
     ours && std::env::var("LISTEN_FDS").is_ok_and(|n| n.parse::<u32>().is_ok_and(|n| n > 0))
 }
 
 /// Take the descriptors systemd passed, each with its number. Must run
 /// before any thread exists (it clears the variables).
-pub fn take_listen_fds() -> Result<Vec<(i32, Socket)>, String> {
+pub(crate) fn take_listen_fds() -> Result<Vec<(i32, Socket)>, String> {
     let count: i32 = std::env::var("LISTEN_FDS")
         .ok()
         .and_then(|n| n.parse().ok())
@@ -45,7 +45,7 @@ pub fn take_listen_fds() -> Result<Vec<(i32, Socket)>, String> {
 
 /// Tell systemd about a state change (`READY=1`, `STOPPING=1`) when it asked
 /// for it with `NOTIFY_SOCKET` (`Type=notify`). A few lines instead of a crate.
-pub fn notify(state: &str) {
+pub(crate) fn notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };

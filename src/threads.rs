@@ -25,7 +25,7 @@ const LINGER: Duration = Duration::from_secs(10);
 type Job = Box<dyn FnOnce() + Send>;
 
 /// Threads of one kind (name and stack size) and the ones waiting for work.
-pub struct Pool {
+pub(crate) struct Pool {
     name: &'static str,
     stack: usize,
     max_idle: usize,
@@ -43,7 +43,7 @@ impl Pool {
     /// With `spare`, a thread that takes work starts another when none is
     /// left waiting, so that the next [`Pool::run`] need not create one on
     /// its caller's stack.
-    pub fn new(name: &'static str, stack: usize, max_idle: usize, spare: bool) -> Arc<Pool> {
+    pub(crate) fn new(name: &'static str, stack: usize, max_idle: usize, spare: bool) -> Arc<Pool> {
         // Zero capacity: handing over succeeds only to a thread that waits.
         let (tx, rx) = crossbeam_channel::bounded(0);
         Arc::new(Pool {
@@ -59,7 +59,7 @@ impl Pool {
     }
 
     /// Run `job` on a waiting thread, or on a new one.
-    pub fn run(self: &Arc<Self>, job: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    pub(crate) fn run(self: &Arc<Self>, job: impl FnOnce() + Send + 'static) -> io::Result<()> {
         let job: Job = match self.tx.try_send(Box::new(job)) {
             Ok(()) => return Ok(()),
             Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => job,

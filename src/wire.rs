@@ -113,14 +113,14 @@ impl Wire {
 
 /// One message in every wire format its receivers use, each encoded at most
 /// once.
-pub struct Encodings<'a> {
+pub(crate) struct Encodings<'a> {
     frame: &'a Frame,
     http: [Option<Frame>; 4],
 }
 
 impl<'a> Encodings<'a> {
     /// The encodings of the message of websocket frame `frame`.
-    pub fn new(frame: &'a Frame) -> Encodings<'a> {
+    pub(crate) fn new(frame: &'a Frame) -> Encodings<'a> {
         Encodings {
             frame,
             http: Default::default(),
@@ -128,7 +128,7 @@ impl<'a> Encodings<'a> {
     }
 
     /// The message as `wire` carries it.
-    pub fn get(&mut self, wire: Wire) -> &Frame {
+    pub(crate) fn get(&mut self, wire: Wire) -> &Frame {
         match wire.slot() {
             0 => self.frame,
             slot => self.http[slot - 1].get_or_insert_with(|| wire.encode(self.frame)),
