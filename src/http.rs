@@ -136,7 +136,19 @@ pub struct Response {
     body: String,
     head_only: bool,
     keep_alive: bool,
+    /// Pages of any origin may read it (see [`CORS`]).
+    cors: bool,
 }
+
+/// Pages on other origins may read staps' answers and streams: the URL is
+/// the secret, and no cookie or credential is ever used, so nothing is
+/// exposed to a page that the page did not already know. Without this,
+/// `EventSource` and `fetch` from another origin were blocked by browsers
+/// (websockets from other origins always worked).
+const CORS: &str = "Access-Control-Allow-Origin: *\r\n";
+
+/// The methods the public listeners answer.
+const METHODS: &str = "GET, HEAD, POST, PUT, OPTIONS";
 
 impl Response {
     /// A response with a body of `content_type`.
@@ -147,7 +159,35 @@ impl Response {
             body,
             head_only: false,
             keep_alive: false,
+            cors: true,
         }
+    }
+
+    /// The answer to a CORS preflight (`OPTIONS`): any origin may publish
+    /// with any `Content-Type`, and listen with `Last-Event-ID`; browsers
+    /// keep the answer for a day (Chromium for two hours at most).
+    pub(crate) fn preflight() -> Response {
+        Response {
+            status: 204,
+            headers: vec![
+                ("Access-Control-Allow-Methods", METHODS.into()),
+                (
+                    "Access-Control-Allow-Headers",
+                    "Content-Type, Last-Event-ID".into(),
+                ),
+                ("Access-Control-Max-Age", "86400".into()),
+            ],
+            body: String::new(),
+            head_only: false,
+            keep_alive: false,
+            cors: true,
+        }
+    }
+
+    /// Not for pages on other origins: the metrics listener's answers.
+    pub(crate) fn private(mut self) -> Response {
+        self.cors = false;
+        self
     }
 
     /// An error: `reason` as one line of plain text.
@@ -183,10 +223,17 @@ impl Response {
         for (name, value) in &self.headers {
             let _ = write!(head, "{name}: {value}\r\n");
         }
+        if self.cors {
+            head.push_str(CORS);
+        }
+        head.push_str(GUARDS);
+        // A 204 has no body, and says no length (RFC 9110, 8.6).
+        if self.status != 204 {
+            let _ = write!(head, "Content-Length: {}\r\n", self.body.len());
+        }
         let _ = write!(
             head,
-            "{GUARDS}Content-Length: {}\r\n{}\r\n",
-            self.body.len(),
+            "{}\r\n",
             if self.keep_alive {
                 ""
             } else {
@@ -205,6 +252,7 @@ fn reason_phrase(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
         200 => "OK",
+        204 => "No Content",
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
@@ -254,7 +302,7 @@ pub(crate) fn listening(wire: Wire) -> Vec<u8> {
     // proxy_buffering is on.
     format!(
         "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nCache-Control: no-store\r\n\
-         X-Accel-Buffering: no\r\n{GUARDS}{framing}\r\n"
+         X-Accel-Buffering: no\r\n{CORS}{GUARDS}{framing}\r\n"
     )
     .into_bytes()
 }
@@ -341,8 +389,10 @@ pub fn route(req: &Request, settings: &Settings, twins: &Twins) -> Route {
         check_upgrade(req, settings, twins)
     } else if matches!(req.method.as_str(), "POST" | "PUT") {
         check_publish(req, settings, twins).map(Route::Publish)
+    } else if req.method == "OPTIONS" {
+        Ok(Route::Respond(Response::preflight()))
     } else {
-        get_or_head(req, "GET, HEAD, POST, PUT").and_then(|head_only| {
+        get_or_head(req, METHODS).and_then(|head_only| {
             let has = |name: &str| query_keys(&req.target).any(|(key, _)| key == name);
             if has("stats") {
                 let path = channel_path(req, settings, twins)?.path;

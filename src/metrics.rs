@@ -42,7 +42,7 @@ fn answer(stream: &Stream, server: &Server) {
 pub(crate) fn respond_to(request: &Request, server: &Server) -> Response {
     let head_only = match http::get_or_head(request, "GET, HEAD") {
         Ok(head_only) => head_only,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.private(),
     };
     let path = request.target.split('?').next().unwrap_or("");
     let response = match path {
@@ -72,6 +72,7 @@ pub(crate) fn respond_to(request: &Request, server: &Server) -> Response {
     response
         .with("Cache-Control", "no-store")
         .head_only(head_only)
+        .private()
 }
 
 fn relay_state(server: &Server) -> &'static str {

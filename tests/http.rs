@@ -137,14 +137,81 @@ fn head_gets_headers_only() {
 #[test]
 fn other_methods_get_405_with_allow() {
     let staps = Staps::start(&tcp_config(""), &[]);
-    for method in ["DELETE", "OPTIONS", "PATCH", "BREW"] {
+    for method in ["DELETE", "PATCH", "BREW"] {
         let r = raw_http(
             staps.addr(),
             format!("{method} /x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").as_bytes(),
         );
         assert_eq!(status(&r), 405, "{method}");
-        assert_eq!(header(&r, "Allow"), Some("GET, HEAD, POST, PUT"));
+        assert_eq!(header(&r, "Allow"), Some("GET, HEAD, POST, PUT, OPTIONS"));
     }
+}
+
+/// Pages on other origins may listen and publish (CORS): a preflight gets
+/// 204 with what may be sent, and every answer, stream and error carries
+/// `Access-Control-Allow-Origin: *`; the metrics listener's do not.
+#[test]
+fn answers_may_be_read_by_pages_of_any_origin() {
+    let config = tcp_config("").replace("[limits]", "metrics = 127.0.0.1:0\n[limits]");
+    let mut staps = Staps::start(&config, &[]);
+    let addr = staps.addr();
+    let ch = channel();
+    let preflight = raw_http(
+        addr,
+        format!(
+            "OPTIONS {ch} HTTP/1.1\r\nHost: x\r\nOrigin: http://elsewhere.example\r\n\
+             Access-Control-Request-Method: POST\r\n\
+             Access-Control-Request-Headers: content-type\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status(&preflight), 204, "{preflight}");
+    assert_eq!(header(&preflight, "Access-Control-Allow-Origin"), Some("*"));
+    let methods = header(&preflight, "Access-Control-Allow-Methods").unwrap_or("");
+    assert!(
+        methods.contains("POST") && methods.contains("PUT"),
+        "{preflight}"
+    );
+    let headers = header(&preflight, "Access-Control-Allow-Headers").unwrap_or("");
+    assert!(headers.contains("Content-Type"), "{preflight}");
+    assert!(
+        header(&preflight, "Access-Control-Max-Age").is_some(),
+        "{preflight}"
+    );
+    assert!(
+        header(&preflight, "Content-Length").is_none(),
+        "{preflight}"
+    );
+    // A stream's head, a publish, ?stats, ?readonly and an error.
+    let mut sse = std::net::TcpStream::connect(addr).unwrap();
+    sse.set_read_timeout(Some(DEADLINE)).unwrap();
+    sse.write_all(format!("GET {ch}?sse HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let head = read_until_seen(&mut sse, "\r\n\r\n");
+    assert_eq!(
+        header(&head, "Access-Control-Allow-Origin"),
+        Some("*"),
+        "{head}"
+    );
+    let published = post(addr, &ch, "Content-Type: application/json\r\n", b"{}");
+    assert_eq!(header(&published, "Access-Control-Allow-Origin"), Some("*"));
+    for query in ["stats", "readonly"] {
+        let r = get(addr, &format!("{ch}?{query}"), "");
+        assert_eq!(header(&r, "Access-Control-Allow-Origin"), Some("*"), "{r}");
+    }
+    let refused = raw_http(addr, b"DELETE /x HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(header(&refused, "Access-Control-Allow-Origin"), Some("*"));
+    let line = staps.wait_log("metrics on ");
+    let at: std::net::SocketAddr = line
+        .split("metrics on ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let metrics = get(at, "/metrics", "");
+    assert_eq!(status(&metrics), 200);
+    assert_eq!(header(&metrics, "Access-Control-Allow-Origin"), None);
 }
 
 #[test]
@@ -351,20 +418,8 @@ fn a_real_browser_shows_the_channel_url_and_an_example_without_external_resource
     }
     let staps = Staps::start(&tcp_config(""), &[]);
     let profile = tempfile::tempdir().unwrap();
-    // The flags that keep headless Chromium off the network (closed here).
-    let dom = std::process::Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
+    let dom = headless_chromium(profile.path())
+        .arg("--dump-dom")
         .arg(format!("http://{}/", staps.addr()))
         .stderr(std::process::Stdio::null())
         .output()
@@ -398,4 +453,120 @@ fn a_real_browser_shows_the_channel_url_and_an_example_without_external_resource
     for tag in ["<script", "<img", "<link", "<iframe", "src=", "url("] {
         assert!(!dom.contains(tag), "{tag} in {dom}");
     }
+}
+
+/// A page served from another origin (another port) listens with an
+/// `EventSource` and publishes with `fetch` (JSON, so a preflight first) in
+/// headless Chromium: both work, as CORS allows them. The page reports to
+/// the server it came from.
+#[test]
+fn a_page_of_another_origin_listens_and_publishes_in_a_real_browser() {
+    if skip(
+        "a_page_of_another_origin_listens_and_publishes_in_a_real_browser",
+        needs_program("chromium", "chromium"),
+    ) {
+        return;
+    }
+    let staps = Staps::start(&tcp_config(""), &[]);
+    let ch = channel();
+    let page = format!(
+        "<!doctype html><title>elsewhere</title><script>\n\
+         const base = 'http://{}{ch}';\n\
+         const report = (what) => fetch('/report?' + encodeURIComponent(what));\n\
+         const events = new EventSource(base + '?sse');\n\
+         events.onmessage = (e) => report('event ' + e.data);\n\
+         events.onerror = () => report('stream error');\n\
+         events.onopen = () => fetch(base, {{method: 'POST', \
+           headers: {{'Content-Type': 'application/json'}}, body: JSON.stringify({{from: 'page'}})}})\n\
+           .then((r) => r.json())\n\
+           .then((j) => report('published ' + j.clients), (e) => report('publish error ' + e));\n\
+         </script>",
+        staps.addr()
+    );
+    // The page's own origin: serves the page, collects its reports.
+    let origin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let page_url = format!("http://{}/page", origin.local_addr().unwrap());
+    let (reports, reported) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for stream in origin.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            stream.set_read_timeout(Some(DEADLINE)).unwrap();
+            let head = read_until_seen(&mut stream, "\r\n\r\n");
+            let target = head.split(' ').nth(1).unwrap_or("").to_owned();
+            let (status, body) = if target == "/page" {
+                ("200 OK", page.clone())
+            } else if let Some(what) = target.strip_prefix("/report?") {
+                let _ = reports.send(percent_decoded(what));
+                ("200 OK", String::new())
+            } else {
+                ("404 Not Found", String::new())
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let profile = tempfile::tempdir().unwrap();
+    let mut browser = headless_chromium(profile.path())
+        .arg(&page_url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run chromium");
+    let mut seen = Vec::new();
+    let want = ["published 1", "event {\"from\":\"page\"}"];
+    let deadline = Instant::now() + DEADLINE;
+    while !want.iter().all(|w| seen.iter().any(|s: &String| s == w)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match reported.recv_timeout(left) {
+            Ok(what) => seen.push(what),
+            Err(_) => break,
+        }
+    }
+    let _ = browser.kill();
+    let _ = browser.wait();
+    for w in want {
+        assert!(seen.iter().any(|s| s == w), "{w:?} not reported: {seen:?}");
+    }
+}
+
+/// Headless Chromium with its profile in `profile`, and the flags that
+/// keep it off the network (closed here).
+fn headless_chromium(profile: &std::path::Path) -> std::process::Command {
+    let mut chromium = std::process::Command::new("chromium");
+    chromium
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()));
+    chromium
+}
+
+/// `%XX` decoded (what `encodeURIComponent` made).
+fn percent_decoded(s: &str) -> String {
+    let mut out = Vec::new();
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
