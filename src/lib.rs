@@ -8,33 +8,42 @@
 //!
 //! # Layers
 //!
-//! A module uses only modules of the layers below it (`tests/layers.rs`
-//! checks it), so they read bottom to top:
+//! The folders of `src/` are the layers: a module uses only modules of the
+//! folders below its own, and of its own folder those listed below it
+//! (`tests/layers.rs` checks it), so they read bottom to top:
 //!
 //! ```text
-//!  8  run          wiring only (`main.rs` calls it)
-//!  7  event_loop   every socket that only waits, on one thread
-//!     listener     listening sockets, the metrics listener's accept loop
-//!     relay        the broker thread (amiquip stays in here)
-//!     daemon       detaching, privileges, the pid file
-//!     metrics      /metrics and /healthz
-//!     shutdown     stopping, and the files on disk removed in one place
-//!     signals      SIGTERM, SIGHUP, SIGUSR1
-//!  6  publish      an HTTP POST's body, published
-//!     client       a connection's reader and writer threads
-//!  5  server       the state every thread shares: settings, registry,
-//!                  counters, thread pools, the link to the relay
-//!  4  peer         a member's queue, who writes to its socket, closing
-//!     channels     the registry and the fan-out
-//!     link         the relay's queue and state, as the rest holds them
-//!  3  frame        a server frame, encoded once and shared
-//!     incoming     a client's partial message, frame header by header
-//!     http         request heads, answers, routes, channel options
-//!     wire         a message as websocket frame, SSE event or raw chunk
-//!  2  config       INI files and the command line, parsed and checked
-//!     resolve      users, groups and systemd's sockets, looked up once
-//!  1  files stream sys systemd amqp_url cli threads twin address logging
-//!     secret budget stats
+//!  run.rs      wiring only (`main.rs` calls it)
+//!  process/    the process
+//!     signals     SIGTERM, SIGHUP, SIGUSR1
+//!     event_loop  every socket that only waits, on one thread
+//!     metrics     /metrics and /healthz
+//!     shutdown    stopping, and the files on disk removed in one place
+//!     listener    listening sockets, the metrics listener's accept loop
+//!     relay       the broker thread (amiquip stays in here)
+//!     detach      detaching, privileges, the pid file
+//!     secret      the secret of read-only URLs, read or made
+//!  conn/       a connection's threads
+//!     client      a member's reader, from its handshake on
+//!     publish     an HTTP POST's body, published
+//!     server      the state every thread shares: settings, registry,
+//!                 counters, thread pools, the link to the relay
+//!  hub/        the channels
+//!     link        the relay's queue and state, as the rest holds them
+//!     channels    the registry and the fan-out
+//!     peer        a member's queue, who writes to its socket, closing
+//!  proto/      what goes over a connection
+//!     http        request heads, answers, routes, channel options
+//!     wire        a message as websocket frame, SSE event or raw chunk
+//!     frame       a server frame, encoded once and shared
+//!     incoming    a client's partial message, frame header by header
+//!     twin        the read-only URLs' cipher
+//!  config/     the settings
+//!     resolve     users, groups and systemd's sockets, looked up once
+//!     (mod.rs)    INI files and the command line, parsed and checked
+//!     cli amqp_url address   the command line, AMQP URLs, client addresses
+//!  memory/     budget (the memory budget and its cache), stats (counters)
+//!  os/         logging, and below it: files sys stream systemd threads
 //! ```
 //!
 //! # A message's way
@@ -62,39 +71,14 @@
 // a `pub` that nothing outside can reach is a lie about the crate's surface.
 #![warn(unreachable_pub)]
 
-mod address;
-mod amqp_url;
-mod budget;
-mod channels;
-mod cli;
-mod client;
 mod config;
-mod daemon;
-mod event_loop;
-mod files;
-mod frame;
-mod http;
-mod incoming;
-mod link;
-mod listener;
-mod logging;
-mod metrics;
-mod peer;
-mod publish;
-mod relay;
-mod resolve;
+mod conn;
+mod hub;
+mod memory;
+mod os;
+mod process;
+mod proto;
 mod run;
-mod secret;
-mod server;
-mod shutdown;
-mod signals;
-mod stats;
-mod stream;
-mod sys;
-mod systemd;
-mod threads;
-mod twin;
-mod wire;
 
 pub use run::run;
 
@@ -102,12 +86,12 @@ pub use run::run;
 /// network and files give it. Not an interface.
 #[doc(hidden)]
 pub mod fuzz {
-    pub use crate::budget::BUDGET;
-    pub use crate::client::{Event, next_event, websocket};
+    pub use crate::config::resolve::resolve;
     pub use crate::config::{Settings, from_text};
-    pub use crate::frame::Kind;
-    pub use crate::http::{Length, Route, decode_path, is_uuid4_path, parse_head, route};
-    pub use crate::incoming::{Incoming, MinRate, Reframed, Source};
-    pub use crate::resolve::resolve;
-    pub use crate::twin::{SECRET_LEN, Twins};
+    pub use crate::conn::client::{Event, next_event, websocket};
+    pub use crate::memory::budget::BUDGET;
+    pub use crate::proto::frame::Kind;
+    pub use crate::proto::http::{Length, Route, decode_path, is_uuid4_path, parse_head, route};
+    pub use crate::proto::incoming::{Incoming, MinRate, Reframed, Source};
+    pub use crate::proto::twin::{SECRET_LEN, Twins};
 }

@@ -6,10 +6,18 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use crate::{
-    cli, config, daemon, event_loop, listener, logging, metrics, relay, resolve, server, shutdown,
-    signals,
-};
+use crate::config;
+use crate::config::cli;
+use crate::config::resolve;
+use crate::conn::server;
+use crate::os::logging;
+use crate::process::detach;
+use crate::process::event_loop;
+use crate::process::listener;
+use crate::process::metrics;
+use crate::process::relay;
+use crate::process::shutdown;
+use crate::process::signals;
 use clap::Parser;
 
 /// Exit code for a command line that cannot be parsed (`EX_USAGE`).
@@ -34,7 +42,7 @@ fn bind_and_drop_privileges(
         listener::bind_all(settings, host)?
     };
     let bound = listener::bind_metrics(settings, host).and_then(|metrics| {
-        if let Err(e) = daemon::drop_privileges(settings, host) {
+        if let Err(e) = detach::drop_privileges(settings, host) {
             metrics.iter().for_each(|l| drop(l.remove_file()));
             return Err(e);
         }
@@ -123,14 +131,14 @@ pub fn run() -> ExitCode {
         move || bind_and_drop_privileges(&settings, &host)
     };
     let ((listeners, metrics), mut readiness) = if settings.daemon {
-        match daemon::detach(&settings, &host, bind) {
+        match detach::detach(&settings, &host, bind) {
             Ok(detached) => detached,
             // The parent, done waiting, or a child that could not start.
             Err(code) => return code,
         }
     } else {
         match bind() {
-            Ok(bound) => (bound, daemon::Readiness::foreground()),
+            Ok(bound) => (bound, detach::Readiness::foreground()),
             Err(e) => {
                 log::error!("{e}");
                 return ExitCode::FAILURE;
@@ -140,21 +148,21 @@ pub fn run() -> ExitCode {
 
     let (relay, relay_ends) = match &settings.amqp {
         Some(_) => {
-            let (relay, ends) = crate::link::Link::new();
+            let (relay, ends) = crate::hub::link::Link::new();
             (Some(relay), Some(ends))
         }
         None => (None, None),
     };
-    crate::budget::BUDGET.set_limit(settings.limits.memory_budget);
+    crate::memory::budget::BUDGET.set_limit(settings.limits.memory_budget);
     if settings.limits.per_address() > 0 {
-        crate::budget::BUDGET.set_share_limit(settings.limits.address_share());
+        crate::memory::budget::BUDGET.set_share_limit(settings.limits.address_share());
     }
     let amqp = settings.amqp.clone();
     let files = shutdown::Files::new(listeners, metrics, &settings);
     // Privileges are dropped: the secret's directory is the service user's.
     let default = settings.secret_file.as_deref()
         == Some(std::path::Path::new(crate::config::DEFAULT_SECRET_FILE));
-    let twins = match crate::secret::twins(settings.secret_file.as_deref(), default) {
+    let twins = match crate::process::secret::twins(settings.secret_file.as_deref(), default) {
         Ok(twins) => twins,
         Err(e) => {
             files.remove();
@@ -165,13 +173,13 @@ pub fn run() -> ExitCode {
     server.check_system_limits();
     if let (Some(url), Some(ends)) = (amqp, relay_ends) {
         // Checked with the configuration; parsing again cannot fail.
-        let started = crate::amqp_url::BrokerUrl::parse(&url)
+        let started = crate::config::amqp_url::BrokerUrl::parse(&url)
             .map(relay::Broker::new)
             .map_err(|e| e.to_string())
             .and_then(|broker| {
                 relay::spawn(
                     broker,
-                    crate::amqp_url::redact(&url),
+                    crate::config::amqp_url::redact(&url),
                     ends,
                     Arc::clone(&server),
                 )

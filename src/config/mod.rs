@@ -5,6 +5,13 @@
 //! checked here, before anything is bound or started, so a typo stops staps with
 //! exit code 78 and a message that names the file, line, key and accepted form.
 
+// What the configuration is made from and resolved with: the command
+// line, client addresses, AMQP URLs, and the one look at the host.
+pub(crate) mod address;
+pub(crate) mod amqp_url;
+pub(crate) mod cli;
+pub(crate) mod resolve;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,9 +20,9 @@ use std::time::Duration;
 use ini::{Ini, ParseOption};
 use log::LevelFilter;
 
-use crate::address::Trusted;
-use crate::amqp_url::redact;
-use crate::cli::Cli;
+use crate::config::address::Trusted;
+use crate::config::amqp_url::redact;
+use crate::config::cli::Cli;
 
 /// Exit code for a configuration error (`EX_CONFIG` of sysexits.h, as `nginx -t`).
 pub(crate) const EX_CONFIG: i32 = 78;
@@ -54,7 +61,7 @@ impl SlowClient {
 }
 
 /// `ADDRESS:PORT` as configured: an address, or a host name that
-/// [`crate::resolve`] looks up once at startup (to its first address).
+/// [`crate::config::resolve`] looks up once at startup (to its first address).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
     /// An IP address and port.
@@ -85,7 +92,7 @@ impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoint::Tcp(addr) => write!(f, "{addr}"),
-            Endpoint::Unix(path) => write!(f, "unix:{}", crate::logging::escape_path(path)),
+            Endpoint::Unix(path) => write!(f, "unix:{}", crate::os::logging::escape_path(path)),
         }
     }
 }
@@ -150,7 +157,7 @@ pub struct Limits {
     /// Bytes each channel's replay ring keeps at most.
     pub replay_bytes: usize,
     /// Bytes of partial incoming messages, queued frames and replay rings
-    /// the whole process may hold ([`crate::budget`]).
+    /// the whole process may hold ([`crate::memory::budget`]).
     pub memory_budget: usize,
     /// Bytes a second a message or request body in progress must average
     /// over every `handshake_timeout`; slower ones are closed (1008 / 408).
@@ -181,7 +188,7 @@ impl Limits {
 /// The part of the memory budget one client address may hold at most: an
 /// eighth of what each kind may take, its partial messages (which may take
 /// half the budget) and its receivers' backlogs (once half the budget is in
-/// use: [`crate::budget::Budget::is_over`]).
+/// use: [`crate::memory::budget::Budget::is_over`]).
 pub(crate) const ADDRESS_SHARE: usize = 8;
 
 /// `min_rate` unless configured, in bytes a second: a 1 MiB message over a
@@ -214,7 +221,7 @@ impl Default for Limits {
             uuid_only: false,
             replay_length: 16,
             replay_bytes: 1 << 20,
-            memory_budget: crate::budget::default_limit(),
+            memory_budget: crate::memory::budget::default_limit(),
             min_rate: DEFAULT_MIN_RATE,
             max_connections_per_address: None,
         }
@@ -992,7 +999,7 @@ fn apply_cli(s: &mut Settings, deprecated: &mut Vec<String>, cli: &Cli) -> Resul
     }
     if let Some(url) = cli.amqp.as_deref().filter(|u| !u.trim().is_empty()) {
         // Checked here, so that an error names the command line, not a file.
-        crate::amqp_url::BrokerUrl::parse(url.trim())
+        crate::config::amqp_url::BrokerUrl::parse(url.trim())
             .map_err(|m| err("--amqp", format!("'{}': {m}", redact(url))))?;
     }
     if cli.debug {
@@ -1006,7 +1013,7 @@ fn apply_cli(s: &mut Settings, deprecated: &mut Vec<String>, cli: &Cli) -> Resul
 fn validate(s: &Settings) -> Result<(), ConfigError> {
     let err = |key: &str, message: String| ConfigError::of_whole(s, key, message);
     if let Some(url) = &s.amqp {
-        crate::amqp_url::BrokerUrl::parse(url)
+        crate::config::amqp_url::BrokerUrl::parse(url)
             .map_err(|m| err("[staps] amqp", format!("'{}': {m}", redact(url))))?;
         // The routing key is the path without its slash, an AMQP short string.
         if s.limits.max_path_length > 256 {
@@ -1331,12 +1338,12 @@ mod tests {
 
     #[test]
     fn the_shipped_config_is_valid_and_complete() {
-        let (s, w) = parse(include_str!("../staps.conf")).unwrap();
+        let (s, w) = parse(include_str!("../../staps.conf")).unwrap();
         assert!(w.is_empty(), "{w:?}");
         assert_eq!(s.sockets, vec![PathBuf::from("/run/staps/staps.sock")]);
         assert_eq!(s.user.as_deref(), Some("staps"));
         // Every key staps knows is mentioned, so the file documents them all.
-        let text = include_str!("../staps.conf");
+        let text = include_str!("../../staps.conf");
         for section in SECTIONS {
             assert!(text.contains(&format!("[{section}]")), "{section}");
         }

@@ -6,7 +6,8 @@
 use std::net::ToSocketAddrs;
 
 use crate::config::{ADDRESS_FORM, Address, ConfigError, Endpoint, Settings, TcpSpec};
-use crate::{sys, systemd};
+use crate::os::sys;
+use crate::os::systemd;
 
 /// The files read when `-c` is not given, in order; later files win:
 /// `/etc/staps/staps.conf`, then `~/.staps.conf` (`HOME`).

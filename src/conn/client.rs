@@ -27,19 +27,19 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 use uuid::Uuid;
 
-use crate::address::client_address;
-use crate::budget::BUDGET;
-use crate::channels::{Channel, JoinError};
-use crate::frame::{Frame, Kind};
-use crate::http::{self, HeadError, MAX_HEAD, Options, Route, respond};
-use crate::incoming::{Incoming, MinRate, Reframed, Refusal, Source};
-use crate::logging::{Throttle, escape, fingerprint};
-use crate::peer::{CLOSE_TIMEOUT, Close, Flushes, Launch, Peer};
-use crate::publish::{self, Publisher};
-use crate::server::{self, Next, Reason, Resting, Server, Visit, Waiting};
-use crate::stats;
-use crate::stream::{Stream, is_timeout};
-use crate::wire::Wire;
+use crate::config::address::client_address;
+use crate::conn::publish::{self, Publisher};
+use crate::conn::server::{self, Next, Reason, Resting, Server, Visit, Waiting};
+use crate::hub::channels::{Channel, JoinError};
+use crate::hub::peer::{CLOSE_TIMEOUT, Close, Flushes, Launch, Peer};
+use crate::memory::budget::BUDGET;
+use crate::memory::stats;
+use crate::os::logging::{Throttle, escape, fingerprint};
+use crate::os::stream::{Stream, is_timeout};
+use crate::proto::frame::{Frame, Kind};
+use crate::proto::http::{self, HeadError, MAX_HEAD, Options, Route, respond};
+use crate::proto::incoming::{Incoming, MinRate, Reframed, Refusal, Source};
+use crate::proto::wire::Wire;
 
 /// A new connection sends its first byte within this (or handshake_timeout,
 /// if shorter): a client sends its request right after connecting, and a
@@ -989,7 +989,7 @@ mod tests {
     #[test]
     fn a_panicking_reader_leaves_its_channel() {
         let settings = crate::config::Settings::default();
-        let twins = crate::twin::Twins::new([0; crate::twin::SECRET_LEN]);
+        let twins = crate::proto::twin::Twins::new([0; crate::proto::twin::SECRET_LEN]);
         let server = Arc::new(Server::new(settings, None, twins));
         let (a, _b) = UnixStream::pair().unwrap();
         let member = Member {

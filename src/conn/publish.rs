@@ -16,15 +16,15 @@ use std::time::Instant;
 
 use uuid::Uuid;
 
-use crate::budget::{BUDGET, FREE, Over, Share};
-use crate::frame::{Frame, Kind};
-use crate::http::{self, Length, Publish, Response, respond};
-use crate::incoming::{MinRate, Pace};
-use crate::logging::fingerprint;
-use crate::peer::Flushes;
-use crate::server::{Reason, Server};
-use crate::stats;
-use crate::stream::Stream;
+use crate::conn::server::{Reason, Server};
+use crate::hub::peer::Flushes;
+use crate::memory::budget::{BUDGET, FREE, Over, Share};
+use crate::memory::stats;
+use crate::os::logging::fingerprint;
+use crate::os::stream::Stream;
+use crate::proto::frame::{Frame, Kind};
+use crate::proto::http::{self, Length, Publish, Response, respond};
+use crate::proto::incoming::{MinRate, Pace};
 
 /// What one read of a body takes at most.
 const READ_SIZE: usize = 16 * 1024;

@@ -10,17 +10,17 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use crate::address::host_of;
-use crate::budget::Share;
-use crate::channels::Registry;
 use crate::config::Settings;
-use crate::http::Request;
-use crate::link::Link;
-use crate::logging::Throttle;
-use crate::stats::{self, Stats};
-use crate::stream::Stream;
-use crate::threads::Pool;
-use crate::twin::Twins;
+use crate::config::address::host_of;
+use crate::hub::channels::Registry;
+use crate::hub::link::Link;
+use crate::memory::budget::Share;
+use crate::memory::stats::{self, Stats};
+use crate::os::logging::Throttle;
+use crate::os::stream::Stream;
+use crate::os::threads::Pool;
+use crate::proto::http::Request;
+use crate::proto::twin::Twins;
 
 /// Stack of the thread that reads a connection (handshake, frames, fan-out).
 /// Its deepest path is the handshake plus logging; the rest is on the heap.
@@ -252,8 +252,8 @@ impl Server {
     /// `twins` for read-only URLs.
     pub(crate) fn new(settings: Settings, relay: Option<Link>, twins: Twins) -> Server {
         let registry = Arc::new(Registry::new(relay.as_ref().map(Link::control)));
-        let cache: Arc<dyn crate::budget::Cache> = registry.clone();
-        crate::budget::BUDGET.set_cache(Arc::downgrade(&cache));
+        let cache: Arc<dyn crate::memory::budget::Cache> = registry.clone();
+        crate::memory::budget::BUDGET.set_cache(Arc::downgrade(&cache));
         Server {
             registry,
             relay,
@@ -304,8 +304,8 @@ impl Server {
     /// loop takes back from the oldest silent socket when they run out, and
     /// buffers, which the memory budget counts.
     pub(crate) fn admit(self: &Arc<Self>, from: Option<IpAddr>) -> Result<Handshake, Crowded> {
-        if !crate::budget::BUDGET.admits_joins() {
-            crate::budget::BUDGET.refuse("new connections get 503");
+        if !crate::memory::budget::BUDGET.admits_joins() {
+            crate::memory::budget::BUDGET.refuse("new connections get 503");
             return Err(Crowded::Memory);
         }
         let from = from

@@ -19,13 +19,13 @@ use std::time::Instant;
 use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
 
-use crate::budget::{BUDGET, Cache};
 use crate::config::{Limits, SlowClient};
-use crate::frame::Frame;
-use crate::http::Options;
-use crate::peer::{Close, Delivery, Flushes, Peer};
-use crate::stats::{self, Stats};
-use crate::wire::Encodings;
+use crate::hub::peer::{Close, Delivery, Flushes, Peer};
+use crate::memory::budget::{BUDGET, Cache};
+use crate::memory::stats::{self, Stats};
+use crate::proto::frame::Frame;
+use crate::proto::http::Options;
+use crate::proto::wire::Encodings;
 
 /// The members of one channel path.
 #[derive(Debug)]
@@ -50,7 +50,7 @@ struct State {
 /// A channel's replay ring: its last `replay_length` messages within
 /// `replay_bytes`, each with the instance-wide sequence number it was kept
 /// under, so that the memory budget can evict the oldest of all rings first.
-/// Its bytes count as the budget's cache ([`crate::budget::Cache`]).
+/// Its bytes count as the budget's cache ([`crate::memory::budget::Cache`]).
 #[derive(Debug, Default)]
 struct Ring {
     frames: VecDeque<(u64, Frame)>,
@@ -399,7 +399,7 @@ impl Cache for Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::Wire;
+    use crate::proto::wire::Wire;
     use std::sync::atomic::Ordering;
 
     #[test]
@@ -457,7 +457,7 @@ mod tests {
                 .unwrap();
             reg.join(&"/s".into(), &slow, &Options::default(), &limits)
                 .unwrap();
-            let frame = Frame::message(crate::frame::Kind::Text, b"x");
+            let frame = Frame::message(crate::proto::frame::Kind::Text, b"x");
             for _ in 0..5 {
                 ch.publish(sender.id, &frame, &limits, &stats, &mut Flushes::new(true));
             }

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use uuid::Uuid;
 
-use crate::channels::Control;
-use crate::frame::Frame;
-use crate::stats;
+use crate::hub::channels::Control;
+use crate::memory::stats;
+use crate::proto::frame::Frame;
 
 /// A message a local client published, on its way to the broker.
 pub(crate) struct Outbound {

@@ -38,11 +38,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
-use crate::budget::{BUDGET, Share};
 use crate::config::{Limits, SlowClient};
-use crate::frame::Frame;
-use crate::stream::Stream;
-use crate::wire::Wire;
+use crate::memory::budget::{BUDGET, Share};
+use crate::os::stream::Stream;
+use crate::proto::frame::Frame;
+use crate::proto::wire::Wire;
 
 /// How long clients get to answer the close frame when the server stops,
 /// how long one connection lingers after its close frame before it is cut,
@@ -1033,7 +1033,7 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::Kind;
+    use crate::proto::frame::Kind;
     use std::io::Read;
     use std::os::unix::net::UnixStream;
 

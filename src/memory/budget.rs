@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use parking_lot::Mutex;
 
-use crate::logging::Throttle;
+use crate::os::logging::Throttle;
 
 /// A partial message up to this size is not counted: it is the reader's own
 /// small buffer, and refusing it would stop even chat-sized messages.

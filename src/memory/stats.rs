@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::budget::BUDGET;
+use crate::memory::budget::BUDGET;
 
 /// Monotonic counters, and the event loop's gauge. The other gauges
 /// (connections now, channels) live in the registry.

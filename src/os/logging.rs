@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use log::{Level, LevelFilter};
 
-use crate::files;
+use crate::os::files;
 
 /// Where the level comes from, strongest first: `-v`/`-q`, then `RUST_LOG`
 /// (which may also name modules), then `log_level` in the files, then `info`.

@@ -6,7 +6,7 @@
 //! are reset before switching user (it does not), the parent waits on a pipe
 //! for the child to be ready and exits with its error (its parent always
 //! exits 0), and the pid file is written by staps itself, never through a
-//! symlink ([`crate::files`]; daemonize opens and chowns the path as root,
+//! symlink ([`crate::os::files`]; daemonize opens and chowns the path as root,
 //! which in a directory the service user owns hands any file to that user),
 //! and removed on a clean exit.
 
@@ -18,8 +18,10 @@ use std::process::ExitCode;
 use std::sync::OnceLock;
 
 use crate::config::Settings;
-use crate::resolve::Host;
-use crate::{files, logging, sys};
+use crate::config::resolve::Host;
+use crate::os::files;
+use crate::os::logging;
+use crate::os::sys;
 
 /// Switch to `user`/`group` for good: supplementary groups reset to the
 /// target group, then the group, then the user. As a user other than root,
@@ -71,7 +73,7 @@ impl Readiness {
         if let Some(mut pipe) = self.0.take() {
             let _ = pipe.write_all(b"READY\n");
         }
-        crate::systemd::notify("READY=1");
+        crate::os::systemd::notify("READY=1");
     }
 
     /// Startup failed: let the parent (if any) report it and exit `code`;

@@ -39,13 +39,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use polling::{Event, Events, Poller};
 
-use crate::budget::BUDGET;
-use crate::client::FIRST_BYTE_TIMEOUT;
-use crate::http::{self, MAX_HEAD};
-use crate::listener::{Listener, refuse_out_of_fds};
-use crate::logging::Throttle;
-use crate::server::{Crowded, Lobby, Next, Resting, Server, Waiting};
-use crate::stream::Stream;
+use crate::conn::client::FIRST_BYTE_TIMEOUT;
+use crate::conn::server::{Crowded, Lobby, Next, Resting, Server, Waiting};
+use crate::memory::budget::BUDGET;
+use crate::os::logging::Throttle;
+use crate::os::stream::Stream;
+use crate::process::listener::{Listener, refuse_out_of_fds};
+use crate::proto::http::{self, MAX_HEAD};
 
 /// How long a socket may wait for its head to complete before the loop
 /// closes it to take a new connection when descriptors run out: a client
@@ -522,7 +522,7 @@ impl Loop {
         let started = self
             .server
             .readers
-            .run(move || crate::client::serve(waiting, server));
+            .run(move || crate::conn::client::serve(waiting, server));
         if let Err(e) = started {
             self.server.refuse();
             self.complain("cannot start a thread for a new connection", &e);

@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 
+use crate::config::resolve::Host;
 use crate::config::{Address, Endpoint, Settings, TcpSpec};
-use crate::logging::{Throttle, escape_path};
-use crate::resolve::Host;
-use crate::server::Server;
-use crate::stream::Stream;
-use crate::systemd;
+use crate::conn::server::Server;
+use crate::os::logging::{Throttle, escape_path};
+use crate::os::stream::Stream;
+use crate::os::systemd;
 
 /// Pending connections the kernel keeps for us while every thread is busy;
 /// a burst of reconnecting clients should not see refusals.
@@ -489,9 +489,9 @@ pub(crate) fn spawn_accept_loop(
 pub(crate) fn refuse_out_of_fds(stream: Stream, server: &Arc<Server>) {
     server.refuse();
     let refused = server.readers.run(move || {
-        crate::http::respond(
+        crate::proto::http::respond(
             &stream,
-            &crate::http::Response::error(503, "server is out of file descriptors")
+            &crate::proto::http::Response::error(503, "server is out of file descriptors")
                 .with("Retry-After", "5"),
         );
     });

@@ -10,16 +10,16 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use crate::budget::BUDGET;
-use crate::http::{self, Request, Response};
-use crate::link::Link;
-use crate::server::Server;
-use crate::stream::Stream;
+use crate::conn::server::Server;
+use crate::hub::link::Link;
+use crate::memory::budget::BUDGET;
+use crate::os::stream::Stream;
+use crate::proto::http::{self, Request, Response};
 
 /// How long a scraper has to send its request and read the answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The metrics listener's [`crate::listener::Serve`]: each scrape on a
+/// The metrics listener's [`crate::process::listener::Serve`]: each scrape on a
 /// connection thread.
 pub(crate) fn scrapes(
     server: &Arc<Server>,

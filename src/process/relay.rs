@@ -26,13 +26,13 @@ use amiquip::{
 };
 use crossbeam_channel::{Receiver, select};
 
-use crate::amqp_url::{BrokerUrl, Credentials};
-use crate::channels::Control;
-use crate::frame::{Frame, Kind};
-use crate::link::{Ends, Link, Outbound, State};
-use crate::peer::Flushes;
-use crate::server::Server;
-use crate::stats;
+use crate::config::amqp_url::{BrokerUrl, Credentials};
+use crate::conn::server::Server;
+use crate::hub::channels::Control;
+use crate::hub::link::{Ends, Link, Outbound, State};
+use crate::hub::peer::Flushes;
+use crate::memory::stats;
+use crate::proto::frame::{Frame, Kind};
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const BINARY: &str = "application/octet-stream";

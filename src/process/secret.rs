@@ -10,9 +10,9 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use crate::files;
-use crate::logging::escape_path;
-use crate::twin::{SECRET_LEN, Twins};
+use crate::os::files;
+use crate::os::logging::escape_path;
+use crate::proto::twin::{SECRET_LEN, Twins};
 
 /// Read-only URLs under the secret at `path` (read, or created when
 /// absent); when there is none to read or make, or `path` is `None`, under

@@ -7,11 +7,13 @@ use std::time::Instant;
 use std::path::Path;
 
 use crate::config::Settings;
-use crate::listener::Listener;
-use crate::peer::CLOSE_TIMEOUT;
-use crate::peer::Close;
-use crate::server::Server;
-use crate::{daemon, logging, systemd};
+use crate::conn::server::Server;
+use crate::hub::peer::CLOSE_TIMEOUT;
+use crate::hub::peer::Close;
+use crate::os::logging;
+use crate::os::systemd;
+use crate::process::detach;
+use crate::process::listener::Listener;
 
 /// What a running instance has on disk and must remove when it ends: its
 /// listeners' socket files (where still its own) and the pid file.
@@ -55,7 +57,7 @@ impl Files {
                 left.push(format!("{what} {}: {e}", listener_path(listener)));
             }
         }
-        if let Err(e) = daemon::remove_pid_file(&self.settings) {
+        if let Err(e) = detach::remove_pid_file(&self.settings) {
             let path = self.settings.pid_file.as_deref().unwrap_or(Path::new(""));
             left.push(format!("pid file {}: {e}", logging::escape_path(path)));
         }

@@ -13,9 +13,9 @@ use std::thread;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
-use crate::logging;
-use crate::server::Server;
-use crate::shutdown::{self, Files};
+use crate::conn::server::Server;
+use crate::os::logging;
+use crate::process::shutdown::{self, Files};
 
 /// Take over the signals; done before binding. Until [`Starting::done`],
 /// SIGTERM and SIGINT end the process at once (exit 1): a start that hangs

@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, LazyLock};
 
-use crate::budget::BUDGET;
+use crate::memory::budget::BUDGET;
 
 /// One encoded server frame, header and payload, shared by all its receivers.
 /// Server frames are not masked, so the same bytes fit every connection.

@@ -9,11 +9,11 @@ use std::fmt::Write as _;
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use crate::amqp_url::percent_decode;
+use crate::config::amqp_url::percent_decode;
 use crate::config::{Limits, Settings, SlowClient};
-use crate::stream::Stream;
-use crate::twin::Twins;
-use crate::wire::Wire;
+use crate::os::stream::Stream;
+use crate::proto::twin::Twins;
+use crate::proto::wire::Wire;
 
 /// Largest request head staps reads; a larger one is answered 431.
 pub(crate) const MAX_HEAD: usize = 8192;
@@ -902,7 +902,7 @@ mod tests {
     #[test]
     fn a_publish_needs_one_plain_length_or_chunks() {
         let settings = Settings::default();
-        let twins = Twins::new([0; crate::twin::SECRET_LEN]);
+        let twins = Twins::new([0; crate::proto::twin::SECRET_LEN]);
         let status = |headers: &str| {
             let head = format!("POST /c HTTP/1.1\r\n{headers}\r\n");
             let (req, _) = parse_head(head.as_bytes()).unwrap().unwrap();

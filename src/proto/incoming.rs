@@ -25,8 +25,8 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::budget::{Budget, FREE, Over, Share};
 use crate::config::Limits;
+use crate::memory::budget::{Budget, FREE, Over, Share};
 
 /// The largest frame tungstenite is handed: longer data frames are split
 /// into fragments of this size (a multiple of 4, so each keeps the mask).

@@ -10,7 +10,7 @@
 
 use data_encoding::BASE64;
 
-use crate::frame::{Frame, Kind};
+use crate::proto::frame::{Frame, Kind};
 
 /// The wire format of one member's connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
