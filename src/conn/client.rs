@@ -2,7 +2,9 @@
 //!
 //! The way of a message: the sender's **reader** (`read_loop`) gets it whole
 //! from tungstenite, encodes it once into a [`Frame`] and hands it to
-//! [`Channel::publish`], which queues it for every other member. Once the
+//! [`Server::publish`], the one way a client's message goes out (an HTTP
+//! publish takes it too): [`Channel::publish`] queues it for every other
+//! member, and the relay takes it to other instances. Once the
 //! reader has published what its last socket read brought (`ReadHalf`), it
 //! sends to each idle receiver what it queued there, with one non-blocking
 //! send; a receiver with a backlog has a **writer** thread that drains it
@@ -584,11 +586,24 @@ struct ReadHalf {
 const FLUSH_AFTER: usize = 128;
 
 impl ReadHalf {
-    /// Publish `frame` to `channel` for client `from`; it is sent with the
-    /// messages before it, at the latest with the [`FLUSH_AFTER`]th.
-    fn publish(&mut self, channel: &Channel, from: u64, frame: &Frame, server: &Server) {
-        let limits = &server.settings.limits;
-        channel.publish(from, frame, limits, &server.stats, &mut self.flushes);
+    /// Publish `frame`, a message of `client` (known to other instances as
+    /// `sender`); it is sent with the messages before it, at the latest
+    /// with the [`FLUSH_AFTER`]th.
+    fn publish(&mut self, client: &Joined, sender: Option<Uuid>, frame: &Frame, server: &Server) {
+        let Joined {
+            path,
+            channel,
+            peer,
+            ..
+        } = client;
+        server.publish(
+            Some(channel),
+            path,
+            peer.id,
+            sender,
+            frame,
+            &mut self.flushes,
+        );
         self.deferred += 1;
         self.park_now = false;
     }
@@ -820,12 +835,7 @@ fn read_events(
     server: &Server,
     sender: Option<Uuid>,
 ) -> Step {
-    let Joined {
-        path,
-        channel,
-        peer,
-        ..
-    } = client;
+    let peer = &client.peer;
     let limits = &server.settings.limits;
     loop {
         let event = next_event(ws.read(), peer.id);
@@ -872,12 +882,7 @@ fn read_events(
             }
         };
         let rebuild = incoming.clean_end();
-        stats::add(&server.stats.messages_in, 1);
-        stats::add(&server.stats.bytes_in, frame.payload().len() as u64);
-        inner.publish(channel, peer.id, &frame, server);
-        if let (Some(relay), Some(sender)) = (&server.relay, sender) {
-            relay.publish(path, &frame, sender, &server.stats);
-        }
+        inner.publish(client, sender, &frame, server);
         if rebuild {
             return Step::Rebuild;
         }

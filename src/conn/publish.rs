@@ -19,7 +19,6 @@ use uuid::Uuid;
 use crate::conn::server::{Reason, Server};
 use crate::hub::peer::Flushes;
 use crate::memory::budget::{BUDGET, FREE, Over, Share};
-use crate::memory::stats;
 use crate::os::logging::fingerprint;
 use crate::os::stream::Stream;
 use crate::proto::frame::{Frame, Kind};
@@ -152,24 +151,25 @@ fn address_share_reached() -> Response {
 /// Publish `frame` as `publisher`'s message to channel `path`: to its local
 /// members (how many it was queued for is returned) and to the relay.
 fn deliver(server: &Server, publisher: &Publisher, path: &str, frame: &Frame) -> u64 {
-    stats::add(&server.stats.messages_in, 1);
-    stats::add(&server.stats.bytes_in, frame.payload().len() as u64);
-    let limits = &server.settings.limits;
-    let clients = server.registry.get(path).map_or(0, |channel| {
-        // The sends go out when this is dropped, before the answer: a
-        // publisher whose answer came has its message on its way to all.
-        let mut flushes = Flushes::new(true);
-        channel.publish(publisher.id, frame, limits, &server.stats, &mut flushes)
-    });
-    if let Some(relay) = &server.relay {
-        let path: Arc<str> = path.into();
-        relay.publish(&path, frame, publisher.sender, &server.stats);
-    }
+    let channel = server.registry.get(path);
+    // The sends go out when this is dropped, before the answer: a
+    // publisher whose answer came has its message on its way to all.
+    let mut flushes = Flushes::new(true);
+    let path: Arc<str> = path.into();
+    let clients = server.publish(
+        channel.as_deref(),
+        &path,
+        publisher.id,
+        Some(publisher.sender),
+        frame,
+        &mut flushes,
+    );
+    drop(flushes);
     log::debug!(
         "HTTP publisher {} published {} bytes to channel {} ({clients} here)",
         publisher.id,
         frame.payload().len(),
-        fingerprint(path)
+        fingerprint(&path)
     );
     clients
 }

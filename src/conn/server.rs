@@ -9,16 +9,19 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use parking_lot::Mutex;
+use uuid::Uuid;
 
 use crate::config::Settings;
 use crate::config::address::host_of;
-use crate::hub::channels::Registry;
+use crate::hub::channels::{Channel, Registry};
 use crate::hub::link::Link;
+use crate::hub::peer::Flushes;
 use crate::memory::budget::Share;
 use crate::memory::stats::{self, Stats};
 use crate::os::logging::Throttle;
 use crate::os::stream::Stream;
 use crate::os::threads::Pool;
+use crate::proto::frame::Frame;
 use crate::proto::http::Request;
 use crate::proto::twin::Twins;
 
@@ -456,6 +459,30 @@ impl Server {
             64,
             "raise it (LimitNOFILE= under systemd, ulimit -n elsewhere)",
         );
+    }
+
+    /// Publish `frame`, a message of local client `from` (known to other
+    /// instances as `sender`), to the members of `channel` here (`None`:
+    /// nobody is here), the sends it owes going to `flushes`, and to the
+    /// relay. How many members it was queued for. The one way a client's
+    /// message goes out, from a websocket reader or an HTTP publish.
+    pub(crate) fn publish(
+        &self,
+        channel: Option<&Channel>,
+        path: &Arc<str>,
+        from: u64,
+        sender: Option<Uuid>,
+        frame: &Frame,
+        flushes: &mut Flushes,
+    ) -> u64 {
+        stats::add(&self.stats.messages_in, 1);
+        stats::add(&self.stats.bytes_in, frame.payload().len() as u64);
+        let limits = &self.settings.limits;
+        let clients = channel.map_or(0, |c| c.publish(from, frame, limits, &self.stats, flushes));
+        if let (Some(relay), Some(sender)) = (&self.relay, sender) {
+            relay.publish(path, frame, sender, &self.stats);
+        }
+        clients
     }
 
     /// Count a connection that was turned away.
