@@ -41,13 +41,13 @@ bench:
 
 # 10 000 connections held, 100 000 connect/exchange/disconnect cycles, and
 # whether threads and descriptors return to the baseline (a few minutes; needs
-# `ulimit -n` above 20 000 and vm.max_map_count above ~100 000, see README).
+# `ulimit -n` above 20 000; see docs/reliability.md).
 soak:
 	$(CARGO) bench --locked --bench load -- soak
 
 # cargo fuzz (nightly toolchain, cargo-fuzz installed when missing): each
 # target for FUZZ_TIME seconds from its corpus in fuzz/corpus/, which it grows.
-# The long run reported in the README is FUZZ_TIME=600.
+# The long run reported in docs/reliability.md is FUZZ_TIME=600.
 FUZZ_TIME ?= 30
 FUZZ_TARGETS ?= head path config frames token
 fuzz:

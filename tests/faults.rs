@@ -84,7 +84,7 @@ fn receivers_that_never_read_hold_bounded_memory_and_readers_keep_up() {
     let before = proc_status(pid, "VmRSS");
 
     publish_to_readers(&staps, &ch, 2, MESSAGES, SIZE);
-    // The documented bound (README, "Reliability"): each receiver holds at
+    // The documented bound (docs/reliability.md): each receiver holds at
     // most queue_length + 32 messages of this size (its queue and its
     // writer's batch) and a 64 KiB copy of small frames, and messages are
     // shared, so receivers stalled together hold them once. The slack is for
