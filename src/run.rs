@@ -64,61 +64,14 @@ fn bind_and_drop_privileges(
 /// or not, serve until a signal stops it.
 pub fn run() -> ExitCode {
     server::tune_allocator();
-    let cli = match cli::Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EX_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+    let (cli, loaded, host) = match configure() {
+        Ok(configured) => configured,
+        Err(code) => return code,
     };
-    let loaded = match config::load(&cli, &resolve::default_files()) {
-        Ok(loaded) => loaded,
-        Err(e) => {
-            eprintln!("staps: {e}");
-            return ExitCode::from(config::EX_CONFIG as u8);
-        }
-    };
-    let settings = loaded.settings;
-    let host = match resolve::resolve(&settings) {
-        Ok(host) => host,
-        Err(e) => {
-            eprintln!("staps: {e}");
-            return ExitCode::from(config::EX_CONFIG as u8);
-        }
-    };
-    if cli.check_config {
-        print!("{}", settings.render());
-        for warning in &loaded.deprecated {
-            eprintln!("staps: warning: {warning}");
-        }
-        for warning in &loaded.warnings {
-            eprintln!("staps: error: {warning}");
-        }
-        return if loaded.warnings.is_empty() {
-            eprintln!("staps: configuration is valid");
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(config::EX_CONFIG as u8)
-        };
+    let settings = loaded.settings.clone();
+    if let Err(code) = start_logging(&cli, &loaded) {
+        return code;
     }
-
-    // A daemon's output is redirected when it detaches; until then its errors
-    // belong on the terminal.
-    if let Some(path) = settings.log_file.as_ref().filter(|_| !settings.daemon) {
-        if let Err(e) = logging::redirect_to(path) {
-            eprintln!("staps: cannot open log file {}: {e}", path.display());
-            return ExitCode::FAILURE;
-        }
-    }
-    logging::init(cli.verbosity(), settings.log_level);
-    for warning in loaded.deprecated.iter().chain(&loaded.warnings) {
-        log::warn!("{warning}");
-    }
-
     let (signals, starting) = match signals::install() {
         Ok(installed) => installed,
         Err(e) => {
@@ -130,7 +83,7 @@ pub fn run() -> ExitCode {
         let (settings, host) = (settings.clone(), host.clone());
         move || bind_and_drop_privileges(&settings, &host)
     };
-    let ((listeners, metrics), mut readiness) = if settings.daemon {
+    let (bound, mut readiness) = if settings.daemon {
         match detach::detach(&settings, &host, bind) {
             Ok(detached) => detached,
             // The parent, done waiting, or a child that could not start.
@@ -145,7 +98,83 @@ pub fn run() -> ExitCode {
             }
         }
     };
+    let files = shutdown::Files::new(bound.0, bound.1, &settings);
+    let server = match start(settings, &files) {
+        Ok(server) => server,
+        Err(e) => {
+            // The files go first: whoever waits for the start's end finds
+            // them gone.
+            files.remove();
+            return readiness.fail(1, &e);
+        }
+    };
+    starting.done();
+    log::info!("staps {} ready", env!("CARGO_PKG_VERSION"));
+    readiness.ready();
+    signals::run(signals, server, files)
+}
 
+/// The command line, the configuration and the host's users, groups and
+/// sockets, checked; `Err` is how staps exits now: on an error, after
+/// `--check-config` or `--help`.
+fn configure() -> Result<(cli::Cli, config::Loaded, resolve::Host), ExitCode> {
+    let cli = cli::Cli::try_parse().map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() {
+            ExitCode::from(EX_USAGE)
+        } else {
+            ExitCode::SUCCESS
+        }
+    })?;
+    let config_error = |e: config::ConfigError| {
+        eprintln!("staps: {e}");
+        ExitCode::from(config::EX_CONFIG as u8)
+    };
+    let loaded = config::load(&cli, &resolve::default_files()).map_err(config_error)?;
+    let host = resolve::resolve(&loaded.settings).map_err(config_error)?;
+    if !cli.check_config {
+        return Ok((cli, loaded, host));
+    }
+    print!("{}", loaded.settings.render());
+    for warning in &loaded.deprecated {
+        eprintln!("staps: warning: {warning}");
+    }
+    for warning in &loaded.warnings {
+        eprintln!("staps: error: {warning}");
+    }
+    Err(if loaded.warnings.is_empty() {
+        eprintln!("staps: configuration is valid");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(config::EX_CONFIG as u8)
+    })
+}
+
+/// The log, at the level asked for, and the configuration's warnings in it.
+fn start_logging(cli: &cli::Cli, loaded: &config::Loaded) -> Result<(), ExitCode> {
+    let settings = &loaded.settings;
+    // A daemon's output is redirected when it detaches; until then its errors
+    // belong on the terminal.
+    if let Some(path) = settings.log_file.as_ref().filter(|_| !settings.daemon) {
+        if let Err(e) = logging::redirect_to(path) {
+            eprintln!("staps: cannot open log file {}: {e}", path.display());
+            return Err(ExitCode::FAILURE);
+        }
+    }
+    logging::init(cli.verbosity(), settings.log_level);
+    for warning in loaded.deprecated.iter().chain(&loaded.warnings) {
+        log::warn!("{warning}");
+    }
+    Ok(())
+}
+
+/// Everything after binding: the memory budget, the secret, the shared
+/// state, the relay, the metrics listener and the event loop; the server,
+/// or why it cannot start.
+fn start(
+    settings: config::Settings,
+    files: &shutdown::Files,
+) -> Result<Arc<server::Server>, String> {
     let (relay, relay_ends) = match &settings.amqp {
         Some(_) => {
             let (relay, ends) = crate::hub::link::Link::new();
@@ -158,22 +187,16 @@ pub fn run() -> ExitCode {
         crate::memory::budget::BUDGET.set_share_limit(settings.limits.address_share());
     }
     let amqp = settings.amqp.clone();
-    let files = shutdown::Files::new(listeners, metrics, &settings);
     // Privileges are dropped: the secret's directory is the service user's.
     let default = settings.secret_file.as_deref()
         == Some(std::path::Path::new(crate::config::DEFAULT_SECRET_FILE));
-    let twins = match crate::process::secret::twins(settings.secret_file.as_deref(), default) {
-        Ok(twins) => twins,
-        Err(e) => {
-            files.remove();
-            return readiness.fail(1, &format!("no random source for the secret: {e}"));
-        }
-    };
+    let twins = crate::process::secret::twins(settings.secret_file.as_deref(), default)
+        .map_err(|e| format!("no random source for the secret: {e}"))?;
     let server = Arc::new(server::Server::new(settings, relay, twins));
     server.check_system_limits();
     if let (Some(url), Some(ends)) = (amqp, relay_ends) {
         // Checked with the configuration; parsing again cannot fail.
-        let started = crate::config::amqp_url::BrokerUrl::parse(&url)
+        crate::config::amqp_url::BrokerUrl::parse(&url)
             .map(relay::Broker::new)
             .map_err(|e| e.to_string())
             .and_then(|broker| {
@@ -184,35 +207,23 @@ pub fn run() -> ExitCode {
                     Arc::clone(&server),
                 )
                 .map_err(|e| format!("cannot start the relay thread: {e}"))
-            });
-        if let Err(e) = started {
-            files.remove();
-            return readiness.fail(1, &e);
-        }
+            })?;
     }
     // The metrics listener answers through a shutdown, for /healthz.
     if let Some(m) = &files.metrics {
-        let spawned = listener::spawn_accept_loop(
+        listener::spawn_accept_loop(
             Arc::clone(m),
             Arc::clone(&server),
             "staps-metrics",
             metrics::scrapes,
-        );
-        if let Err(e) = spawned {
-            files.remove();
-            return readiness.fail(1, &format!("cannot start the accept thread for {m}: {e}"));
-        }
+        )
+        .map_err(|e| format!("cannot start the accept thread for {m}: {e}"))?;
         log::info!("metrics on {m}");
     }
-    if let Err(e) = event_loop::spawn(files.listeners.clone(), Arc::clone(&server)) {
-        files.remove();
-        return readiness.fail(1, &format!("cannot start the event loop: {e}"));
-    }
+    event_loop::spawn(files.listeners.clone(), Arc::clone(&server))
+        .map_err(|e| format!("cannot start the event loop: {e}"))?;
     for l in &files.listeners {
         log::info!("listening on {l}");
     }
-    starting.done();
-    log::info!("staps {} ready", env!("CARGO_PKG_VERSION"));
-    readiness.ready();
-    signals::run(signals, server, files)
+    Ok(server)
 }
