@@ -1,5 +1,6 @@
 //! Counters of a running instance, logged on SIGUSR1 and at exit.
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::memory::budget::BUDGET;
@@ -50,33 +51,196 @@ pub(crate) fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Relaxed);
 }
 
+/// How a counter shows: its key in the line of counters (SIGUSR1, and at
+/// exit; `None`: only on /metrics), and its /metrics family (after
+/// `staps_`), labels and the family's help (given by its first sample). The
+/// one place a counter is named beside its field.
+pub(crate) struct Shown {
+    pub(crate) key: Option<&'static str>,
+    pub(crate) family: &'static str,
+    pub(crate) labels: &'static str,
+    pub(crate) help: &'static str,
+    /// On /metrics only when instances are linked.
+    pub(crate) relay: bool,
+    pub(crate) value: fn(&Stats) -> u64,
+}
+
+const DROPPED: &str = "Messages not delivered, by reason: slow_client (a full queue under \
+    slow_client = drop; per receiver), relay (not handed to the broker), oversize (from the \
+    broker, over max_message_size).";
+
+const LIMITS: &str = "Clients and messages turned away by a limit, by reason: address (the \
+    client address holds max_connections_per_address), address_memory (it holds its share of \
+    memory_budget), rate (a message or body slower than min_rate), budget (the memory budget).";
+
+/// Every counter, in the order /metrics and the line show them; a family's
+/// samples follow each other.
+pub(crate) const COUNTERS: &[Shown] = &[
+    Shown {
+        key: Some("connections_total"),
+        family: "connections_total",
+        labels: "",
+        help: "Clients accepted: websocket members and HTTP streaming listeners.",
+        relay: false,
+        value: |s| get(&s.connections_total),
+    },
+    Shown {
+        key: Some("refused"),
+        family: "refused_total",
+        labels: "",
+        help: "Connections turned away: limits, bad requests, shutdown, no descriptors.",
+        relay: false,
+        value: |s| get(&s.refused),
+    },
+    Shown {
+        key: Some("messages_in"),
+        family: "messages_in_total",
+        labels: "",
+        help: "Messages received from clients.",
+        relay: false,
+        value: |s| get(&s.messages_in),
+    },
+    Shown {
+        key: Some("messages_out"),
+        family: "messages_out_total",
+        labels: "",
+        help: "Deliveries queued to receivers (a message to ten receivers counts ten).",
+        relay: false,
+        value: |s| get(&s.messages_out),
+    },
+    Shown {
+        key: None,
+        family: "bytes_in_total",
+        labels: "",
+        help: "Payload bytes received from clients.",
+        relay: false,
+        value: |s| get(&s.bytes_in),
+    },
+    Shown {
+        key: None,
+        family: "bytes_out_total",
+        labels: "",
+        help: "Payload bytes of the deliveries queued to receivers.",
+        relay: false,
+        value: |s| get(&s.bytes_out),
+    },
+    Shown {
+        key: Some("slow_disconnects"),
+        family: "slow_disconnects_total",
+        labels: "",
+        help: "Receivers closed with 1008 under slow_client = disconnect.",
+        relay: false,
+        value: |s| get(&s.slow_disconnects),
+    },
+    Shown {
+        key: Some("dropped"),
+        family: "dropped_total",
+        labels: "{reason=\"slow_client\"}",
+        help: DROPPED,
+        relay: false,
+        value: |s| get(&s.dropped),
+    },
+    Shown {
+        key: Some("relay_dropped"),
+        family: "dropped_total",
+        labels: "{reason=\"relay\"}",
+        help: DROPPED,
+        relay: false,
+        value: |s| get(&s.relay_dropped),
+    },
+    Shown {
+        key: Some("oversize_dropped"),
+        family: "dropped_total",
+        labels: "{reason=\"oversize\"}",
+        help: DROPPED,
+        relay: false,
+        value: |s| get(&s.oversize_dropped),
+    },
+    Shown {
+        key: Some("memory_refusals"),
+        family: "memory_refusals_total",
+        labels: "",
+        help: "Large messages (1009) and joins (503) refused because the memory budget was \
+               used up.",
+        relay: false,
+        value: |_| BUDGET.refusals(),
+    },
+    Shown {
+        key: Some("address_refusals"),
+        family: "limit_refusals_total",
+        labels: "{reason=\"address\"}",
+        help: LIMITS,
+        relay: false,
+        value: |s| get(&s.address_refusals),
+    },
+    Shown {
+        key: Some("address_memory_refusals"),
+        family: "limit_refusals_total",
+        labels: "{reason=\"address_memory\"}",
+        help: LIMITS,
+        relay: false,
+        value: |s| get(&s.address_memory_refusals),
+    },
+    Shown {
+        key: Some("rate_closes"),
+        family: "limit_refusals_total",
+        labels: "{reason=\"rate\"}",
+        help: LIMITS,
+        relay: false,
+        value: |s| get(&s.rate_closes),
+    },
+    Shown {
+        key: None,
+        family: "limit_refusals_total",
+        labels: "{reason=\"budget\"}",
+        help: LIMITS,
+        relay: false,
+        value: |_| BUDGET.refusals(),
+    },
+    Shown {
+        key: Some("relay_published"),
+        family: "relay_published_total",
+        labels: "",
+        help: "Messages published to the broker.",
+        relay: true,
+        value: |s| get(&s.relay_published),
+    },
+    Shown {
+        key: Some("relay_received"),
+        family: "relay_received_total",
+        labels: "",
+        help: "Messages from other instances delivered here.",
+        relay: true,
+        value: |s| get(&s.relay_received),
+    },
+    Shown {
+        key: Some("relay_reconnects"),
+        family: "relay_reconnects_total",
+        labels: "",
+        help: "Times the relay connected again after losing the broker.",
+        relay: true,
+        value: |s| get(&s.relay_reconnects),
+    },
+];
+
+fn get(counter: &AtomicU64) -> u64 {
+    counter.load(Relaxed)
+}
+
 impl Stats {
-    /// One line of `key=value` pairs; `clients`, `channels` and `relay` (off,
-    /// down, up) are the gauges.
+    /// One line of `key=value` pairs: the gauges `clients`, `channels`,
+    /// `relay` (off, down, up) and the memory used, then every counter
+    /// that has a key.
     pub(crate) fn line(&self, clients: usize, channels: usize, relay: &str) -> String {
-        let get = |c: &AtomicU64| c.load(Relaxed);
-        format!(
-            "connections={clients} connections_total={} channels={channels} refused={} \
-             messages_in={} messages_out={} dropped={} slow_disconnects={} relay={relay} \
-             relay_published={} relay_received={} relay_dropped={} relay_reconnects={} \
-             oversize_dropped={} memory_used={} memory_refusals={} address_refusals={} \
-             address_memory_refusals={} rate_closes={}",
-            get(&self.connections_total),
-            get(&self.refused),
-            get(&self.messages_in),
-            get(&self.messages_out),
-            get(&self.dropped),
-            get(&self.slow_disconnects),
-            get(&self.relay_published),
-            get(&self.relay_received),
-            get(&self.relay_dropped),
-            get(&self.relay_reconnects),
-            get(&self.oversize_dropped),
-            BUDGET.used(),
-            BUDGET.refusals(),
-            get(&self.address_refusals),
-            get(&self.address_memory_refusals),
-            get(&self.rate_closes),
-        )
+        let mut line = format!(
+            "connections={clients} channels={channels} relay={relay} memory_used={}",
+            BUDGET.used()
+        );
+        for shown in COUNTERS {
+            if let Some(key) = shown.key {
+                let _ = write!(line, " {key}={}", (shown.value)(self));
+            }
+        }
+        line
     }
 }

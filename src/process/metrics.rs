@@ -6,13 +6,13 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use crate::conn::server::Server;
 use crate::hub::link::Link;
 use crate::memory::budget::BUDGET;
+use crate::memory::stats::{COUNTERS, Shown, Stats};
 use crate::os::stream::Stream;
 use crate::proto::http::{self, Request, Response};
 
@@ -120,103 +120,27 @@ pub(crate) fn exposition(server: &Server) -> String {
         "1 while shutting down.",
         &[("", u64::from(server.is_stopping()))],
     );
-    let local = [
+    counters(&mut out, s, server.relay.is_some());
+    let memory: [(&str, &str, usize); 3] = [
         (
-            "connections_total",
-            "Clients accepted: websocket members and HTTP streaming listeners.",
-            &s.connections_total,
+            "memory_budget_bytes",
+            "The memory budget: [limits] memory_budget.",
+            BUDGET.limit(),
         ),
         (
-            "refused_total",
-            "Connections turned away: limits, bad requests, shutdown, no descriptors.",
-            &s.refused,
+            "memory_used_bytes",
+            "Bytes counted in the memory budget: partial messages, queued messages, replay rings.",
+            BUDGET.used(),
         ),
         (
-            "messages_in_total",
-            "Messages received from clients.",
-            &s.messages_in,
-        ),
-        (
-            "messages_out_total",
-            "Deliveries queued to receivers (a message to ten receivers counts ten).",
-            &s.messages_out,
-        ),
-        (
-            "bytes_in_total",
-            "Payload bytes received from clients.",
-            &s.bytes_in,
-        ),
-        (
-            "bytes_out_total",
-            "Payload bytes of the deliveries queued to receivers.",
-            &s.bytes_out,
-        ),
-        (
-            "slow_disconnects_total",
-            "Receivers closed with 1008 under slow_client = disconnect.",
-            &s.slow_disconnects,
+            "memory_cached_bytes",
+            "Of memory_used_bytes, what replay rings hold: a cache, evicted first.",
+            BUDGET.cached(),
         ),
     ];
-    counters(&mut out, &local);
-    family(
-        &mut out,
-        "dropped_total",
-        "counter",
-        "Messages not delivered, by reason: slow_client (a full queue under \
-         slow_client = drop; per receiver), relay (not handed to the broker), \
-         oversize (from the broker, over max_message_size).",
-        &[
-            ("{reason=\"slow_client\"}", s.dropped.load(Relaxed)),
-            ("{reason=\"relay\"}", s.relay_dropped.load(Relaxed)),
-            ("{reason=\"oversize\"}", s.oversize_dropped.load(Relaxed)),
-        ],
-    );
-    family(
-        &mut out,
-        "memory_budget_bytes",
-        "gauge",
-        "The memory budget: [limits] memory_budget.",
-        &[("", BUDGET.limit() as u64)],
-    );
-    family(
-        &mut out,
-        "memory_used_bytes",
-        "gauge",
-        "Bytes counted in the memory budget: partial messages, queued messages, replay rings.",
-        &[("", BUDGET.used() as u64)],
-    );
-    family(
-        &mut out,
-        "memory_refusals_total",
-        "counter",
-        "Large messages (1009) and joins (503) refused because the memory budget was used up.",
-        &[("", BUDGET.refusals())],
-    );
-    family(
-        &mut out,
-        "memory_cached_bytes",
-        "gauge",
-        "Of memory_used_bytes, what replay rings hold: a cache, evicted first.",
-        &[("", BUDGET.cached() as u64)],
-    );
-    family(
-        &mut out,
-        "limit_refusals_total",
-        "counter",
-        "Clients and messages turned away by a limit, by reason: address (the client \
-         address holds max_connections_per_address), address_memory (it holds its share \
-         of memory_budget), rate (a message or body slower than min_rate), budget (the \
-         memory budget).",
-        &[
-            ("{reason=\"address\"}", s.address_refusals.load(Relaxed)),
-            (
-                "{reason=\"address_memory\"}",
-                s.address_memory_refusals.load(Relaxed),
-            ),
-            ("{reason=\"rate\"}", s.rate_closes.load(Relaxed)),
-            ("{reason=\"budget\"}", BUDGET.refusals()),
-        ],
-    );
+    for (name, help, value) in memory {
+        family(&mut out, name, "gauge", help, &[("", value as u64)]);
+    }
     if server.relay.is_some() {
         family(
             &mut out,
@@ -225,24 +149,6 @@ pub(crate) fn exposition(server: &Server) -> String {
             "1 when the relay is connected to the broker.",
             &[("", u64::from(relay_state(server) == "up"))],
         );
-        let relay = [
-            (
-                "relay_published_total",
-                "Messages published to the broker.",
-                &s.relay_published,
-            ),
-            (
-                "relay_received_total",
-                "Messages from other instances delivered here.",
-                &s.relay_received,
-            ),
-            (
-                "relay_reconnects_total",
-                "Times the relay connected again after losing the broker.",
-                &s.relay_reconnects,
-            ),
-        ];
-        counters(&mut out, &relay);
     }
     out
 }
@@ -256,9 +162,16 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str
     }
 }
 
-/// Counter families without labels: name, help, counter.
-fn counters(out: &mut String, list: &[(&str, &str, &AtomicU64)]) {
-    for (name, help, counter) in list {
-        family(out, name, "counter", help, &[("", counter.load(Relaxed))]);
+/// Every counter (`stats::COUNTERS`), family by family; the relay's only
+/// when instances are linked.
+fn counters(out: &mut String, stats: &Stats, linked: bool) {
+    let shown: Vec<&Shown> = COUNTERS.iter().filter(|c| linked || !c.relay).collect();
+    for family_of in shown.chunk_by(|a, b| a.family == b.family) {
+        let samples: Vec<(&str, u64)> = family_of
+            .iter()
+            .map(|c| (c.labels, (c.value)(stats)))
+            .collect();
+        let first = family_of[0];
+        family(out, first.family, "counter", first.help, &samples);
     }
 }
