@@ -33,15 +33,17 @@
 //!     channels    the registry and the fan-out
 //!     peer        a member's queue, who writes to its socket, closing
 //!  proto/      what goes over a connection
-//!     http        request heads, answers, routes, channel options
+//!     http        request heads, answers, routes
 //!     wire        a message as websocket frame, SSE event or raw chunk
 //!     frame       a server frame, encoded once and shared
 //!     incoming    a client's partial message, frame header by header
+//!     query       a request's query string, the channel options in it
 //!     twin        the read-only URLs' cipher
 //!  config/     the settings
 //!     resolve     users, groups and systemd's sockets, looked up once
 //!     (mod.rs)    INI files and the command line, parsed and checked
-//!     cli amqp_url address   the command line, AMQP URLs, client addresses
+//!     amqp_url    AMQP URLs
+//!     cli address percent    the command line, client addresses, %XX
 //!  memory/     budget (the memory budget and its cache), stats (counters)
 //!  os/         logging, and below it: files sys stream systemd threads
 //! ```

@@ -2,6 +2,8 @@
 //! them but without it (the broker thread alone speaks AMQP), and the
 //! percent-decoding they share with channel paths.
 
+use crate::config::percent::percent_decode;
+
 use std::time::Duration;
 
 /// Heartbeat interval unless the URL sets one, in seconds.
@@ -131,27 +133,6 @@ pub(crate) fn redact(url: &str) -> String {
         },
         None => url.to_owned(),
     }
-}
-
-/// Decode `%XX` escapes, keeping invalid ones as they are (`+` stays `+`);
-/// `None` when the result is not UTF-8.
-pub(crate) fn percent_decode(text: &str) -> Option<String> {
-    let raw = text.as_bytes();
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if raw[i] == b'%' && i + 2 < raw.len() {
-            if let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(raw[i]);
-        i += 1;
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]

@@ -6,10 +6,12 @@
 //! exit code 78 and a message that names the file, line, key and accepted form.
 
 // What the configuration is made from and resolved with: the command
-// line, client addresses, AMQP URLs, and the one look at the host.
+// line, client addresses, AMQP URLs and their escapes, and the one look at
+// the host.
 pub(crate) mod address;
 pub(crate) mod amqp_url;
 pub(crate) mod cli;
+pub(crate) mod percent;
 pub(crate) mod resolve;
 
 use std::fmt;

@@ -39,8 +39,9 @@ use crate::memory::stats;
 use crate::os::logging::{Throttle, escape, fingerprint};
 use crate::os::stream::{Stream, is_timeout};
 use crate::proto::frame::{Frame, Kind};
-use crate::proto::http::{self, HeadError, MAX_HEAD, Options, Route, respond};
+use crate::proto::http::{self, HeadError, MAX_HEAD, Route, respond};
 use crate::proto::incoming::{Incoming, MinRate, Reframed, Refusal, Source};
+use crate::proto::query::Options;
 use crate::proto::wire::Wire;
 
 /// A new connection sends its first byte within this (or handshake_timeout,

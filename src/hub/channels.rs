@@ -24,7 +24,7 @@ use crate::hub::peer::{Close, Delivery, Flushes, Peer};
 use crate::memory::budget::{BUDGET, Cache};
 use crate::memory::stats::{self, Stats};
 use crate::proto::frame::Frame;
-use crate::proto::http::Options;
+use crate::proto::query::Options;
 use crate::proto::wire::Encodings;
 
 /// The members of one channel path.

@@ -9,9 +9,10 @@ use std::fmt::Write as _;
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use crate::config::amqp_url::percent_decode;
-use crate::config::{Limits, Settings, SlowClient};
+use crate::config::Settings;
+use crate::config::percent::percent_decode;
 use crate::os::stream::Stream;
+use crate::proto::query::{Options, parse_options, query_keys};
 use crate::proto::twin::Twins;
 use crate::proto::wire::Wire;
 
@@ -314,22 +315,6 @@ pub(crate) fn switching_protocols(accept: &str) -> Vec<u8> {
          Sec-WebSocket-Accept: {accept}\r\n\r\n"
     )
     .into_bytes()
-}
-
-/// What a client asks of its channel in the handshake's query string
-/// (SPEC §10). Options never change which channel it joins.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Options {
-    /// `echo=1`: the client also receives its own messages.
-    pub echo: bool,
-    /// `replay=N`: on joining, first the channel's last N messages (at most
-    /// `replay_length`).
-    pub replay: usize,
-    /// `max=N`: a channel this client creates takes at most N members.
-    pub max: Option<usize>,
-    /// `slow=wait|drop|disconnect`: the slow-client policy of a channel this
-    /// client creates.
-    pub slow: Option<SlowClient>,
 }
 
 /// What a request head gets.
@@ -637,53 +622,6 @@ fn channel_path(req: &Request, settings: &Settings, twins: &Twins) -> Result<Nam
         ));
     }
     Ok(Named { path, readonly })
-}
-
-/// Read the channel options (SPEC §10) of request target `target`; unknown
-/// keys are ignored, a malformed value is an error saying which.
-pub(crate) fn parse_options(target: &str, limits: &Limits) -> Result<Options, String> {
-    let mut options = Options::default();
-    let number = |key: &str, value: &str| {
-        value
-            .parse::<usize>()
-            .ok()
-            .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
-            .ok_or_else(|| format!("{key}={value}: a number is expected"))
-    };
-    for (key, value) in query_keys(target) {
-        match key {
-            "echo" => {
-                options.echo = match value {
-                    "1" => true,
-                    "0" => false,
-                    _ => return Err(format!("echo={value}: 1 or 0 is expected")),
-                }
-            }
-            "replay" => options.replay = number(key, value)?.min(limits.replay_length),
-            "max" => match number(key, value)? {
-                0 => return Err("max=0: at least 1 is expected".into()),
-                n => options.max = Some(n),
-            },
-            "slow" => {
-                options.slow = Some(SlowClient::from_name(value).ok_or_else(|| {
-                    format!("slow={value}: one of wait, drop, disconnect is expected")
-                })?)
-            }
-            _ => {}
-        }
-    }
-    Ok(options)
-}
-
-/// The `key=value` pairs of a request target's query string (`key` alone
-/// gives an empty value).
-fn query_keys(target: &str) -> impl Iterator<Item = (&str, &str)> {
-    target
-        .split_once('?')
-        .map_or("", |(_, query)| query)
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
 }
 
 /// The answer to `GET /P?stats`.
