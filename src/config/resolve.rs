@@ -29,23 +29,56 @@ pub struct Host {
     /// User and group to switch to after binding (when root).
     pub run_as: Option<(libc::uid_t, libc::gid_t)>,
     /// Owner and group of the socket files; `None` leaves one as it is.
-    pub socket_owner: (Option<libc::uid_t>, Option<libc::gid_t>),
+    pub socket_owner: SocketOwner,
     /// systemd passed listening sockets, which replace the configured ones.
     pub socket_activated: bool,
 }
 
 /// Look up what `settings` names; errors are configuration errors (exit 78).
 pub fn resolve(settings: &Settings) -> Result<Host, ConfigError> {
-    let err = |key: &str, message: String| ConfigError::of_whole(settings, key, message);
     let socket_activated = systemd::socket_activated();
     if settings.sockets.is_empty() && settings.tcp.is_empty() && !socket_activated {
-        return Err(err(
+        return Err(ConfigError::of_whole(
+            settings,
             "listeners",
             "no listener configured: set [staps] socket, port or listen, or give --socket, --port \
              or --listen (--socket alone turns the socket off)"
                 .into(),
         ));
     }
+    let (run_as, socket_owner) = identities(settings)?;
+    let tcp = settings
+        .tcp
+        .iter()
+        .map(|spec| match spec {
+            TcpSpec::Addr(address) => {
+                look_up(settings, "[staps] listen", address).map(TcpSpec::Addr)
+            }
+            other => Ok(other.clone()),
+        })
+        .collect::<Result<_, _>>()?;
+    let metrics = match &settings.metrics {
+        Some(Endpoint::Tcp(address)) => Some(Endpoint::Tcp(look_up(
+            settings,
+            "[staps] metrics",
+            address,
+        )?)),
+        other => other.clone(),
+    };
+    Ok(Host {
+        tcp,
+        metrics,
+        run_as,
+        socket_owner,
+        socket_activated,
+    })
+}
+
+/// Who to run as after binding, and who owns the socket files.
+fn identities(
+    settings: &Settings,
+) -> Result<(Option<(libc::uid_t, libc::gid_t)>, SocketOwner), ConfigError> {
+    let err = |key: &str, message: String| ConfigError::of_whole(settings, key, message);
     let group = |key: &str, name: &Option<String>| {
         name.as_deref()
             .map(sys::lookup_group)
@@ -84,42 +117,25 @@ pub fn resolve(settings: &Settings) -> Result<Host, ConfigError> {
         // An unprivileged user may still hand the socket to a group it is in.
         (None, socket_gid)
     };
-    let lookup = |key: &str, address: &Address| -> Result<Address, ConfigError> {
-        let Address::Host(name) = address else {
-            return Ok(address.clone());
-        };
-        // To its first address, once: a name that moves later is not followed.
-        let first = name
-            .to_socket_addrs()
-            .map_err(|e| err(key, format!("'{name}': {e}; {ADDRESS_FORM}")))?
-            .next()
-            .ok_or_else(|| {
-                err(
-                    key,
-                    format!("'{name}' resolves to no address; {ADDRESS_FORM}"),
-                )
-            })?;
-        Ok(Address::Ip(first))
+    Ok((run_as, socket_owner))
+}
+
+/// Owner and group of the socket files (see [`Host::socket_owner`]).
+type SocketOwner = (Option<libc::uid_t>, Option<libc::gid_t>);
+
+/// `address` as `key` gives it, a host name looked up: to its first
+/// address, once (a name that moves later is not followed).
+fn look_up(settings: &Settings, key: &str, address: &Address) -> Result<Address, ConfigError> {
+    let Address::Host(name) = address else {
+        return Ok(address.clone());
     };
-    let tcp = settings
-        .tcp
-        .iter()
-        .map(|spec| match spec {
-            TcpSpec::Addr(address) => lookup("[staps] listen", address).map(TcpSpec::Addr),
-            other => Ok(other.clone()),
-        })
-        .collect::<Result<_, _>>()?;
-    let metrics = match &settings.metrics {
-        Some(Endpoint::Tcp(address)) => Some(Endpoint::Tcp(lookup("[staps] metrics", address)?)),
-        other => other.clone(),
-    };
-    Ok(Host {
-        tcp,
-        metrics,
-        run_as,
-        socket_owner,
-        socket_activated,
-    })
+    let err = |message: String| ConfigError::of_whole(settings, key, message);
+    let first = name
+        .to_socket_addrs()
+        .map_err(|e| err(format!("'{name}': {e}; {ADDRESS_FORM}")))?
+        .next()
+        .ok_or_else(|| err(format!("'{name}' resolves to no address; {ADDRESS_FORM}")))?;
+    Ok(Address::Ip(first))
 }
 
 #[cfg(test)]
