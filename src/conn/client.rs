@@ -366,6 +366,9 @@ impl Drop for Joined {
 /// on.
 pub(crate) const PARK_AFTER: Duration = Duration::from_millis(250);
 
+/// How a client that stopped answering pings is closed.
+const PING_TIMEOUT: Close = Close::with(1001, "ping timeout");
+
 /// A member's connection from its `101` (or `200`) on: what its reader
 /// thread works with, and what waits in the event loop while the client is
 /// silent ([`PARK_AFTER`]). On the heap, and moved between the two.
@@ -444,16 +447,18 @@ impl Conversation {
     /// and dropped), at most [`CLOSE_TIMEOUT`] and a second.
     fn end(mut self: Box<Self>, close: Close, server: &Server) {
         self.joined.peer.close(close);
-        self.joined.leave();
         if self.joined.peer.close_reason().is_some_and(|c| c.send) {
             self.wait_for_end(Instant::now());
             server.rest(self);
         }
-        // Otherwise dropped here: Joined's drop cuts the connection.
+        // Otherwise dropped here: Joined's drop leaves the channel and cuts
+        // the connection.
     }
 
-    /// From now on only the client's end of the connection is awaited.
+    /// Its close is out: leave the channel now, and from now on await only
+    /// the client's end of the connection.
     fn wait_for_end(&mut self, now: Instant) -> Next {
+        self.joined.leave();
         let deadline = now + CLOSE_TIMEOUT + Duration::from_secs(1);
         self.closing = Some(deadline);
         // Its buffers and its part of a message go back now.
@@ -477,9 +482,7 @@ impl Resting for Conversation {
         }
         let Joined { server, peer, .. } = &self.joined;
         if peer.is_closing() {
-            // Closed while it waited here (shutdown, a slow consumer): its
-            // close is out.
-            self.joined.leave();
+            // Closed while it waited here (shutdown, a slow consumer).
             return self.wait_for_end(now);
         }
         let ping = server.settings.limits.ping_interval;
@@ -496,13 +499,11 @@ impl Resting for Conversation {
             return Next::Wait(self.keepalive);
         };
         let half = &mut reader.inner;
-        if ping.is_zero() {
+        let Some(silent_until) = half.silent_until() else {
             return Next::Wait(None);
-        }
-        let silent_until = half.last_rx + 2 * ping;
+        };
         if now >= silent_until {
-            peer.close(Close::with(1001, "ping timeout"));
-            self.joined.leave();
+            peer.close(PING_TIMEOUT);
             return self.wait_for_end(now);
         }
         half.catch_up();
@@ -607,6 +608,12 @@ impl ReadHalf {
         );
         self.deferred += 1;
         self.park_now = false;
+    }
+
+    /// When the client, silent since its last byte, counts as gone: two
+    /// ping intervals on (`None` with pings off), on a thread or resting.
+    fn silent_until(&self) -> Option<Instant> {
+        (!self.ping.is_zero()).then(|| self.last_rx + 2 * self.ping)
     }
 
     /// Whether the sends owed must go out before the next read: after
@@ -860,9 +867,8 @@ fn read_events(
             }
             Event::Nothing => continue,
             Event::Quiet => {
-                let ping = limits.ping_interval;
-                if !ping.is_zero() && inner.last_rx.elapsed() >= 2 * ping {
-                    return Step::End(Close::with(1001, "ping timeout"));
+                if inner.silent_until().is_some_and(|t| Instant::now() >= t) {
+                    return Step::End(PING_TIMEOUT);
                 }
                 if inner.owes() {
                     return Step::CatchUp;
