@@ -155,9 +155,18 @@ impl Response {
     /// A response with a body of `content_type`.
     pub fn new(status: u16, content_type: &str, body: String) -> Response {
         Response {
-            status,
-            headers: vec![("Content-Type", content_type.to_owned())],
             body,
+            ..Response::empty(status)
+        }
+        .with("Content-Type", content_type)
+    }
+
+    /// A response with no header of its own and no body.
+    fn empty(status: u16) -> Response {
+        Response {
+            status,
+            headers: Vec::new(),
+            body: String::new(),
             head_only: false,
             keep_alive: false,
             cors: true,
@@ -168,21 +177,13 @@ impl Response {
     /// with any `Content-Type`, and listen with `Last-Event-ID`; browsers
     /// keep the answer for a day (Chromium for two hours at most).
     pub(crate) fn preflight() -> Response {
-        Response {
-            status: 204,
-            headers: vec![
-                ("Access-Control-Allow-Methods", METHODS.into()),
-                (
-                    "Access-Control-Allow-Headers",
-                    "Content-Type, Last-Event-ID".into(),
-                ),
-                ("Access-Control-Max-Age", "86400".into()),
-            ],
-            body: String::new(),
-            head_only: false,
-            keep_alive: false,
-            cors: true,
-        }
+        Response::empty(204)
+            .with("Access-Control-Allow-Methods", METHODS)
+            .with(
+                "Access-Control-Allow-Headers",
+                "Content-Type, Last-Event-ID",
+            )
+            .with("Access-Control-Max-Age", "86400")
     }
 
     /// Not for pages on other origins: the metrics listener's answers.
