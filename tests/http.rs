@@ -201,15 +201,7 @@ fn answers_may_be_read_by_pages_of_any_origin() {
     }
     let refused = raw_http(addr, b"DELETE /x HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(header(&refused, "Access-Control-Allow-Origin"), Some("*"));
-    let line = staps.wait_log("metrics on ");
-    let at: std::net::SocketAddr = line
-        .split("metrics on ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let metrics = get(at, "/metrics", "");
+    let metrics = get(staps.metrics_addr(), "/metrics", "");
     assert_eq!(status(&metrics), 200);
     assert_eq!(header(&metrics, "Access-Control-Allow-Origin"), None);
 }

@@ -17,12 +17,6 @@ fn with_metrics(at: &str) -> Staps {
     )
 }
 
-/// Where the metrics listener is, from its log line.
-fn metrics_at(staps: &mut Staps) -> String {
-    let line = staps.wait_log("metrics on ");
-    line.split("metrics on ").nth(1).unwrap().trim().to_owned()
-}
-
 /// GET `path` from the metrics listener at `at` (an address or `unix:PATH`).
 fn fetch(at: &str, path: &str) -> (u16, String) {
     let request = format!("GET {path} HTTP/1.1\r\nHost: metrics\r\n\r\n");
@@ -111,7 +105,7 @@ fn parse_exposition(text: &str) -> HashMap<String, f64> {
 #[test]
 fn metrics_are_prometheus_text_and_count_traffic() {
     let mut staps = with_metrics("127.0.0.1:0");
-    let at = metrics_at(&mut staps);
+    let at = staps.metrics_at();
     let before = parse_exposition(&fetch(&at, "/metrics").1);
     assert_eq!(before["staps_connections"], 0.0);
     assert_eq!(before["staps_build_info{version=\"0.2.0\"}"], 1.0);
@@ -158,7 +152,7 @@ fn metrics_are_prometheus_text_and_count_traffic() {
 #[test]
 fn no_channel_path_appears_in_metrics_or_healthz() {
     let mut staps = with_metrics("{dir}/metrics.sock");
-    let at = metrics_at(&mut staps);
+    let at = staps.metrics_at();
     assert!(at.starts_with("unix:"), "{at}");
     let paths: Vec<String> = (0..100).map(|_| channel()).collect();
     let mut clients = Vec::new();
@@ -192,7 +186,7 @@ fn no_channel_path_appears_in_metrics_or_healthz() {
 #[test]
 fn healthz_is_200_when_serving_and_503_during_shutdown() {
     let mut staps = with_metrics("127.0.0.1:0");
-    let at = metrics_at(&mut staps);
+    let at = staps.metrics_at();
     assert_eq!(fetch(&at, "/healthz"), (200, "ok\nrelay: off\n".to_owned()));
     // A client that never answers the close frame holds the shutdown open.
     let silent = raw_ws(staps.addr(), &channel());

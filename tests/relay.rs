@@ -466,8 +466,7 @@ fn echo_replay_and_stats_with_the_relay() {
     assert!(body(one.addr()).ends_with("{\"clients\": 1}\n"));
     assert!(body(two.addr()).ends_with("{\"clients\": 2}\n"));
     // The metrics tell the relay's state and counters.
-    let line = one.wait_log("metrics on ");
-    let at: std::net::SocketAddr = line.split("metrics on ").nth(1).unwrap().parse().unwrap();
+    let at = one.metrics_addr();
     let metrics = get(at, "/metrics", "");
     for sample in [
         "staps_relay_up 1\n",

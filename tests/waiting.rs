@@ -192,14 +192,7 @@ fn shutdown_closes_the_sockets_that_wait() {
 fn with_metrics(limits: &str) -> (Staps, std::net::SocketAddr) {
     let config = tcp_config(limits).replace("[limits]", "metrics = 127.0.0.1:0\n[limits]");
     let mut staps = Staps::start(&config, &[]);
-    let line = staps.wait_log("metrics on ");
-    let at = line
-        .split("metrics on ")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let at = staps.metrics_addr();
     (staps, at)
 }
 

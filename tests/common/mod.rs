@@ -177,6 +177,18 @@ impl Staps {
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
+    /// Where the metrics listener is (an address, or `unix:PATH`), from its
+    /// log line.
+    pub fn metrics_at(&mut self) -> String {
+        let line = self.wait_log("metrics on ");
+        line.split("metrics on ").nth(1).unwrap().trim().to_owned()
+    }
+
+    /// The metrics listener's TCP address.
+    pub fn metrics_addr(&mut self) -> SocketAddr {
+        self.metrics_at().parse().expect("a TCP metrics listener")
+    }
+
     /// The pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
