@@ -118,18 +118,22 @@ fn uses(text: &str) -> BTreeSet<String> {
 
 /// Every `.rs` file under `dir` but `lib.rs` and `main.rs`, with its module
 /// name (`folder/module`, or the file's stem at the top).
+/// Every module file under `dir` with its module's name: `folder/module` in
+/// a layer's folder; a file in a module's own folder (`hub/peer/queue.rs`)
+/// is a part of that module (`hub/peer`) and ranks with it.
 fn modules(dir: &Path, folder: Option<&str>, out: &mut Vec<(String, std::path::PathBuf)>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         let stem = path.file_stem().unwrap().to_str().unwrap().to_owned();
+        let name = match folder {
+            Some(folder) if folder.contains('/') => folder.to_owned(),
+            Some(folder) => format!("{folder}/{stem}"),
+            None => stem.clone(),
+        };
         if path.is_dir() {
-            modules(&path, Some(&stem), out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            match folder {
-                Some(folder) => out.push((format!("{folder}/{stem}"), path)),
-                None if stem != "lib" && stem != "main" => out.push((stem, path)),
-                None => {}
-            }
+            modules(&path, Some(&name), out);
+        } else if path.extension().is_some_and(|e| e == "rs") && name != "lib" && name != "main" {
+            out.push((name, path));
         }
     }
 }
