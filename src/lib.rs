@@ -24,14 +24,16 @@
 //!     detach      detaching, privileges, the pid file
 //!     secret      the secret of read-only URLs, read or made
 //!  conn/       a connection's threads
-//!     client      a member's reader, from its handshake on
-//!     publish     an HTTP POST's body, published
+//!     http        the HTTP server of a connection: its requests one after
+//!                 another, a publish's body
+//!     client      a member, from its join on: reader, resting, closing
 //!     server      the state every thread shares: settings, registry,
 //!                 counters, thread pools, the link to the relay
 //!  hub/        the channels
 //!     link        the relay's queue and state, as the rest holds them
 //!     channels    the registry and the fan-out
-//!     peer        a member's queue, who writes to its socket, closing
+//!     peer        a member as others see it: who writes to its socket,
+//!                 closing; its queue, gathered sends, writer and batches
 //!  proto/      what goes over a connection
 //!     http        request heads, answers, routes
 //!     wire        a message as websocket frame, SSE event or raw chunk
@@ -52,7 +54,8 @@
 //!
 //! The `event_loop` accepts a connection on a `listener`, reads its
 //! request head as it arrives, and gives it a reader thread once the head
-//! is complete; the reader answers it (`http`) and joins the channel in
+//! is complete; the reader answers it (`conn::http`, with the heads and
+//! routes of `proto::http`) and joins the channel in
 //! the registry (`channels`), the client address (`address`) counted
 //! against its limits (`server`). The reader (`client`) gets each message
 //! whole from tungstenite, its bytes passed through `incoming` (large
@@ -65,7 +68,7 @@
 //! a receiver whose socket is full gets a writer thread that drains its
 //! queue with vectored writes until the backlog is gone. Messages from the
 //! broker take the same way from the relay thread onwards, and so does the
-//! body of an HTTP `POST` (`publish`). A receiver that is an HTTP streaming
+//! body of an HTTP `POST` (`conn::http`). A receiver that is an HTTP streaming
 //! listener gets each message in its format (`wire`: a Server-Sent Event or
 //! a raw chunk), encoded once for all such listeners of the channel.
 

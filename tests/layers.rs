@@ -43,7 +43,7 @@ const RANKS: &[(&str, u8)] = &[
     ("hub/link", 2),
     ("conn/mod", 0),
     ("conn/server", 0),
-    ("conn/publish", 1),
+    ("conn/http", 3),
     ("conn/client", 2),
     ("process/mod", 0),
     ("process/secret", 0),

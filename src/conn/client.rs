@@ -1,4 +1,5 @@
-//! One connection: the handshake, then a reader thread and a writer thread.
+//! A channel member's connection, from its join on: a reader thread while
+//! it talks, the event loop while it rests, a writer thread for a backlog.
 //!
 //! The way of a message: the sender's **reader** (`read_loop`) gets it whole
 //! from tungstenite, encodes it once into a [`Frame`] and hands it to
@@ -17,8 +18,8 @@
 //! reader writes the `200` head instead of the `101` and then only waits for
 //! the connection to end ([`listen`]); its messages come in its wire format
 //! (`wire.rs`) through the same queue and writer. A `POST` or `PUT` is not a
-//! member: its body is published (`publish.rs`) and the connection waits for
-//! the next request.
+//! member: the HTTP server (`conn::http`) publishes its body and waits for
+//! the connection's next request.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown};
@@ -29,9 +30,7 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 use uuid::Uuid;
 
-use crate::config::address::client_address;
-use crate::conn::publish::{self, Publisher};
-use crate::conn::server::{self, Next, Reason, Resting, Server, Visit, Waiting};
+use crate::conn::server::{self, Next, Reason, Resting, Server, Visit};
 use crate::hub::channels::{Channel, JoinError};
 use crate::hub::peer::{CLOSE_TIMEOUT, Close, Flushes, Launch, Peer};
 use crate::memory::budget::BUDGET;
@@ -39,138 +38,14 @@ use crate::memory::stats;
 use crate::os::logging::{Throttle, escape, fingerprint};
 use crate::os::stream::{Stream, is_timeout};
 use crate::proto::frame::{Frame, Kind};
-use crate::proto::http::{self, HeadError, MAX_HEAD, Route, respond};
+use crate::proto::http::{self, respond};
 use crate::proto::incoming::{Incoming, MinRate, Reframed, Refusal, Source};
 use crate::proto::query::Options;
 use crate::proto::wire::Wire;
 
-/// A new connection sends its first byte within this (or handshake_timeout,
-/// if shorter): a client sends its request right after connecting, and a
-/// socket that stays silent only holds a place among the handshakes.
-pub(crate) const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// What tungstenite reads from the socket at a time; it grows the buffer only
 /// for a frame that needs it, so idle connections keep this much.
 const READ_BUFFER: usize = 1024;
-
-/// Serve a connection whose request head has arrived (the event loop read
-/// it, `event_loop`) to its end, or until it waits for its next request.
-///
-/// Three steps in functions of their own, each called from this shallow frame:
-/// the deepest moment of a reader thread's life sets how many stack pages
-/// stay resident for as long as its connection is idle; in one frame they
-/// would keep a page more per connection (figures: BENCHMARKS.md, "Measurements behind the constants").
-pub(crate) fn serve(waiting: Waiting, server: Arc<Server>) {
-    let Some((mut member, handshake)) = self::handshake(waiting, &server) else {
-        return;
-    };
-    if member.answer(&server, &handshake) {
-        member.talk();
-    }
-}
-
-/// Answer the request whose head `waiting` holds; for a websocket upgrade
-/// or a streaming listener, join its channel. Publishes (`POST`/`PUT`) may
-/// come one after another on a kept-alive connection; between them it waits
-/// in the event loop, without this thread.
-#[inline(never)]
-fn handshake(waiting: Waiting, server: &Arc<Server>) -> Option<(Box<Conversation>, Vec<u8>)> {
-    let Waiting {
-        stream,
-        peer,
-        place,
-        head,
-        request: mut parsed_head,
-    } = waiting;
-    // The accept loop gave the socket its write timeout (handshake_timeout).
-    let mut carry = head;
-    let mut publisher = None;
-    loop {
-        // The event loop parsed the first head; a kept-alive connection's
-        // next one may have come with the last body.
-        let parsed = match parsed_head.take() {
-            Some(parsed) => Ok(Some(*parsed)),
-            None => http::parse_head(&carry),
-        };
-        let (request, rest) = match parsed {
-            Ok(Some((request, len))) => (request, carry[len..].to_vec()),
-            // The next request of a kept-alive connection is still to come.
-            Ok(None) if carry.len() < MAX_HEAD => {
-                server.park(Waiting {
-                    stream,
-                    peer,
-                    place,
-                    head: carry,
-                    request: None,
-                });
-                return None;
-            }
-            Ok(None) | Err(HeadError::TooLarge) => {
-                server.refuse();
-                respond(
-                    &stream,
-                    &http::Response::error(431, "request head too large"),
-                );
-                return None;
-            }
-            Err(HeadError::Malformed(why)) => {
-                server.refuse();
-                let response = http::Response::error(400, &format!("malformed request: {why}"));
-                respond(&stream, &response);
-                return None;
-            }
-        };
-        let headers = |name: &str| request.header_values(name);
-        let from = client_address(peer, &server.settings.trusted_proxies, &headers);
-        let routed = http::route(&request, &server.settings, &server.twins);
-        let (path, readonly, wire, options, answer) = match routed {
-            Route::Respond(response) => {
-                if response.status >= 400 {
-                    server.refuse();
-                }
-                respond(&stream, &response);
-                return None;
-            }
-            Route::Stats { path, head_only } => {
-                let clients = server.registry.get(&path).map_or(0, |c| c.clients());
-                respond(&stream, &http::stats_response(clients, head_only));
-                return None;
-            }
-            Route::Publish(publish) => {
-                let publisher = publisher.get_or_insert_with(|| Publisher::new(server));
-                carry = publish::publish(&stream, server, publisher, publish, rest, from)?;
-                continue;
-            }
-            Route::Upgrade {
-                path,
-                readonly,
-                accept,
-                options,
-            } => (
-                path,
-                readonly,
-                Wire::WebSocket,
-                options,
-                http::switching_protocols(&accept),
-            ),
-            Route::Listen {
-                path,
-                readonly,
-                wire,
-                options,
-            } => (path, readonly, wire, options, http::listening(wire)),
-        };
-        let member = Member {
-            path,
-            readonly,
-            wire,
-            options,
-            from,
-        };
-        drop(place);
-        return join(stream, server, member, rest).map(|joined| (joined, answer));
-    }
-}
 
 /// Why a client could not join.
 enum Refused {
@@ -182,7 +57,7 @@ enum Refused {
 
 /// Answer a client that could not join. Out of line, as the rare paths of
 /// joining are: their frames would stay below every read of the
-/// connection's life (see [`serve`] on stack pages).
+/// connection's life (see [`converse`] on stack pages).
 #[cold]
 #[inline(never)]
 fn refuse_join(stream: &Stream, server: &Server, why: Refused, id: u64, path: &str) {
@@ -247,35 +122,51 @@ struct Joined {
     from: Option<IpAddr>,
 }
 
-/// What a client asks to be in a channel.
-struct Member {
+/// A request to be in a channel, as the HTTP server (`conn::http`) took it.
+pub(crate) struct Member {
+    pub(crate) stream: Stream,
     /// The channel.
-    path: String,
+    pub(crate) path: String,
     /// By a read-only URL: it may only listen.
-    readonly: bool,
+    pub(crate) readonly: bool,
     /// How its messages are sent.
-    wire: Wire,
+    pub(crate) wire: Wire,
     /// What its query string asks for.
-    options: Options,
+    pub(crate) options: Options,
     /// Its client address (`None` when it cannot be known).
-    from: Option<IpAddr>,
+    pub(crate) from: Option<IpAddr>,
+    /// Bytes the client sent after its request head.
+    pub(crate) rest: Vec<u8>,
+    /// The answer that makes it a member: the `101`, or a listener's `200`.
+    pub(crate) answer: Vec<u8>,
+}
+
+/// A member's life: join its channel, answer, then read and publish until
+/// the client is silent or gone. Each step is a function of its own, called
+/// from this shallow frame (see `conn::http::serve` on stack pages).
+pub(crate) fn converse(mut member: Member, server: &Arc<Server>) {
+    let answer = std::mem::take(&mut member.answer);
+    let Some(mut conversation) = join(member, server) else {
+        return;
+    };
+    if conversation.answer(server, &answer) {
+        conversation.talk();
+    }
 }
 
 /// Join the channel as `member` asks, or refuse with 503. Not inlined: see
-/// [`serve`] on stack pages.
+/// [`converse`].
 #[inline(never)]
-fn join(
-    stream: Stream,
-    server: &Arc<Server>,
-    member: Member,
-    rest: Vec<u8>,
-) -> Option<Box<Conversation>> {
+fn join(member: Member, server: &Arc<Server>) -> Option<Box<Conversation>> {
     let Member {
+        stream,
         path,
         readonly,
         wire,
         options,
         from,
+        rest,
+        answer: _,
     } = member;
     let id = server.next_id();
     let visit = match server.visit(from, true) {
@@ -304,7 +195,7 @@ fn join(
         log_join(id, from, &path, readonly);
     }
     stats::add(&server.stats.connections_total, 1);
-    // On the heap: the frame of `serve`, below every read and send of the
+    // On the heap: the frame of `converse`, below every read and send of the
     // connection's life, holds it (a stack page per idle connection).
     Some(Box::new(Conversation {
         joined: Joined {
@@ -900,7 +791,7 @@ fn read_events(
 }
 
 /// How a client whose message was refused is closed. Out of line, as the
-/// rest of the read loop's rare paths: see [`serve`] on stack pages.
+/// rest of the read loop's rare paths: see [`converse`] on stack pages.
 #[cold]
 #[inline(never)]
 fn refused(refusal: Refusal, client: &Joined, server: &Server) -> Close {
@@ -1005,13 +896,16 @@ mod tests {
         let server = Arc::new(Server::new(settings, None, twins));
         let (a, _b) = UnixStream::pair().unwrap();
         let member = Member {
+            stream: Stream::Unix(a),
             path: "/p".into(),
             readonly: false,
             wire: Wire::WebSocket,
             options: Options::default(),
             from: None,
+            rest: Vec::new(),
+            answer: Vec::new(),
         };
-        let joined = join(Stream::Unix(a), &server, member, Vec::new()).expect("joined");
+        let joined = join(member, &server).expect("joined");
         assert_eq!(server.registry.counts(), (1, 1));
         let peer = Arc::clone(&joined.joined.peer);
         let died = std::thread::spawn(move || {

@@ -1,7 +1,7 @@
-//! A connection's threads: the state they all share (`server`), an HTTP
-//! publish's body (`publish`), and a member's reader, from its handshake on
-//! (`client`).
+//! A connection's threads: the state they all share (`server`), the HTTP
+//! server of a connection, its requests and publishes (`http`), and a
+//! member's life from its join on: its reader, resting, closing (`client`).
 
 pub(crate) mod client;
-pub(crate) mod publish;
+pub(crate) mod http;
 pub(crate) mod server;

@@ -75,7 +75,7 @@ pub(crate) struct Waiting {
     pub head: Vec<u8>,
     /// The head, parsed, once it is complete, and its length in `head`.
     /// Boxed: a reader thread's first frames hold this for the life of the
-    /// connection, and every byte there counts (see `client::serve`).
+    /// connection, and every byte there counts (see `http::serve`).
     pub request: Option<Box<(Request, usize)>>,
 }
 

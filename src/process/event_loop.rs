@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use polling::{Event, Events, Poller};
 
-use crate::conn::client::FIRST_BYTE_TIMEOUT;
+use crate::conn::http::FIRST_BYTE_TIMEOUT;
 use crate::conn::server::{Crowded, Lobby, Next, Resting, Server, Waiting};
 use crate::memory::budget::BUDGET;
 use crate::os::logging::Throttle;
@@ -522,7 +522,7 @@ impl Loop {
         let started = self
             .server
             .readers
-            .run(move || crate::conn::client::serve(waiting, server));
+            .run(move || crate::conn::http::serve(waiting, server));
         if let Err(e) = started {
             self.server.refuse();
             self.complain("cannot start a thread for a new connection", &e);

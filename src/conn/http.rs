@@ -1,29 +1,160 @@
-//! An HTTP publish (SPEC §11): `POST` or `PUT /P` with a body is one message
-//! to channel `/P`, for its members here and, through the relay, on every
-//! linked instance. No channel is created for it.
+//! The HTTP server of one connection: its requests, one after another on a
+//! kept-alive connection, each answered as `proto::http` routes it (usage
+//! page, error, `?stats`, preflight), a publish's body read and published
+//! here, and a websocket upgrade or a streaming listener handed to `client`
+//! as a channel member.
 //!
-//! The head was checked by `http` (path rules, a known length within
-//! `max_message_size`, a UTF-8 charset for text); here the body is read
-//! (`Content-Length` or chunked, counted in the memory budget as it arrives,
-//! never as announced, at `min_rate` at least), published the way a
-//! websocket client's message is, and answered with the number of local
-//! members it was queued for. The connection then stays open for the next
-//! request unless the client asked otherwise.
+//! # Publishing over HTTP (SPEC §11)
+//!
+//! `POST` or `PUT /P` with a body is one message to channel `/P`, for its
+//! members here and, through the relay, on every linked instance. No channel
+//! is created for it. The head was checked by `proto::http` (path rules, a
+//! known length within `max_message_size`, a UTF-8 charset for text); here
+//! the body is read (`Content-Length` or chunked, counted in the memory
+//! budget as it arrives, never as announced, at `min_rate` at least),
+//! published the way a websocket client's message is, and answered with the
+//! number of local members it was queued for. The connection then waits in
+//! the event loop for the next request unless the client asked otherwise.
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::conn::server::{Reason, Server};
+use crate::config::address::client_address;
+use crate::conn::client::{self, Member};
+use crate::conn::server::{Reason, Server, Waiting};
 use crate::hub::peer::Flushes;
 use crate::memory::budget::{BUDGET, FREE, Over, Share};
 use crate::os::logging::fingerprint;
 use crate::os::stream::Stream;
 use crate::proto::frame::{Frame, Kind};
-use crate::proto::http::{self, Length, Publish, Response, respond};
+use crate::proto::http::{self, HeadError, Length, MAX_HEAD, Publish, Response, Route, respond};
 use crate::proto::incoming::{MinRate, Pace};
+use crate::proto::wire::Wire;
+
+/// A new connection sends its first byte within this (or handshake_timeout,
+/// if shorter): a client sends its request right after connecting, and a
+/// socket that stays silent only holds a place among the handshakes.
+pub(crate) const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Serve a connection whose request head has arrived (the event loop read
+/// it, `event_loop`) to its end, or until it waits for its next request.
+///
+/// The requests and the member's life are functions of their own, each
+/// called from this shallow frame: the deepest moment of a reader thread's
+/// life sets how many stack pages stay resident for as long as its
+/// connection is idle; in one frame they would keep a page more per
+/// connection (figures: BENCHMARKS.md, "Measurements behind the constants").
+pub(crate) fn serve(waiting: Waiting, server: Arc<Server>) {
+    if let Some(member) = requests(waiting, &server) {
+        client::converse(member, &server);
+    }
+}
+
+/// Answer the requests of a connection, starting with the one whose head
+/// `waiting` holds, until one asks to be a channel member (a websocket
+/// upgrade or a streaming listener): that one is returned. Publishes
+/// (`POST`/`PUT`) may come one after another on a kept-alive connection;
+/// between them it waits in the event loop, without this thread.
+#[inline(never)]
+fn requests(waiting: Waiting, server: &Arc<Server>) -> Option<Member> {
+    let Waiting {
+        stream,
+        peer,
+        place,
+        head,
+        request: mut parsed_head,
+    } = waiting;
+    // The accept loop gave the socket its write timeout (handshake_timeout).
+    let mut carry = head;
+    let mut publisher = None;
+    loop {
+        // The event loop parsed the first head; a kept-alive connection's
+        // next one may have come with the last body.
+        let parsed = match parsed_head.take() {
+            Some(parsed) => Ok(Some(*parsed)),
+            None => http::parse_head(&carry),
+        };
+        let (request, rest) = match parsed {
+            Ok(Some((request, len))) => (request, carry[len..].to_vec()),
+            // The next request of a kept-alive connection is still to come.
+            Ok(None) if carry.len() < MAX_HEAD => {
+                server.park(Waiting {
+                    stream,
+                    peer,
+                    place,
+                    head: carry,
+                    request: None,
+                });
+                return None;
+            }
+            Ok(None) | Err(HeadError::TooLarge) => {
+                server.refuse();
+                respond(&stream, &Response::error(431, "request head too large"));
+                return None;
+            }
+            Err(HeadError::Malformed(why)) => {
+                server.refuse();
+                let response = Response::error(400, &format!("malformed request: {why}"));
+                respond(&stream, &response);
+                return None;
+            }
+        };
+        let headers = |name: &str| request.header_values(name);
+        let from = client_address(peer, &server.settings.trusted_proxies, &headers);
+        let routed = http::route(&request, &server.settings, &server.twins);
+        let (path, readonly, wire, options, answer) = match routed {
+            Route::Respond(response) => {
+                if response.status >= 400 {
+                    server.refuse();
+                }
+                respond(&stream, &response);
+                return None;
+            }
+            Route::Stats { path, head_only } => {
+                let clients = server.registry.get(&path).map_or(0, |c| c.clients());
+                respond(&stream, &http::stats_response(clients, head_only));
+                return None;
+            }
+            Route::Publish(publish) => {
+                let publisher = publisher.get_or_insert_with(|| Publisher::new(server));
+                carry = self::publish(&stream, server, publisher, publish, rest, from)?;
+                continue;
+            }
+            Route::Upgrade {
+                path,
+                readonly,
+                accept,
+                options,
+            } => (
+                path,
+                readonly,
+                Wire::WebSocket,
+                options,
+                http::switching_protocols(&accept),
+            ),
+            Route::Listen {
+                path,
+                readonly,
+                wire,
+                options,
+            } => (path, readonly, wire, options, http::listening(wire)),
+        };
+        drop(place);
+        return Some(Member {
+            stream,
+            path,
+            readonly,
+            wire,
+            options,
+            from,
+            rest,
+            answer,
+        });
+    }
+}
 
 /// What one read of a body takes at most.
 const READ_SIZE: usize = 16 * 1024;
@@ -49,7 +180,7 @@ impl Publisher {
 /// Read the body of `publish` (after `rest`, the bytes that came with its
 /// head) from client address `from`, publish it and answer. Returns what
 /// came after the body when the connection stays open for another request.
-/// Not inlined: its buffers would stay in the frame of the handshake, below
+/// Not inlined: its buffers would stay in the frame of [`requests`], below
 /// the join of every websocket client (a stack page per connection).
 #[inline(never)]
 pub(crate) fn publish(
