@@ -182,8 +182,8 @@ fn join(member: Member, server: &Arc<Server>) -> Option<Box<Conversation>> {
     let share = visit.as_ref().map(|v| Arc::clone(v.share()));
     let peer = Peer::new(id, options.echo, wire, share);
     let channel = match server
-        .registry
-        .join(&path, &peer, &options, &server.settings.limits)
+        .registry()
+        .join(&path, &peer, &options, server.limits())
     {
         Ok(channel) => channel,
         Err(e) => {
@@ -194,7 +194,7 @@ fn join(member: Member, server: &Arc<Server>) -> Option<Box<Conversation>> {
     if log::log_enabled!(log::Level::Debug) {
         log_join(id, from, &path, readonly);
     }
-    stats::add(&server.stats.connections_total, 1);
+    stats::add(&server.stats().connections_total, 1);
     // On the heap: the frame of `converse`, below every read and send of the
     // connection's life, holds it (a stack page per idle connection).
     Some(Box::new(Conversation {
@@ -222,7 +222,7 @@ impl Joined {
     fn leave(&self) {
         if self
             .server
-            .registry
+            .registry()
             .leave(&self.path, &self.channel, &self.peer)
         {
             server::release_free_memory();
@@ -294,8 +294,8 @@ impl Conversation {
             peer.never_ready();
             return false;
         }
-        let writers = Arc::clone(&server.writers);
-        let ping = server.settings.limits.ping_interval;
+        let writers = Arc::clone(server.writers());
+        let ping = server.limits().ping_interval;
         // A client that takes nothing for as long as the ping timeout is gone.
         let stall = if ping.is_zero() {
             Duration::from_secs(60)
@@ -315,7 +315,7 @@ impl Conversation {
         peer.ready(Arc::clone(stream), launch);
         if peer.wire == Wire::WebSocket {
             self.reader = Some(open(&mut self.joined, server));
-            self.sender = server.relay.as_ref().map(|_| Uuid::new_v4());
+            self.sender = server.relay().map(|_| Uuid::new_v4());
         } else if peer.wire.ping().is_some() && !ping.is_zero() {
             self.keepalive = Some(Instant::now() + ping);
         }
@@ -376,14 +376,14 @@ impl Resting for Conversation {
             // Closed while it waited here (shutdown, a slow consumer).
             return self.wait_for_end(now);
         }
-        let ping = server.settings.limits.ping_interval;
+        let ping = server.limits().ping_interval;
         let Some(reader) = &mut self.reader else {
             // A stream listener: its keepalive also lets its writer see a
             // listener that is gone.
             if let (Some(due), Some(frame)) = (self.keepalive, peer.wire.ping()) {
                 if now >= due {
                     let mut flushes = Flushes::new(false);
-                    peer.send_control(frame, &server.settings.limits, &mut flushes);
+                    peer.send_control(frame, server.limits(), &mut flushes);
                     self.keepalive = Some(now + ping);
                 }
             }
@@ -536,7 +536,7 @@ impl ReadHalf {
         if let Some(due) = self.ping_due {
             let now = Instant::now();
             if now >= due {
-                let limits = &self.server.settings.limits;
+                let limits = &self.server.limits();
                 self.peer
                     .send_control(Frame::ping(), limits, &mut self.flushes);
                 self.ping_due = Some(now + self.ping);
@@ -644,7 +644,7 @@ impl Read for ReadHalf {
 /// websocket.
 #[inline(never)]
 fn open(client: &mut Joined, server: &Arc<Server>) -> Client {
-    let limits = &server.settings.limits;
+    let limits = server.limits();
     let ping = limits.ping_interval;
     let now = Instant::now();
     let mut half = ReadHalf {
@@ -692,7 +692,7 @@ fn read_loop(conversation: &mut Conversation, server: &Server) -> Option<Close> 
     else {
         return None;
     };
-    let limits = &server.settings.limits;
+    let limits = server.limits();
     let rest = std::mem::take(&mut joined.rest);
     let mut ws = websocket(reader, rest, limits.max_message_size);
     // The sends the reader owes go out from here, between calls of
@@ -735,7 +735,7 @@ fn read_events(
     sender: Option<Uuid>,
 ) -> Step {
     let peer = &client.peer;
-    let limits = &server.settings.limits;
+    let limits = server.limits();
     loop {
         let event = next_event(ws.read(), peer.id);
         if peer.is_closing() {
@@ -906,7 +906,7 @@ mod tests {
             answer: Vec::new(),
         };
         let joined = join(member, &server).expect("joined");
-        assert_eq!(server.registry.counts(), (1, 1));
+        assert_eq!(server.registry().counts(), (1, 1));
         let peer = Arc::clone(&joined.joined.peer);
         let died = std::thread::spawn(move || {
             let _joined = joined;
@@ -914,7 +914,7 @@ mod tests {
         })
         .join();
         assert!(died.is_err());
-        assert_eq!(server.registry.counts(), (0, 0));
+        assert_eq!(server.registry().counts(), (0, 0));
         assert!(peer.is_closing());
     }
 }

@@ -103,8 +103,8 @@ fn requests(waiting: Waiting, server: &Arc<Server>) -> Option<Member> {
             }
         };
         let headers = |name: &str| request.header_values(name);
-        let from = client_address(peer, &server.settings.trusted_proxies, &headers);
-        let routed = http::route(&request, &server.settings, &server.twins);
+        let from = client_address(peer, &server.settings().trusted_proxies, &headers);
+        let routed = http::route(&request, server.settings(), server.twins());
         let (path, readonly, wire, options, answer) = match routed {
             Route::Respond(response) => {
                 if response.status >= 400 {
@@ -114,7 +114,7 @@ fn requests(waiting: Waiting, server: &Arc<Server>) -> Option<Member> {
                 return None;
             }
             Route::Stats { path, head_only } => {
-                let clients = server.registry.get(&path).map_or(0, |c| c.clients());
+                let clients = server.registry().get(&path).map_or(0, |c| c.clients());
                 respond(&stream, &http::stats_response(clients, head_only));
                 return None;
             }
@@ -196,7 +196,7 @@ pub(crate) fn publish(
         respond(stream, &Response::error(503, "server is shutting down"));
         return None;
     }
-    let limits = &server.settings.limits;
+    let limits = server.limits();
     // A body is admitted when the budget could take all of it now; it is
     // charged only as it arrives. A client that waits for 100 Continue
     // sends nothing of a body that would not be.
@@ -282,7 +282,7 @@ fn address_share_reached() -> Response {
 /// Publish `frame` as `publisher`'s message to channel `path`: to its local
 /// members (how many it was queued for is returned) and to the relay.
 fn deliver(server: &Server, publisher: &Publisher, path: &str, frame: &Frame) -> u64 {
-    let channel = server.registry.get(path);
+    let channel = server.registry().get(path);
     // The sends go out when this is dropped, before the answer: a
     // publisher whose answer came has its message on its way to all.
     let mut flushes = Flushes::new(true);

@@ -11,8 +11,8 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use uuid::Uuid;
 
-use crate::config::Settings;
 use crate::config::address::host_of;
+use crate::config::{Limits, Settings};
 use crate::hub::channels::{Channel, Registry};
 use crate::hub::link::Link;
 use crate::hub::peer::Flushes;
@@ -40,19 +40,19 @@ const IDLE_THREADS: usize = 64;
 /// Everything the connection threads share.
 pub(crate) struct Server {
     /// The effective settings.
-    pub settings: Settings,
+    settings: Settings,
     /// The channels; their replay rings are the memory budget's cache.
-    pub registry: Arc<Registry>,
+    registry: Arc<Registry>,
     /// The counters.
-    pub stats: Stats,
+    stats: Stats,
     /// The link to other instances, when `amqp` is set.
-    pub relay: Option<Link>,
+    relay: Option<Link>,
     /// Read-only URLs, under the server's secret.
-    pub twins: Twins,
+    twins: Twins,
     /// Threads that read connections (handshake, then frames).
-    pub readers: Arc<Pool>,
+    readers: Arc<Pool>,
     /// Threads that write to connections.
-    pub writers: Arc<Pool>,
+    writers: Arc<Pool>,
     next_id: AtomicU64,
     per_address: Mutex<HashMap<IpAddr, Tenant>>,
     stopping: AtomicBool,
@@ -251,6 +251,46 @@ pub(crate) enum Crowded {
 }
 
 impl Server {
+    /// The effective settings.
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The limits of the settings.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.settings.limits
+    }
+
+    /// The channels; their replay rings are the memory budget's cache.
+    pub(crate) fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The counters.
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The link to other instances, when `amqp` is set.
+    pub(crate) fn relay(&self) -> Option<&Link> {
+        self.relay.as_ref()
+    }
+
+    /// Read-only URLs, under the server's secret.
+    pub(crate) fn twins(&self) -> &Twins {
+        &self.twins
+    }
+
+    /// Threads that read connections (a request, then a member's frames).
+    pub(crate) fn readers(&self) -> &Arc<Pool> {
+        &self.readers
+    }
+
+    /// Threads that write a member's backlog.
+    pub(crate) fn writers(&self) -> &Arc<Pool> {
+        &self.writers
+    }
+
     /// A server for `settings`, with `relay` when instances are linked and
     /// `twins` for read-only URLs.
     pub(crate) fn new(settings: Settings, relay: Option<Link>, twins: Twins) -> Server {

@@ -63,7 +63,7 @@ pub(crate) fn spawn(listeners: Vec<Arc<Listener>>, server: Arc<Server>) -> io::R
     }
     let options = listeners
         .iter()
-        .map(|l| l.prepare(server.settings.limits.handshake_timeout))
+        .map(|l| l.prepare(server.limits().handshake_timeout))
         .collect();
     let (tx, rx) = crossbeam_channel::unbounded();
     server.set_lobby(Arc::new(Door {
@@ -415,7 +415,7 @@ impl Loop {
             return None;
         }
         if matches!(kept, Kept::Member(_)) {
-            self.server.stats.resting.fetch_add(1, Ordering::Relaxed);
+            self.server.stats().resting.fetch_add(1, Ordering::Relaxed);
         }
         self.conns[place] = Some(kept);
         Some(place)
@@ -508,7 +508,7 @@ impl Loop {
 
     /// A silent client sent again: a reader thread reads on.
     fn resume(&self, member: Box<dyn Resting>) {
-        if let Err(e) = self.server.readers.run(move || member.resume()) {
+        if let Err(e) = self.server.readers().run(move || member.resume()) {
             // The member is dropped with the job: its connection is cut.
             self.complain("cannot start a thread for a client that sent again", &e);
         }
@@ -521,7 +521,7 @@ impl Loop {
         let Conn { waiting, .. } = conn;
         let started = self
             .server
-            .readers
+            .readers()
             .run(move || crate::conn::http::serve(waiting, server));
         if let Err(e) = started {
             self.server.refuse();
@@ -559,7 +559,7 @@ impl Loop {
         let kept = self.conns.get_mut(place)?.take()?;
         let _ = self.poller.delete(kept.stream().as_fd());
         if matches!(kept, Kept::Member(_)) {
-            self.server.stats.resting.fetch_sub(1, Ordering::Relaxed);
+            self.server.stats().resting.fetch_sub(1, Ordering::Relaxed);
         }
         self.free.push(place);
         Some(kept)
@@ -585,7 +585,7 @@ impl Loop {
     }
 
     fn handshake_timeout(&self) -> Duration {
-        self.server.settings.limits.handshake_timeout
+        self.server.limits().handshake_timeout
     }
 
     fn complain(&self, what: &str, e: &dyn std::fmt::Display) {

@@ -488,7 +488,7 @@ pub(crate) fn spawn_accept_loop(
 /// answer, or closing would reset the connection before the client read it.
 pub(crate) fn refuse_out_of_fds(stream: Stream, server: &Arc<Server>) {
     server.refuse();
-    let refused = server.readers.run(move || {
+    let refused = server.readers().run(move || {
         crate::proto::http::respond(
             &stream,
             &crate::proto::http::Response::error(503, "server is out of file descriptors")
@@ -511,7 +511,7 @@ fn accept_loop(listener: &Listener, server: &Arc<Server>, serve: Serve) {
     // to take the waiting connection and answer it 503, so that clients learn
     // at once instead of hanging in the backlog.
     let mut spare = File::open("/dev/null").ok();
-    let options = listener.prepare(server.settings.limits.handshake_timeout);
+    let options = listener.prepare(server.limits().handshake_timeout);
     loop {
         let (stream, from) = match listener.accept(options) {
             Ok(accepted) => accepted,

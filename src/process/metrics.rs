@@ -27,7 +27,7 @@ pub(crate) fn scrapes(
     _: Option<IpAddr>,
 ) -> std::io::Result<()> {
     let server2 = Arc::clone(server);
-    server.readers.run(move || answer(&stream, &server2))
+    server.readers().run(move || answer(&stream, &server2))
 }
 
 fn answer(stream: &Stream, server: &Server) {
@@ -76,13 +76,13 @@ pub(crate) fn respond_to(request: &Request, server: &Server) -> Response {
 }
 
 fn relay_state(server: &Server) -> &'static str {
-    Link::state_name(server.relay.as_ref())
+    Link::state_name(server.relay())
 }
 
 /// The metrics, in the Prometheus text exposition format 0.0.4.
 pub(crate) fn exposition(server: &Server) -> String {
-    let (clients, channels) = server.registry.counts();
-    let s = &server.stats;
+    let (clients, channels) = server.registry().counts();
+    let s = &server.stats();
     let mut out = String::with_capacity(4096);
     let version = format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION"));
     family(
@@ -120,7 +120,7 @@ pub(crate) fn exposition(server: &Server) -> String {
         "1 while shutting down.",
         &[("", u64::from(server.is_stopping()))],
     );
-    counters(&mut out, s, server.relay.is_some());
+    counters(&mut out, s, server.relay().is_some());
     let memory: [(&str, &str, usize); 3] = [
         (
             "memory_budget_bytes",
@@ -141,7 +141,7 @@ pub(crate) fn exposition(server: &Server) -> String {
     for (name, help, value) in memory {
         family(&mut out, name, "gauge", help, &[("", value as u64)]);
     }
-    if server.relay.is_some() {
+    if server.relay().is_some() {
         family(
             &mut out,
             "relay_up",

@@ -155,7 +155,7 @@ impl Broker {
 /// The relay thread: connect, serve, and reconnect with backoff, forever.
 /// `shown` is the URL without its password, for logs.
 fn run(broker: &Broker, shown: &str, ends: &Ends, server: &Server) {
-    let Some(relay) = server.relay.as_ref() else {
+    let Some(relay) = server.relay() else {
         return;
     };
     let mut bound: HashSet<Arc<str>> = HashSet::new();
@@ -175,7 +175,7 @@ fn run(broker: &Broker, shown: &str, ends: &Ends, server: &Server) {
             relay.set_state(State::Up);
             was_up = true;
             if ever_connected {
-                stats::add(&server.stats.relay_reconnects, 1);
+                stats::add(&server.stats().relay_reconnects, 1);
             }
             ever_connected = true;
             failing_logged = false;
@@ -206,7 +206,7 @@ fn run(broker: &Broker, shown: &str, ends: &Ends, server: &Server) {
         let until = Instant::now() + backoff;
         loop {
             select! {
-                recv(ends.outbound) -> _ => stats::add(&server.stats.relay_dropped, 1),
+                recv(ends.outbound) -> _ => stats::add(&server.stats().relay_dropped, 1),
                 recv(ends.control) -> cmd => {
                     if let Ok(cmd) = cmd {
                         apply(&mut bound, cmd);
@@ -256,7 +256,7 @@ impl<'c> Session<'c> {
         bound: &HashSet<Arc<str>>,
     ) -> amiquip::Result<Session<'c>> {
         let channel = connection.open_channel(None)?;
-        let exchange = server.settings.exchange.clone();
+        let exchange = server.settings().exchange.clone();
         // Exactly as 0.1.x declares it, or the broker refuses one of the two.
         channel.exchange_declare(
             ExchangeType::Direct,
@@ -360,7 +360,7 @@ impl<'c> Session<'c> {
                 properties,
             ),
         )?;
-        stats::add(&self.server.stats.relay_published, 1);
+        stats::add(&self.server.stats().relay_published, 1);
         Ok(())
     }
 
@@ -388,10 +388,10 @@ impl<'c> Session<'c> {
         if properties.app_id().as_deref() == Some(self.instance.as_str()) {
             return;
         }
-        if delivery.body.len() > self.server.settings.limits.max_message_size {
+        if delivery.body.len() > self.server.limits().max_message_size {
             // Another instance, or any AMQP publisher, may send more than
             // this one lets its clients send: never pass it on or keep it.
-            stats::add(&self.server.stats.oversize_dropped, 1);
+            stats::add(&self.server.stats().oversize_dropped, 1);
             log::debug!(
                 "dropped a {} byte message from the broker: over max_message_size",
                 delivery.body.len()
@@ -400,15 +400,15 @@ impl<'c> Session<'c> {
         }
         let kind = kind_of(properties.content_type().as_deref(), &delivery.body);
         let path = format!("/{}", delivery.routing_key);
-        stats::add(&self.server.stats.relay_received, 1);
-        if let Some(channel) = self.server.registry.get(&path) {
+        stats::add(&self.server.stats().relay_received, 1);
+        if let Some(channel) = self.server.registry().get(&path) {
             let frame = Frame::message(kind, &delivery.body);
             // No local client sent it: every local member receives it.
             channel.publish(
                 0,
                 &frame,
-                &self.server.settings.limits,
-                &self.server.stats,
+                self.server.limits(),
+                self.server.stats(),
                 flushes,
             );
         }

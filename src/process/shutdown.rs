@@ -87,12 +87,12 @@ pub(crate) fn shutdown(server: &Server, files: &Files) {
     for listener in &files.listeners {
         listener.stop();
     }
-    server.registry.close_all(Close::with(1001, "going away"));
-    let all_closed = server.registry.wait_empty(Instant::now() + CLOSE_TIMEOUT);
+    server.registry().close_all(Close::with(1001, "going away"));
+    let all_closed = server.registry().wait_empty(Instant::now() + CLOSE_TIMEOUT);
     if !all_closed {
         log::info!(
             "{} client(s) did not finish the close handshake in time",
-            server.registry.counts().0
+            server.registry().counts().0
         );
     }
     files.remove();

@@ -72,7 +72,7 @@ pub(crate) fn run(mut signals: Signals, server: Arc<Server>, files: Files) -> ! 
                 files.remove();
                 process::exit(1);
             }
-            SIGHUP => match &server.settings.log_file {
+            SIGHUP => match &server.settings().log_file {
                 Some(path) => match logging::redirect_to(path) {
                     Ok(()) => log::info!("reopened log file {}", logging::escape_path(path)),
                     Err(e) => {
