@@ -90,17 +90,8 @@ fn requests(waiting: Waiting, server: &Arc<Server>) -> Option<Member> {
                 });
                 return None;
             }
-            Ok(None) | Err(HeadError::TooLarge) => {
-                server.refuse();
-                respond(&stream, &Response::error(431, "request head too large"));
-                return None;
-            }
-            Err(HeadError::Malformed(why)) => {
-                server.refuse();
-                let response = Response::error(400, &format!("malformed request: {why}"));
-                respond(&stream, &response);
-                return None;
-            }
+            Ok(None) => return refuse_head(&stream, server, HeadError::TooLarge),
+            Err(e) => return refuse_head(&stream, server, e),
         };
         let headers = |name: &str| request.header_values(name);
         let from = client_address(peer, &server.settings().trusted_proxies, &headers);
@@ -177,6 +168,17 @@ impl Publisher {
     }
 }
 
+/// Answer a request head that cannot be used: 431 or 400.
+fn refuse_head(stream: &Stream, server: &Server, e: HeadError) -> Option<Member> {
+    server.refuse();
+    let response = match e {
+        HeadError::TooLarge => Response::error(431, "request head too large"),
+        HeadError::Malformed(why) => Response::error(400, &format!("malformed request: {why}")),
+    };
+    respond(stream, &response);
+    None
+}
+
 /// Read the body of `publish` (after `rest`, the bytes that came with its
 /// head) from client address `from`, publish it and answer. Returns what
 /// came after the body when the connection stays open for another request.
@@ -229,25 +231,10 @@ pub(crate) fn publish(
     let body = match read_body(&mut input, publish.length, max, share) {
         Ok(body) => body,
         Err(e) => {
-            let response = match e {
-                BodyError::Gone => return None,
-                BodyError::TimedOut => {
-                    server.refuse_for(Reason::Rate, from);
-                    Response::error(408, "the message arrived slower than min_rate")
-                }
-                BodyError::TooLarge => http::too_large(max),
-                BodyError::Malformed(why) => Response::error(400, why),
-                BodyError::Budget(Over::Budget) => {
-                    BUDGET.refuse("HTTP publishes of large messages get 503");
-                    budget_reached()
-                }
-                BodyError::Budget(Over::Share) => {
-                    server.refuse_for(Reason::AddressMemory, from);
-                    address_share_reached()
-                }
-            };
-            server.refuse();
-            respond(stream, &response);
+            if let Some(response) = body_refused(e, server, from, max) {
+                server.refuse();
+                respond(stream, &response);
+            }
             return None;
         }
     };
@@ -266,6 +253,33 @@ pub(crate) fn publish(
     }
     stream.send_all(&answer.to_bytes()).ok()?;
     Some(input.buf.split_off(input.pos))
+}
+
+/// The answer to a body that could not be read, counted where it is
+/// counted; `None` when the client is gone.
+fn body_refused(
+    e: BodyError,
+    server: &Server,
+    from: Option<IpAddr>,
+    max: usize,
+) -> Option<Response> {
+    Some(match e {
+        BodyError::Gone => return None,
+        BodyError::TimedOut => {
+            server.refuse_for(Reason::Rate, from);
+            Response::error(408, "the message arrived slower than min_rate")
+        }
+        BodyError::TooLarge => http::too_large(max),
+        BodyError::Malformed(why) => Response::error(400, why),
+        BodyError::Budget(Over::Budget) => {
+            BUDGET.refuse("HTTP publishes of large messages get 503");
+            budget_reached()
+        }
+        BodyError::Budget(Over::Share) => {
+            server.refuse_for(Reason::AddressMemory, from);
+            address_share_reached()
+        }
+    })
 }
 
 /// The answer to a body the memory budget cannot take.

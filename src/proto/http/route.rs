@@ -189,6 +189,25 @@ fn check_publish(req: &Request, settings: &Settings, twins: &Twins) -> Result<Pu
     if matches!(length, Length::Fixed(n) if n > max) {
         return Err(too_large(max));
     }
+    let text = is_text(req)?;
+    let expect_continue = match req.header("Expect").map(str::trim) {
+        None => false,
+        Some(e) if e.eq_ignore_ascii_case("100-continue") => true,
+        Some(_) => return Err(Response::error(417, "only 100-continue is expected")),
+    };
+    Ok(Publish {
+        path,
+        length,
+        text,
+        expect_continue,
+        keep_alive: req.version >= 1 && !req.has_token("Connection", "close"),
+    })
+}
+
+/// Whether a publish's body is text, by its `Content-Type`: what people
+/// send text as is no type, text/*, JSON, a form (curl -d), or any type that
+/// says it is UTF-8. Text in another charset is refused (415).
+fn is_text(req: &Request) -> Result<bool, Response> {
     let mut media = req.header("Content-Type").unwrap_or("").split(';');
     let kind = media.next().unwrap_or("").trim();
     let charset = media.filter_map(|p| p.split_once('=')).find_map(|(k, v)| {
@@ -196,8 +215,6 @@ fn check_publish(req: &Request, settings: &Settings, twins: &Twins) -> Result<Pu
             .eq_ignore_ascii_case("charset")
             .then(|| v.trim().trim_matches('"'))
     });
-    // What people send text as: no type, text/*, JSON, a form (curl -d),
-    // or any type that says it is UTF-8.
     let text = kind.is_empty()
         || kind
             .get(..5)
@@ -211,18 +228,7 @@ fn check_publish(req: &Request, settings: &Settings, twins: &Twins) -> Result<Pu
             "text is published as UTF-8 only: send charset=utf-8, or a binary type",
         ));
     }
-    let expect_continue = match req.header("Expect").map(str::trim) {
-        None => false,
-        Some(e) if e.eq_ignore_ascii_case("100-continue") => true,
-        Some(_) => return Err(Response::error(417, "only 100-continue is expected")),
-    };
-    Ok(Publish {
-        path,
-        length,
-        text,
-        expect_continue,
-        keep_alive: req.version >= 1 && !req.has_token("Connection", "close"),
-    })
+    Ok(text)
 }
 
 fn check_upgrade(req: &Request, settings: &Settings, twins: &Twins) -> Result<Route, Response> {
