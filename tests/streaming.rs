@@ -48,6 +48,7 @@ fn curl(args: &[&str]) -> (i32, String) {
 struct CurlListener {
     child: Child,
     lines: mpsc::Receiver<String>,
+    last_id: std::cell::Cell<Option<u64>>,
 }
 
 impl CurlListener {
@@ -73,7 +74,11 @@ impl CurlListener {
                 line.clear();
             }
         });
-        CurlListener { child, lines }
+        CurlListener {
+            child,
+            lines,
+            last_id: Default::default(),
+        }
     }
 
     fn line(&self) -> String {
@@ -82,16 +87,25 @@ impl CurlListener {
             .expect("a line from the curl listener")
     }
 
-    /// Lines up to the blank line that ends an event.
+    /// Lines up to the blank line that ends an event, but its id, which
+    /// becomes [`CurlListener::last_id`].
     fn event(&self) -> Vec<String> {
         let mut lines = Vec::new();
         loop {
             match self.line() {
                 l if l.is_empty() && !lines.is_empty() => return lines,
                 l if l.is_empty() || l.starts_with(':') => {}
-                l => lines.push(l),
+                l => match l.strip_prefix("id: ") {
+                    Some(id) => self.last_id.set(Some(id.parse().expect("a numeric id"))),
+                    None => lines.push(l),
+                },
             }
         }
+    }
+
+    /// The id of the last event with one.
+    fn last_id(&self) -> u64 {
+        self.last_id.get().expect("an event with an id")
     }
 
     /// Its exit status, waiting for it.
@@ -443,6 +457,23 @@ impl Stream {
         String::from_utf8_lossy(&self.buf.drain(..end).collect::<Vec<_>>()).into_owned()
     }
 
+    /// The next chunk of an SSE stream, its size checked: the event's id
+    /// (`id:`, the first line of each message), and the event without it.
+    fn event(&mut self) -> (Option<u64>, String) {
+        let chunk = self.next(b"\n\n\r\n");
+        let (size, event) = chunk.split_once("\r\n").expect("a chunk");
+        let event = event.strip_suffix("\r\n").expect("a chunk's end");
+        assert_eq!(
+            usize::from_str_radix(size, 16).unwrap(),
+            event.len(),
+            "{chunk:?}"
+        );
+        match event.strip_prefix("id: ").and_then(|e| e.split_once('\n')) {
+            Some((id, rest)) => (Some(id.parse().expect("a numeric id")), rest.to_owned()),
+            None => (None, event.to_owned()),
+        }
+    }
+
     /// Everything up to the end of the connection.
     fn rest(&mut self) -> String {
         let _ = self.s.read_to_end(&mut self.buf);
@@ -471,26 +502,27 @@ fn sse_frames_multi_line_text_and_replays_and_pings() {
     ] {
         assert!(sse.head.contains(want), "{want} in {}", sse.head);
     }
-    // The last two, in order, each one chunk.
-    assert_eq!(
-        sse.next(b"\n\n\r\n"),
-        "19\r\ndata: second\ndata: line\n\n\r\n"
-    );
-    assert_eq!(sse.next(b"\n\n\r\n"), "d\r\ndata: third\n\n\r\n");
+    // The last two, in order, each one chunk, each with its id; ids grow.
+    let (second, event) = sse.event();
+    assert_eq!(event, "data: second\ndata: line\n\n");
+    let (third, event) = sse.event();
+    assert_eq!(event, "data: third\n\n");
     b.send(Message::binary(vec![1, 2, 3])).unwrap();
-    assert_eq!(
-        sse.next(b"\n\n\r\n"),
-        "1a\r\nevent: binary\ndata: AQID\n\n\r\n"
+    let (binary, event) = sse.event();
+    assert_eq!(event, "event: binary\ndata: AQID\n\n");
+    assert!(
+        second < third && third < binary,
+        "{second:?} {third:?} {binary:?}"
     );
     // Nothing more to send: a comment every ping_interval.
-    assert_eq!(sse.next(b"\n\n\r\n"), "8\r\n: ping\n\n\r\n");
+    assert_eq!(sse.event(), (None, ": ping\n\n".into()));
     // An SSE listener over HTTP/1.0: no chunks, the stream ends with the connection.
     let mut old = Stream::open(addr, &format!("{ch}?raw"), "", "1.0");
     assert!(old.head.contains("Connection: close") && !old.head.contains("chunked"));
     wait_clients(addr, &ch, 4);
     a.send(Message::text("plain")).unwrap();
     assert_eq!(old.next(b"\n"), "plain\n");
-    assert_eq!(sse.next(b"\n\n\r\n"), "d\r\ndata: plain\n\n\r\n");
+    assert_eq!(sse.event().1, "data: plain\n\n");
 }
 
 #[test]
@@ -532,7 +564,9 @@ fn a_slow_sse_listener_is_cut_and_the_channel_keeps_its_speed() {
     slow.s.set_read_timeout(Some(DEADLINE)).unwrap();
     let rest = slow.rest();
     assert!(
-        rest.starts_with("fa8\r\ndata: zzz"),
+        rest.split_once("\r\nid: ")
+            .and_then(|(_, r)| r.split_once('\n'))
+            .is_some_and(|(_, r)| r.starts_with("data: zzz")),
         "{}",
         &rest[..40.min(rest.len())]
     );
@@ -587,4 +621,83 @@ fn the_memory_budget_and_handshake_timeout_bound_a_publish() {
     let mut staps = staps;
     let stats = staps.stats();
     assert_eq!(counter(&stats, "memory_used"), 0, "{stats}");
+}
+
+/// SPEC §11: every message has an id, each SSE event carries it, and a
+/// listener that comes back with the last one it saw (`?since=`, or the
+/// `Last-Event-ID` EventSource sends) gets what it missed, then the live
+/// ones; from an id no longer held, a `gap` event first.
+#[test]
+fn a_listener_resumes_after_the_last_id_it_saw() {
+    if no_curl("a_listener_resumes_after_the_last_id_it_saw") {
+        return;
+    }
+    let staps = Staps::start(&tcp_config("replay_length = 3"), &[]);
+    let addr = staps.addr();
+    let ch = channel();
+    let url = format!("http://{addr}{ch}");
+    let post = |m: &str| assert_eq!(curl(&["-d", m, &url]).0, 0);
+    // Keeps the channel while its listeners come and go.
+    let _keeper = connect(addr, &ch);
+    let first = CurlListener::start(&format!("{url}?sse"), &[]);
+    wait_clients(addr, &ch, 2);
+    post("m1");
+    assert_eq!(first.event(), ["data: m1"]);
+    let id1 = first.last_id();
+    post("m2");
+    assert_eq!(first.event(), ["data: m2"]);
+    let id2 = first.last_id();
+    assert!(id1 < id2, "{id1} {id2}");
+    drop(first);
+    wait_clients(addr, &ch, 1);
+    post("m3");
+    post("m4");
+
+    // curl with ?since=: what it missed, in order, then the live ones.
+    let again = CurlListener::start(&format!("{url}?sse&since={id2}"), &[]);
+    assert_eq!(again.event(), ["data: m3"]);
+    assert_eq!(again.event(), ["data: m4"]);
+    wait_clients(addr, &ch, 2);
+    post("m5");
+    assert_eq!(again.event(), ["data: m5"]);
+    let id5 = again.last_id();
+    drop(again);
+    wait_clients(addr, &ch, 1);
+
+    // EventSource's header is newer than the URL's since: it wins.
+    let last = format!("Last-Event-ID: {id5}");
+    let header = CurlListener::start(&format!("{url}?sse&since={id1}"), &["-H", &last]);
+    wait_clients(addr, &ch, 2);
+    post("m6");
+    assert_eq!(header.event(), ["data: m6"], "nothing before m6 again");
+    drop(header);
+    wait_clients(addr, &ch, 1);
+
+    // The ring holds three (m4 m5 m6): m1 is gone, and an id staps never
+    // gave (another instance's, another start's) is not held either.
+    for extra in [vec![], vec!["-H", "Last-Event-ID: not-an-id-of-ours"]] {
+        let target = if extra.is_empty() {
+            format!("{url}?sse&since={id1}")
+        } else {
+            format!("{url}?sse")
+        };
+        let gap = CurlListener::start(&target, &extra);
+        assert_eq!(gap.event(), ["event: gap", "data: "]);
+        for m in ["m4", "m5", "m6"] {
+            assert_eq!(gap.event(), [format!("data: {m}")]);
+        }
+    }
+
+    // A raw stream resumes the same way, with no room for a gap.
+    let raw = CurlListener::start(&format!("{url}?raw&since={id5}"), &[]);
+    assert_eq!(raw.line(), "m6");
+    // A since that is no id is a malformed option.
+    let (_, status) = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("{url}?sse&since=x"),
+    ]);
+    assert_eq!(status, "400");
 }

@@ -361,9 +361,11 @@ fn resting_receivers_get_every_message_in_order() {
         assert!(got > 0, "SSE stream ended");
         seen.push_str(std::str::from_utf8(&buf[..got]).unwrap());
     }
+    // Each message's event starts with its id.
     let events: Vec<&str> = seen
         .split("\n\n")
-        .filter(|e| e.starts_with("data: "))
+        .filter_map(|e| e.split_once('\n').filter(|(id, _)| id.starts_with("id: ")))
+        .map(|(_, data)| data)
         .collect();
     let expected: Vec<String> = (0..n).map(|i| format!("data: m{i}")).collect();
     assert_eq!(events, expected);

@@ -13,8 +13,9 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
@@ -48,9 +49,9 @@ struct State {
 }
 
 /// A channel's replay ring: its last `replay_length` messages within
-/// `replay_bytes`, each with the instance-wide sequence number it was kept
-/// under, so that the memory budget can evict the oldest of all rings first.
-/// Its bytes count as the budget's cache ([`crate::memory::budget::Cache`]).
+/// `replay_bytes`, each with its id; ids grow across all channels, so the
+/// memory budget can evict the oldest of all rings first. Its bytes count
+/// as the budget's cache ([`crate::memory::budget::Cache`]).
 #[derive(Debug, Default)]
 struct Ring {
     frames: VecDeque<(u64, Frame)>,
@@ -58,14 +59,24 @@ struct Ring {
     bytes: usize,
 }
 
-/// The sequence of ring entries across all channels: oldest first.
-static KEPT: AtomicU64 = AtomicU64::new(0);
+/// The id of the next message a channel of this instance carries (SPEC
+/// §11). Ids start at the instance's start time in microseconds and grow by
+/// one per message, so that no restart gives an id again (an instance would
+/// have to carry a message per microsecond for that): an id a listener
+/// brings from an earlier start, or from another instance, is simply not
+/// held here.
+static NEXT_ID: LazyLock<AtomicU64> = LazyLock::new(|| {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64);
+    AtomicU64::new(now.max(1))
+});
 
 impl Ring {
     /// Keep `frame`, dropping the oldest to stay within the bounds. A frame
     /// larger than the ring empties it: replay must never skip a message,
     /// so it gives fewer, all of them the most recent.
-    fn keep(&mut self, frame: &Frame, limits: &Limits) {
+    fn keep(&mut self, id: u64, frame: &Frame, limits: &Limits) {
         let len = frame.as_bytes().len();
         if len > limits.replay_bytes {
             self.clear();
@@ -76,8 +87,7 @@ impl Ring {
                 break;
             }
         }
-        self.frames
-            .push_back((KEPT.fetch_add(1, Ordering::Relaxed), frame.clone()));
+        self.frames.push_back((id, frame.clone()));
         self.bytes += len;
         BUDGET.cache(len);
     }
@@ -103,9 +113,16 @@ impl Ring {
     }
 
     /// The last `n` messages, oldest first.
-    fn last(&self, n: usize) -> impl Iterator<Item = &Frame> {
+    fn last(&self, n: usize) -> impl Iterator<Item = &(u64, Frame)> {
         let skip = self.frames.len().saturating_sub(n);
-        self.frames.iter().skip(skip).map(|(_, frame)| frame)
+        self.frames.iter().skip(skip)
+    }
+
+    /// The messages after the one of id `since`, oldest first, if the ring
+    /// still holds that one.
+    fn after(&self, since: u64) -> Option<impl Iterator<Item = &(u64, Frame)>> {
+        let at = self.frames.iter().position(|(id, _)| *id == since)?;
+        Some(self.frames.iter().skip(at + 1))
     }
 }
 
@@ -139,12 +156,15 @@ impl Channel {
         flushes: &mut Flushes,
     ) -> u64 {
         let policy = self.policy(limits);
-        let members = {
+        let (id, members) = {
             let mut state = self.state.lock();
+            // Under the lock: the ring holds a channel's messages in the
+            // order of their ids.
+            let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
             if limits.replay_length > 0 {
-                state.ring.keep(frame, limits);
+                state.ring.keep(id, frame, limits);
             }
-            Arc::clone(&state.members)
+            (id, Arc::clone(&state.members))
         };
         if policy == SlowClient::Wait && flushes.may_wait() {
             let len = frame.as_bytes().len();
@@ -153,7 +173,7 @@ impl Channel {
             }
         }
         let (mut queued, mut dropped, mut kicked) = (0, 0, 0);
-        let mut encodings = Encodings::new(frame);
+        let mut encodings = Encodings::new(frame, id);
         for peer in members.iter().filter(|p| p.id != from || p.echo) {
             match peer.deliver(encodings.get(peer.wire), limits, policy, flushes) {
                 Delivery::Queued => queued += 1,
@@ -290,8 +310,21 @@ impl Registry {
         // Its 101 is not out yet: what is queued goes out once it is.
         let mut flushes = Flushes::new(false);
         let policy = channel.policy(limits);
-        for frame in state.ring.last(options.replay) {
-            let mut encodings = Encodings::new(frame);
+        let ring = &state.ring;
+        // A resume from an id not held: the listener may have missed
+        // messages; it is told so, then gets all that is held.
+        let (gap, entries): (bool, Vec<&(u64, Frame)>) = match options.since {
+            None => (false, ring.last(options.replay).collect()),
+            Some(since) => match ring.after(since) {
+                Some(after) => (false, after.collect()),
+                None => (true, ring.last(usize::MAX).collect()),
+            },
+        };
+        if let Some(gap) = peer.wire.gap().filter(|_| gap) {
+            peer.deliver(&gap, limits, policy, &mut flushes);
+        }
+        for (id, frame) in entries {
+            let mut encodings = Encodings::new(frame, *id);
             peer.deliver(encodings.get(peer.wire), limits, policy, &mut flushes);
         }
         drop(state);

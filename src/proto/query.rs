@@ -17,19 +17,16 @@ pub struct Options {
     /// `slow=wait|drop|disconnect`: the slow-client policy of a channel this
     /// client creates.
     pub slow: Option<SlowClient>,
+    /// A stream listener's `since=ID` (or its `Last-Event-ID`): first the
+    /// channel's held messages after that id (SPEC §11). Websocket clients
+    /// use `replay` instead.
+    pub since: Option<u64>,
 }
 
 /// Read the channel options (SPEC §10) of request target `target`; unknown
 /// keys are ignored, a malformed value is an error saying which.
 pub(crate) fn parse_options(target: &str, limits: &Limits) -> Result<Options, String> {
     let mut options = Options::default();
-    let number = |key: &str, value: &str| {
-        value
-            .parse::<usize>()
-            .ok()
-            .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
-            .ok_or_else(|| format!("{key}={value}: a number is expected"))
-    };
     for (key, value) in query_keys(target) {
         match key {
             "echo" => {
@@ -39,11 +36,12 @@ pub(crate) fn parse_options(target: &str, limits: &Limits) -> Result<Options, St
                     _ => return Err(format!("echo={value}: 1 or 0 is expected")),
                 }
             }
-            "replay" => options.replay = number(key, value)?.min(limits.replay_length),
-            "max" => match number(key, value)? {
+            "replay" => options.replay = number::<usize>(key, value)?.min(limits.replay_length),
+            "max" => match number::<usize>(key, value)? {
                 0 => return Err("max=0: at least 1 is expected".into()),
                 n => options.max = Some(n),
             },
+            "since" => options.since = Some(number(key, value)?),
             "slow" => {
                 options.slow = Some(SlowClient::from_name(value).ok_or_else(|| {
                     format!("slow={value}: one of wait, drop, disconnect is expected")
@@ -53,6 +51,15 @@ pub(crate) fn parse_options(target: &str, limits: &Limits) -> Result<Options, St
         }
     }
     Ok(options)
+}
+
+/// The value of option `key`, all digits.
+fn number<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, String> {
+    value
+        .parse::<T>()
+        .ok()
+        .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| format!("{key}={value}: a number is expected"))
 }
 
 /// The `key=value` pairs of a request target's query string (`key` alone

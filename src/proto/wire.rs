@@ -47,10 +47,15 @@ impl Wire {
         )
     }
 
-    /// The message of websocket frame `frame` in this format.
-    fn encode(self, frame: &Frame) -> Frame {
+    /// The message of websocket frame `frame`, whose id is `id`, in this
+    /// format: an SSE event carries the id (`id:`), for a listener that
+    /// reconnects to resume from (SPEC §11).
+    fn encode(self, frame: &Frame, id: u64) -> Frame {
         let payload = frame.payload();
-        let mut body = Vec::with_capacity(payload.len() + 16);
+        let mut body = Vec::with_capacity(payload.len() + 40);
+        if self.has_ids() {
+            body.extend_from_slice(format!("id: {id}\n").as_bytes());
+        }
         match (self, frame.kind()) {
             (Wire::WebSocket, _) => return frame.clone(),
             (Wire::Raw { .. }, _) => {
@@ -88,6 +93,22 @@ impl Wire {
         Frame::raw(&[size.as_bytes(), body, b"\r\n"])
     }
 
+    /// Whether its messages carry their ids (SSE's `id:`).
+    pub(crate) fn has_ids(self) -> bool {
+        matches!(self, Wire::EventStream { .. })
+    }
+
+    /// What tells a listener that resumed from an id no longer held that it
+    /// may have missed messages: an SSE `gap` event (with empty data, or
+    /// EventSource would not dispatch it). Websocket and raw streams have
+    /// no room for it.
+    pub(crate) fn gap(self) -> Option<Frame> {
+        match self {
+            Wire::EventStream { .. } => Some(self.frame(b"event: gap\ndata: \n\n")),
+            _ => None,
+        }
+    }
+
     /// What keeps the connection alive every `ping_interval`: a ping, an SSE
     /// comment, or nothing (a raw stream has no room for anything but
     /// payloads).
@@ -115,14 +136,17 @@ impl Wire {
 /// once.
 pub(crate) struct Encodings<'a> {
     frame: &'a Frame,
+    id: u64,
     http: [Option<Frame>; 4],
 }
 
 impl<'a> Encodings<'a> {
-    /// The encodings of the message of websocket frame `frame`.
-    pub(crate) fn new(frame: &'a Frame) -> Encodings<'a> {
+    /// The encodings of the message of websocket frame `frame`, whose id is
+    /// `id`.
+    pub(crate) fn new(frame: &'a Frame, id: u64) -> Encodings<'a> {
         Encodings {
             frame,
+            id,
             http: Default::default(),
         }
     }
@@ -131,7 +155,7 @@ impl<'a> Encodings<'a> {
     pub(crate) fn get(&mut self, wire: Wire) -> &Frame {
         match wire.slot() {
             0 => self.frame,
-            slot => self.http[slot - 1].get_or_insert_with(|| wire.encode(self.frame)),
+            slot => self.http[slot - 1].get_or_insert_with(|| wire.encode(self.frame, self.id)),
         }
     }
 }
@@ -142,7 +166,7 @@ mod tests {
 
     fn encoded(wire: Wire, kind: Kind, payload: &[u8]) -> Vec<u8> {
         let frame = Frame::message(kind, payload);
-        Encodings::new(&frame).get(wire).as_bytes().to_vec()
+        Encodings::new(&frame, 7).get(wire).as_bytes().to_vec()
     }
 
     #[test]
@@ -150,13 +174,15 @@ mod tests {
         let sse = Wire::EventStream { chunked: false };
         assert_eq!(
             encoded(sse, Kind::Text, b"one\ntwo\r\nthree\rfour"),
-            b"data: one\ndata: two\ndata: three\ndata: four\n\n"
+            b"id: 7\ndata: one\ndata: two\ndata: three\ndata: four\n\n"
         );
-        assert_eq!(encoded(sse, Kind::Text, b""), b"data: \n\n");
+        assert_eq!(encoded(sse, Kind::Text, b""), b"id: 7\ndata: \n\n");
         assert_eq!(
             encoded(sse, Kind::Binary, &[0, 255, 10]),
-            b"event: binary\ndata: AP8K\n\n"
+            b"id: 7\nevent: binary\ndata: AP8K\n\n"
         );
+        assert_eq!(sse.gap().unwrap().as_bytes(), b"event: gap\ndata: \n\n");
+        assert!(Wire::WebSocket.gap().is_none());
         let raw = Wire::Raw { chunked: false };
         assert_eq!(encoded(raw, Kind::Binary, &[0, 255]), b"\x00\xff\n");
     }
@@ -177,7 +203,7 @@ mod tests {
     #[test]
     fn each_format_is_encoded_once_and_websocket_members_share_the_frame() {
         let frame = Frame::message(Kind::Text, b"x");
-        let mut encodings = Encodings::new(&frame);
+        let mut encodings = Encodings::new(&frame, 1);
         let sse = Wire::EventStream { chunked: true };
         let first = encodings.get(sse).as_bytes().as_ptr();
         assert_eq!(encodings.get(sse).as_bytes().as_ptr(), first);

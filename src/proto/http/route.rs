@@ -101,8 +101,14 @@ pub fn route(req: &Request, settings: &Settings, twins: &Twins) -> Route {
             };
             // Receive-only already: a read-only URL listens as its channel's.
             let Named { path, readonly } = channel_path(req, settings, twins)?;
-            let options = parse_options(&req.target, &settings.limits)
+            let mut options = parse_options(&req.target, &settings.limits)
                 .map_err(|e| Response::error(400, &e))?;
+            if let Some(last) = req.header("Last-Event-ID").filter(|_| wire.has_ids()) {
+                // What EventSource sends by itself when it reconnects: newer
+                // than the URL's `since`. An id staps never gave is one it
+                // does not hold (0 is never a message's id).
+                options.since = Some(last.trim().parse().unwrap_or(0));
+            }
             Ok(Route::Listen {
                 path,
                 readonly,
@@ -254,7 +260,9 @@ fn check_upgrade(req: &Request, settings: &Settings, twins: &Twins) -> Result<Ro
         return Err(bad("Sec-WebSocket-Key is not 16 bytes in base64"));
     }
     let Named { path, readonly } = channel_path(req, settings, twins)?;
-    let options = parse_options(&req.target, &settings.limits).map_err(|e| bad(&e))?;
+    let mut options = parse_options(&req.target, &settings.limits).map_err(|e| bad(&e))?;
+    // A websocket client's wire has no ids: it uses `replay`.
+    options.since = None;
     Ok(Route::Upgrade {
         path,
         readonly,
