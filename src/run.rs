@@ -220,6 +220,14 @@ fn start(
         .map_err(|e| format!("cannot start the accept thread for {m}: {e}"))?;
         log::info!("metrics on {m}");
     }
+    if !server.limits().max_linger.is_zero() {
+        let registry = Arc::clone(server.registry());
+        std::thread::Builder::new()
+            .name("staps-linger".into())
+            .stack_size(64 * 1024)
+            .spawn(move || registry.end_lingers())
+            .map_err(|e| format!("cannot start the thread that ends lingers: {e}"))?;
+    }
     event_loop::spawn(files.listeners.clone(), Arc::clone(&server))
         .map_err(|e| format!("cannot start the event loop: {e}"))?;
     for l in &files.listeners {

@@ -257,3 +257,57 @@ fn rss_follows_the_budget_after_large_messages() {
     );
     drop(clients);
 }
+
+/// SPEC §10: a lingering channel's ring is the first cache the budget lets
+/// go of, whole, even when its messages are newer than a live channel's.
+#[test]
+fn the_budget_ends_lingering_channels_before_it_evicts_live_rings() {
+    // A queue that takes a whole replay of the ring.
+    let config =
+        tcp_config("memory_budget = 16777216\nreplay_bytes = 8388608\nqueue_bytes = 16777216");
+    let mut staps = Staps::start(&config, &[]);
+    let addr = staps.addr();
+    let (live, lingering) = (channel(), channel());
+    let mut sender = connect_from("127.0.0.2", addr, &live);
+    let mut receiver = connect_from("127.0.0.3", addr, &live);
+    let send = |ws: &mut Ws, i: u8| ws.send(Message::binary(vec![i; 1_000_000])).unwrap();
+    // The live ring first: 8 MB, older than anything of the other.
+    for i in 0..8 {
+        send(&mut sender, i);
+        assert_eq!(recv(&mut receiver), Message::binary(vec![i; 1_000_000]));
+    }
+    // Then 7 MB into a channel that lingers once its only member is gone:
+    // 15 MB held, the budget 16 MiB.
+    let mut alone = connect_from("127.0.0.4", addr, &format!("{lingering}?linger=60"));
+    for i in 0..7 {
+        send(&mut alone, 100 + i);
+    }
+    alone.close(None).unwrap();
+    while alone.read().is_ok() {}
+    staps.wait_stats(|l| counter(l, "connections") == 2 && counter(l, "messages_in") == 15);
+    assert_eq!(counter(&staps.stats(), "channels"), 2, "it lingers");
+    // More for the live channel: the budget needs room, and takes it from
+    // the lingering channel, not from the live ring's older messages.
+    for i in 8..12 {
+        send(&mut sender, i);
+        assert_eq!(recv(&mut receiver), Message::binary(vec![i; 1_000_000]));
+    }
+    staps.wait_stats(|l| counter(l, "channels") == 1);
+    let mut late = connect_from("127.0.0.5", addr, &format!("{live}?replay=16"));
+    sender.send(Message::text("end")).unwrap();
+    let mut replayed = Vec::new();
+    loop {
+        match recv(&mut late) {
+            Message::Binary(b) => replayed.push(b[0]),
+            m => {
+                assert_eq!(m, Message::text("end"));
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        replayed,
+        (4..12).collect::<Vec<u8>>(),
+        "the live ring is whole"
+    );
+}

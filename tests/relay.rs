@@ -526,13 +526,7 @@ fn http_publishes_and_streaming_listeners_cross_instances_both_ways() {
     assert!(r.ends_with("{\"clients\": 0}\n"), "{r}");
     assert_eq!(recv(&mut b), Message::text("over http"));
     // A streaming listener at one gets what the member at two sends.
-    let mut sse = std::net::TcpStream::connect(one.addr()).unwrap();
-    sse.set_read_timeout(Some(DEADLINE)).unwrap();
-    std::io::Write::write_all(
-        &mut sse,
-        format!("GET {ch} HTTP/1.1\r\nAccept: text/event-stream\r\n\r\n").as_bytes(),
-    )
-    .unwrap();
+    let mut sse = sse_at(one.addr(), &ch);
     wait_bound(&exchange, &ch[1..], 2);
     b.send(Message::text("to the listener")).unwrap();
     read_until_seen(&mut sse, "data: to the listener\n\n");
@@ -568,4 +562,57 @@ fn a_read_only_url_works_across_instances_that_share_the_secret() {
     let mut other = connect(three.addr(), twin);
     other.send(Message::text("ordinary at three")).unwrap();
     assert_eq!(recv(&mut stranger), Message::text("ordinary at three"));
+}
+
+/// An SSE stream at `addr` on `target`, its head sent.
+fn sse_at(addr: std::net::SocketAddr, target: &str) -> std::net::TcpStream {
+    let mut sse = std::net::TcpStream::connect(addr).unwrap();
+    sse.set_read_timeout(Some(DEADLINE)).unwrap();
+    std::io::Write::write_all(
+        &mut sse,
+        format!("GET {target} HTTP/1.1\r\nAccept: text/event-stream\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    sse
+}
+
+/// SPEC §10-11 with the relay: a lingering channel keeps its binding, so
+/// what another instance's members send meanwhile enters its ring, with an
+/// id of this instance, for the listener that comes back.
+#[test]
+fn a_lingering_channel_keeps_its_binding_and_takes_remote_messages() {
+    let Some(_lock) = shared_broker("a_lingering_channel_keeps_its_binding") else {
+        return;
+    };
+    let exchange = Exchange::new();
+    let mut one = instance(&exchange, "");
+    let two = instance(&exchange, "");
+    let ch = channel();
+    let mut sse = sse_at(one.addr(), &format!("{ch}?sse&linger=30"));
+    wait_bound(&exchange, &ch[1..], 1);
+    let mut b = connect(two.addr(), &ch);
+    wait_bound(&exchange, &ch[1..], 2);
+    b.send(Message::text("first")).unwrap();
+    let seen = read_until_seen(&mut sse, "data: first\n\n");
+    let id: u64 = seen
+        .rsplit_once("id: ")
+        .and_then(|(_, rest)| rest.split_once('\n'))
+        .and_then(|(id, _)| id.parse().ok())
+        .unwrap_or_else(|| panic!("no id before the message: {seen:?}"));
+    drop(sse);
+    one.wait_stats(|l| counter(l, "connections") == 0);
+    // Emptied at one, but lingering: still bound there.
+    assert_eq!(
+        bindings(&exchange)
+            .iter()
+            .filter(|k| **k == ch[1..])
+            .count(),
+        2
+    );
+    b.send(Message::text("while away")).unwrap();
+    one.wait_stats(|l| counter(l, "relay_received") == 2);
+    let mut back = sse_at(one.addr(), &format!("{ch}?sse&since={id}"));
+    let got = read_until_seen(&mut back, "data: while away\n\n");
+    assert!(!got.contains("event: gap"), "{got}");
+    assert!(got.contains("id: "), "{got}");
 }

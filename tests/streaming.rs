@@ -701,3 +701,58 @@ fn a_listener_resumes_after_the_last_id_it_saw() {
     ]);
     assert_eq!(status, "400");
 }
+
+/// SPEC §10: `linger=S` keeps an emptied channel's ring for S seconds;
+/// HTTP publishes then go into it, and a listener that comes back gets
+/// them. Nothing of the channel survives the linger; `max_linger` caps S.
+#[test]
+fn a_lingering_channel_keeps_what_is_published_until_its_listener_returns() {
+    if no_curl("a_lingering_channel_keeps_what_is_published") {
+        return;
+    }
+    let mut staps = Staps::start(&tcp_config("max_linger = 2"), &[]);
+    let addr = staps.addr();
+    let ch = channel();
+    let url = format!("http://{addr}{ch}");
+    // It asks for an hour: it gets max_linger.
+    let listener = CurlListener::start(&format!("{url}?sse&linger=3600"), &[]);
+    wait_clients(addr, &ch, 1);
+    assert_eq!(curl(&["-d", "m1", &url]).1, "{\"clients\": 1}\n");
+    assert_eq!(listener.event(), ["data: m1"]);
+    let id1 = listener.last_id();
+    drop(listener);
+    wait_clients(addr, &ch, 0);
+    // Emptied but lingering: publishes go into its ring.
+    assert_eq!(curl(&["-d", "m2", &url]).1, "{\"clients\": 0}\n");
+    assert_eq!(curl(&["-d", "m3", &url]).1, "{\"clients\": 0}\n");
+    staps.wait_stats(|s| counter(s, "channels") == 1);
+    let back = CurlListener::start(&format!("{url}?sse&since={id1}"), &[]);
+    assert_eq!(back.event(), ["data: m2"], "no gap: m1's id is still held");
+    assert_eq!(back.event(), ["data: m3"]);
+    let id3 = back.last_id();
+    drop(back);
+    // Its linger ends (2 s, not an hour), and the channel with it.
+    staps.wait_stats(|s| counter(s, "channels") == 0);
+    assert_eq!(curl(&["-d", "lost", &url]).1, "{\"clients\": 0}\n");
+    let late = CurlListener::start(&format!("{url}?sse&since={id3}"), &[]);
+    assert_eq!(late.event(), ["event: gap", "data: "]);
+    wait_clients(addr, &ch, 1);
+    assert_eq!(curl(&["-d", "m4", &url]).1, "{\"clients\": 1}\n");
+    assert_eq!(late.event(), ["data: m4"], "nothing of the old channel");
+}
+
+/// With `max_linger = 0` no channel lingers, whatever its creator asks.
+#[test]
+fn max_linger_0_turns_lingering_off() {
+    let mut staps = Staps::start(&tcp_config("max_linger = 0"), &[]);
+    let addr = staps.addr();
+    let ch = channel();
+    let ws = connect(addr, &format!("{ch}?linger=60"));
+    staps.wait_stats(|s| counter(s, "channels") == 1);
+    drop(ws);
+    staps.wait_stats(|s| counter(s, "channels") == 0);
+    let answer = post(addr, &ch, "", b"to nobody");
+    assert_eq!(body(&answer), "{\"clients\": 0}\n");
+    // A linger that is no number is a malformed option.
+    assert_eq!(status(&get(addr, &format!("{ch}?sse&linger=x"), "")), 400);
+}

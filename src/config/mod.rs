@@ -158,6 +158,9 @@ pub struct Limits {
     pub replay_length: usize,
     /// Bytes each channel's replay ring keeps at most.
     pub replay_bytes: usize,
+    /// Longest `linger=S` a channel's creator may ask: how long an emptied
+    /// channel keeps its ring and relay binding; 0: no channel lingers.
+    pub max_linger: Duration,
     /// Bytes of partial incoming messages, queued frames and replay rings
     /// the whole process may hold ([`crate::memory::budget`]).
     pub memory_budget: usize,
@@ -223,6 +226,7 @@ impl Default for Limits {
             uuid_only: false,
             replay_length: 16,
             replay_bytes: 1 << 20,
+            max_linger: Duration::from_secs(60),
             memory_budget: crate::memory::budget::default_limit(),
             min_rate: DEFAULT_MIN_RATE,
             max_connections_per_address: None,
@@ -762,6 +766,16 @@ const KEYS: &[Key] = &[
             Ok(())
         },
         get: |s| s.limits.replay_bytes.to_string(),
+    },
+    Key {
+        section: "limits",
+        name: "max_linger",
+        doc: "seconds an emptied channel may keep its ring for a listener's return (linger=S; 0: off)",
+        set: |s, v| {
+            s.limits.max_linger = parse_seconds(v, true)?;
+            Ok(())
+        },
+        get: |s| s.limits.max_linger.as_secs_f64().to_string(),
     },
     Key {
         section: "limits",

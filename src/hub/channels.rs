@@ -15,7 +15,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
@@ -36,6 +36,9 @@ pub(crate) struct Channel {
     cap: Option<usize>,
     /// The slow-client policy, if the creator chose one (`slow=`).
     slow: Option<SlowClient>,
+    /// How long it keeps its ring and relay binding once emptied, as its
+    /// creator asked (`linger=S`); zero: it goes with its last member.
+    linger: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -44,9 +47,18 @@ struct State {
     /// joins and leaves (rare next to messages) build a new list.
     members: Arc<[Arc<Peer>]>,
     /// The last messages, local and relayed, for clients that join with
-    /// `replay=N`; gone with the channel.
+    /// `replay=N` or resume; gone with the channel.
     ring: Ring,
+    /// While it lingers, emptied: until when, and what the budget counts
+    /// for it.
+    lingers: Option<(Instant, usize)>,
 }
+
+/// What the memory budget counts for a lingering channel besides its ring
+/// (the channel, its place in the registry and among the lingering ones),
+/// and its path: a cache like its ring, so that channels nobody listens to
+/// cannot hold memory others need.
+const LINGER_COST: usize = 512;
 
 /// A channel's replay ring: its last `replay_length` messages within
 /// `replay_bytes`, each with its id; ids grow across all channels, so the
@@ -130,6 +142,28 @@ impl Drop for Ring {
     fn drop(&mut self) {
         BUDGET.uncache(self.bytes);
     }
+}
+
+impl State {
+    /// End its linger if `over` says so of its end: its ring goes, and
+    /// what the budget counted for it. Whether it did.
+    fn end_linger(&mut self, over: impl Fn(Instant) -> bool) -> bool {
+        match self.lingers {
+            Some((until, cost)) if self.members.is_empty() && over(until) => {
+                self.lingers = None;
+                self.ring.clear();
+                uncount(cost);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The budget no longer counts `cost` for a lingering channel.
+fn uncount(cost: usize) {
+    BUDGET.uncache(cost);
+    BUDGET.release(cost);
 }
 
 impl Channel {
@@ -223,6 +257,10 @@ struct Inner {
     channels: HashMap<Arc<str>, Arc<Channel>>,
     clients: usize,
     stopping: bool,
+    /// Emptied channels that linger, by when their linger ends, soonest
+    /// first. An entry whose channel was joined again, or lingers anew
+    /// until later, is passed over when it comes up.
+    lingering: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
 }
 
 /// All channels of this instance.
@@ -231,6 +269,8 @@ pub(crate) struct Registry {
     inner: Mutex<Inner>,
     /// Signalled when the last client leaves, for a graceful shutdown.
     empty: Condvar,
+    /// Signalled when a channel starts to linger ([`Registry::end_lingers`]).
+    linger_due: Condvar,
     /// Where channels' births and deaths go when a relay links instances.
     relay: Option<Sender<Control>>,
 }
@@ -284,6 +324,7 @@ impl Registry {
                     state: Mutex::default(),
                     cap: options.max,
                     slow: options.slow,
+                    linger: options.linger,
                 });
                 inner
                     .channels
@@ -293,6 +334,9 @@ impl Registry {
             }
         };
         let mut state = channel.state.lock();
+        if let Some((_, cost)) = state.lingers.take() {
+            uncount(cost);
+        }
         let members = state.members.len();
         if (limits.max_clients_per_channel > 0 && members >= limits.max_clients_per_channel)
             || channel.cap.is_some_and(|cap| members >= cap)
@@ -348,8 +392,21 @@ impl Registry {
             return false;
         }
         if state.members.is_empty() {
-            if let Some((path, _)) = inner.channels.remove_entry(path) {
-                self.tell_relay(|| Control::Unbind(path));
+            let key = inner
+                .channels
+                .get_key_value(path)
+                .map(|(k, _)| Arc::clone(k));
+            match key {
+                Some(path) if !channel.linger.is_zero() && !inner.stopping => {
+                    let until = Instant::now() + channel.linger;
+                    let cost = LINGER_COST + path.len();
+                    state.lingers = Some((until, cost));
+                    inner.lingering.push(Reverse((until, path)));
+                    self.linger_due.notify_one();
+                    BUDGET.charge(cost);
+                    BUDGET.cache(cost);
+                }
+                _ => self.remove(&mut inner, path),
             }
         }
         drop(state);
@@ -358,6 +415,43 @@ impl Registry {
             self.empty.notify_all();
         }
         inner.clients == 0
+    }
+
+    /// Channel `path` is gone: the relay no longer needs its binding.
+    fn remove(&self, inner: &mut Inner, path: &str) {
+        if let Some((path, _)) = inner.channels.remove_entry(path) {
+            self.tell_relay(|| Control::Unbind(path));
+        }
+    }
+
+    /// End the lingers that are due, for ever: the work of the thread that
+    /// `run` starts for it. Nothing of a channel survives its linger.
+    pub(crate) fn end_lingers(&self) {
+        let mut inner = self.inner.lock();
+        loop {
+            let now = Instant::now();
+            let due = match inner.lingering.peek() {
+                Some(Reverse((due, _))) if *due <= now => None,
+                Some(Reverse((due, _))) => Some(*due),
+                None => {
+                    self.linger_due.wait(&mut inner);
+                    continue;
+                }
+            };
+            if let Some(due) = due {
+                self.linger_due.wait_until(&mut inner, due);
+                continue;
+            }
+            if let Some(Reverse((_, path))) = inner.lingering.pop() {
+                let ended = inner
+                    .channels
+                    .get(&path)
+                    .is_some_and(|channel| channel.state.lock().end_linger(|until| until <= now));
+                if ended {
+                    self.remove(&mut inner, &path);
+                }
+            }
+        }
     }
 
     /// Clients and channels now.
@@ -400,11 +494,40 @@ impl Cache for Registry {
     /// Evict ring entries across all channels, oldest first. Only locks
     /// that are free are taken: this runs wherever a frame is made, under
     /// whatever lock its maker holds, and a channel that is busy is passed.
+    ///
+    /// Lingering channels go first, whole: nobody listens to them now.
     fn shed(&self, down_to: usize) {
-        let channels: Vec<Arc<Channel>> = match self.inner.try_lock() {
-            Some(inner) => inner.channels.values().cloned().collect(),
-            None => return,
+        let Some(mut inner) = self.inner.try_lock() else {
+            return;
         };
+        // Those whose linger ends soonest first.
+        let mut lingering: Vec<(Instant, Arc<str>)> = inner
+            .lingering
+            .iter()
+            .map(|Reverse((due, path))| (*due, Arc::clone(path)))
+            .collect();
+        lingering.sort();
+        let mut ended = 0;
+        for (_, path) in lingering {
+            if BUDGET.used() <= down_to {
+                break;
+            }
+            let end = inner.channels.get(&path).is_some_and(|channel| {
+                channel
+                    .state
+                    .try_lock()
+                    .is_some_and(|mut state| state.end_linger(|_| true))
+            });
+            if end {
+                self.remove(&mut inner, &path);
+                ended += 1;
+            }
+        }
+        if ended > 0 {
+            log::debug!("memory budget: ended {ended} lingering channels");
+        }
+        let channels: Vec<Arc<Channel>> = inner.channels.values().cloned().collect();
+        drop(inner);
         let mut oldest: BinaryHeap<Reverse<(u64, usize)>> = channels
             .iter()
             .enumerate()

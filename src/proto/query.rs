@@ -1,6 +1,8 @@
 //! A request target's query string: its keys, and the channel options it
 //! carries (SPEC §10), which the registry keeps for a channel.
 
+use std::time::Duration;
+
 use crate::config::{Limits, SlowClient};
 
 /// What a client asks of its channel in the handshake's query string
@@ -21,6 +23,9 @@ pub struct Options {
     /// channel's held messages after that id (SPEC §11). Websocket clients
     /// use `replay` instead.
     pub since: Option<u64>,
+    /// `linger=S`: a channel this client creates keeps its ring and relay
+    /// binding for S seconds once emptied (at most `max_linger`).
+    pub linger: Duration,
 }
 
 /// Read the channel options (SPEC §10) of request target `target`; unknown
@@ -42,6 +47,10 @@ pub(crate) fn parse_options(target: &str, limits: &Limits) -> Result<Options, St
                 n => options.max = Some(n),
             },
             "since" => options.since = Some(number(key, value)?),
+            "linger" => {
+                let asked = Duration::from_secs(number(key, value)?);
+                options.linger = asked.min(limits.max_linger);
+            }
             "slow" => {
                 options.slow = Some(SlowClient::from_name(value).ok_or_else(|| {
                     format!("slow={value}: one of wait, drop, disconnect is expected")
