@@ -1,5 +1,6 @@
-//! SPEC §12: every channel's listen-only twin `/r/<token>`, derived from
-//! the channel path under the server's secret (`secret_file`).
+//! SPEC §12: every channel's listen-only twin `/r/<token>` and
+//! publish-only twin `/w/<token>`, derived from the channel path under the
+//! server's secret (`secret_file`).
 
 mod common;
 
@@ -12,15 +13,23 @@ use tungstenite::Message;
 
 /// The read-only URL of channel `ch`, as `GET /P?readonly` answers it.
 fn readonly_url(addr: SocketAddr, ch: &str) -> String {
-    let r = get(addr, &format!("{ch}?readonly"), "");
+    twin_url(addr, ch, "readonly")
+}
+
+/// The URL `GET /P?which` answers (`readonly` or `writeonly`).
+fn twin_url(addr: SocketAddr, ch: &str, which: &str) -> String {
+    let r = get(addr, &format!("{ch}?{which}"), "");
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     assert!(r.contains("Cache-Control: no-store"), "{r}");
     body(&r).trim_end_matches('\n').to_owned()
 }
 
-/// The path of a read-only URL: `/r/<token>`.
+/// The path of a twin URL: `/r/<token>` or `/w/<token>`.
 fn twin_path(url: &str) -> String {
-    let at = url.find("/r/").unwrap_or_else(|| panic!("no /r/ in {url}"));
+    let at = url
+        .find("/r/")
+        .or_else(|| url.find("/w/"))
+        .unwrap_or_else(|| panic!("no twin in {url}"));
     url[at..].to_owned()
 }
 
@@ -239,4 +248,86 @@ fn urls_follow_the_usage_page_rules_and_tokens_stay_out_of_the_log() {
         head.starts_with("HTTP/1.1 200") && body(&head).is_empty(),
         "{head}"
     );
+}
+
+/// Python's `websockets` on a publish-only URL: what it sends reaches the
+/// channel's members, it receives nothing (no replay, no message), and its
+/// pings are answered. It prints `nothing` or what it got.
+const WRITER: &str = r#"
+import asyncio, sys, websockets
+async def main(url):
+    async with websockets.connect(url) as ws:
+        await ws.send("from the webhook")
+        print("sent", flush=True)
+        sys.stdin.readline()
+        await asyncio.wait_for(await ws.ping(), 30)
+        try:
+            got = await asyncio.wait_for(ws.recv(), 0.5)
+            print("got", repr(got), flush=True)
+        except asyncio.TimeoutError:
+            print("nothing", flush=True)
+asyncio.run(main(sys.argv[1]))
+"#;
+
+#[test]
+fn the_publish_only_twin_publishes_and_receives_nothing() {
+    let staps = Staps::start(&tcp_config(""), &[]);
+    let addr = staps.addr();
+    let ch = channel();
+    let url = twin_url(addr, &ch, "writeonly");
+    assert!(url.starts_with(&format!("ws://{addr}/w/")), "{url}");
+    let write = twin_path(&url);
+    let read = twin_path(&readonly_url(addr, &ch));
+    assert_ne!(write[3..], read[3..]);
+    assert!(!write.contains(&ch[1..]));
+    assert_eq!(twin_url(addr, &write, "writeonly"), url, "its own twin");
+    // Neither twin leads to the other.
+    for (twin, other) in [(&write, "readonly"), (&read, "writeonly")] {
+        let r = get(addr, &format!("{twin}?{other}"), "");
+        assert_eq!(status(&r), 403, "{twin}?{other}: {r}");
+    }
+    // It cannot listen over HTTP.
+    for how in ["sse", "raw"] {
+        assert_eq!(status(&get(addr, &format!("{write}?{how}"), "")), 403);
+    }
+
+    let mut a = connect(addr, &ch);
+    let mut b = connect(addr, &ch);
+    a.send(Message::text("before")).unwrap();
+    assert_eq!(recv(&mut b), Message::text("before"));
+    // An HTTP publish to it reaches the channel's members.
+    let r = post(addr, &write, "Content-Type: text/plain\r\n", b"posted");
+    assert!(body(&r).contains("{\"clients\": 2}"), "{r}");
+    assert_eq!(recv(&mut a), Message::text("posted"));
+    assert_eq!(recv(&mut b), Message::text("posted"));
+
+    if skip(
+        "the_publish_only_twin_publishes_and_receives_nothing (Python websockets)",
+        needs_python_module("websockets"),
+    ) {
+        return;
+    }
+    let mut python = std::process::Command::new("python3")
+        .args(["-c", WRITER, &format!("{url}?replay=5&echo=1")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut out = std::io::BufReader::new(python.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, "sent\n");
+    assert_eq!(recv(&mut a), Message::text("from the webhook"));
+    assert_eq!(recv(&mut b), Message::text("from the webhook"));
+    // It is connected, and no receiver: neither ?stats nor a publish
+    // counts it.
+    let r = get(addr, &format!("{ch}?stats"), "");
+    assert!(body(&r).contains("{\"clients\": 2}"), "{r}");
+    a.send(Message::text("to the members")).unwrap();
+    assert_eq!(recv(&mut b), Message::text("to the members"));
+    python.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, "nothing\n", "a publish-only client got a message");
+    assert!(python.wait().unwrap().success());
 }

@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use crate::conn::server::{self, Next, Reason, Resting, Server, Visit};
 use crate::hub::channels::{Channel, JoinError};
-use crate::hub::peer::{CLOSE_TIMEOUT, Close, Flushes, Launch, Peer};
+use crate::hub::peer::{CLOSE_TIMEOUT, Close, Flushes, Hears, Launch, Peer};
 use crate::memory::budget::BUDGET;
 use crate::memory::stats;
 use crate::os::logging::{Throttle, escape, fingerprint};
@@ -41,6 +41,7 @@ use crate::proto::frame::{Frame, Kind};
 use crate::proto::http::{self, respond};
 use crate::proto::incoming::{Incoming, MinRate, Reframed, Refusal, Source};
 use crate::proto::query::Options;
+use crate::proto::twin::Access;
 use crate::proto::wire::Wire;
 
 /// What tungstenite reads from the socket at a time; it grows the buffer only
@@ -84,12 +85,17 @@ fn refuse_join(stream: &Stream, server: &Server, why: Refused, id: u64, path: &s
 /// (see [`refuse_join`]).
 #[cold]
 #[inline(never)]
-fn log_join(id: u64, from: Option<IpAddr>, path: &str, readonly: bool) {
+fn log_join(id: u64, from: Option<IpAddr>, path: &str, access: Access) {
     let who = from.map_or_else(|| "an unknown address".into(), |ip| ip.to_string());
-    if readonly {
-        // The read-only URL is a secret too: only the channel's fingerprint.
+    if access != Access::Full {
+        // A twin URL is a secret too: only the channel's fingerprint.
+        let how = if access.may_send() {
+            "publish-only"
+        } else {
+            "read-only"
+        };
         log::debug!(
-            "client {id} from {who} joined channel {} read-only",
+            "client {id} from {who} joined channel {} {how}",
             fingerprint(path)
         );
     } else {
@@ -110,8 +116,9 @@ struct Joined {
     /// Shared by reader and writer: one descriptor per client.
     stream: Arc<Stream>,
     path: Arc<str>,
-    /// Joined by a read-only URL: a message from it closes it.
-    readonly: bool,
+    /// What its URL allows: a message from a read-only twin's client
+    /// closes it.
+    access: Access,
     channel: Arc<Channel>,
     peer: Arc<Peer>,
     /// Bytes the client sent after its request head.
@@ -127,8 +134,8 @@ pub(crate) struct Member {
     pub(crate) stream: Stream,
     /// The channel.
     pub(crate) path: String,
-    /// By a read-only URL: it may only listen.
-    pub(crate) readonly: bool,
+    /// What its URL allows (SPEC §12).
+    pub(crate) access: Access,
     /// How its messages are sent.
     pub(crate) wire: Wire,
     /// What its query string asks for.
@@ -161,7 +168,7 @@ fn join(member: Member, server: &Arc<Server>) -> Option<Box<Conversation>> {
     let Member {
         stream,
         path,
-        readonly,
+        access,
         wire,
         options,
         from,
@@ -180,7 +187,12 @@ fn join(member: Member, server: &Arc<Server>) -> Option<Box<Conversation>> {
     let path: Arc<str> = path.into();
     // Streaming listeners never send: echo means nothing for them.
     let share = visit.as_ref().map(|v| Arc::clone(v.share()));
-    let peer = Peer::new(id, options.echo, wire, share);
+    let hears = match (access.may_listen(), options.echo) {
+        (false, _) => Hears::Nobody,
+        (true, true) => Hears::Everyone,
+        (true, false) => Hears::Others,
+    };
+    let peer = Peer::new(id, hears, wire, share);
     let channel = match server
         .registry()
         .join(&path, &peer, &options, server.limits())
@@ -192,7 +204,7 @@ fn join(member: Member, server: &Arc<Server>) -> Option<Box<Conversation>> {
         }
     };
     if log::log_enabled!(log::Level::Debug) {
-        log_join(id, from, &path, readonly);
+        log_join(id, from, &path, access);
     }
     stats::add(&server.stats().connections_total, 1);
     // On the heap: the frame of `converse`, below every read and send of the
@@ -202,7 +214,7 @@ fn join(member: Member, server: &Arc<Server>) -> Option<Box<Conversation>> {
             server: Arc::clone(server),
             stream: Arc::new(stream),
             path,
-            readonly,
+            access,
             channel,
             peer,
             rest,
@@ -669,7 +681,7 @@ fn open(client: &mut Joined, server: &Arc<Server>) -> Client {
         MinRate::of(limits),
         &BUDGET,
         share,
-        client.readonly,
+        !client.access.may_send(),
     ));
     // Bytes that came with the request head are the first tungstenite reads;
     // a refusal shows at the first read.
@@ -898,7 +910,7 @@ mod tests {
         let member = Member {
             stream: Stream::Unix(a),
             path: "/p".into(),
-            readonly: false,
+            access: Access::Full,
             wire: Wire::WebSocket,
             options: Options::default(),
             from: None,

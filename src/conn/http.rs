@@ -96,7 +96,7 @@ fn requests(waiting: Waiting, server: &Arc<Server>) -> Option<Member> {
         let headers = |name: &str| request.header_values(name);
         let from = client_address(peer, &server.settings().trusted_proxies, &headers);
         let routed = http::route(&request, server.settings(), server.twins());
-        let (path, readonly, wire, options, answer) = match routed {
+        let (path, access, wire, options, answer) = match routed {
             Route::Respond(response) => {
                 if response.status >= 400 {
                     server.refuse();
@@ -116,28 +116,28 @@ fn requests(waiting: Waiting, server: &Arc<Server>) -> Option<Member> {
             }
             Route::Upgrade {
                 path,
-                readonly,
+                access,
                 accept,
                 options,
             } => (
                 path,
-                readonly,
+                access,
                 Wire::WebSocket,
                 options,
                 http::switching_protocols(&accept),
             ),
             Route::Listen {
                 path,
-                readonly,
+                access,
                 wire,
                 options,
-            } => (path, readonly, wire, options, http::listening(wire)),
+            } => (path, access, wire, options, http::listening(wire)),
         };
         drop(place);
         return Some(Member {
             stream,
             path,
-            readonly,
+            access,
             wire,
             options,
             from,

@@ -167,9 +167,15 @@ fn uncount(cost: usize) {
 }
 
 impl Channel {
-    /// How many members the channel has here.
+    /// How many members the channel has here that receive its messages
+    /// (a publish-only twin's client does not).
     pub(crate) fn clients(&self) -> usize {
-        self.state.lock().members.len()
+        self.state
+            .lock()
+            .members
+            .iter()
+            .filter(|p| p.listens())
+            .count()
     }
 
     /// The slow-client policy of its members.
@@ -202,13 +208,13 @@ impl Channel {
         };
         if policy == SlowClient::Wait && flushes.may_wait() {
             let len = frame.as_bytes().len();
-            for peer in members.iter().filter(|p| p.id != from || p.echo) {
+            for peer in members.iter().filter(|p| p.hears(from)) {
                 peer.note_if_full(len, limits);
             }
         }
         let (mut queued, mut dropped, mut kicked) = (0, 0, 0);
         let mut encodings = Encodings::new(frame, id);
-        for peer in members.iter().filter(|p| p.id != from || p.echo) {
+        for peer in members.iter().filter(|p| p.hears(from)) {
             match peer.deliver(encodings.get(peer.wire), limits, policy, flushes) {
                 Delivery::Queued => queued += 1,
                 Delivery::Dropped => dropped += 1,
@@ -555,6 +561,7 @@ impl Cache for Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::peer::Hears;
     use crate::proto::wire::Wire;
     use std::sync::atomic::Ordering;
 
@@ -567,7 +574,7 @@ mod tests {
             ..Limits::default()
         };
         let peers: Vec<_> = (0..4)
-            .map(|i| Peer::new(i, false, Wire::WebSocket, None))
+            .map(|i| Peer::new(i, Hears::Others, Wire::WebSocket, None))
             .collect();
         let a = reg
             .join(&"/a".into(), &peers[0], &Options::default(), &limits)
@@ -606,8 +613,8 @@ mod tests {
                 slow_client: policy,
                 ..Limits::default()
             };
-            let sender = Peer::new(10, false, Wire::WebSocket, None);
-            let slow = Peer::new(11, false, Wire::WebSocket, None);
+            let sender = Peer::new(10, Hears::Others, Wire::WebSocket, None);
+            let slow = Peer::new(11, Hears::Others, Wire::WebSocket, None);
             let ch = reg
                 .join(&"/s".into(), &sender, &Options::default(), &limits)
                 .unwrap();

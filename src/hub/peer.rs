@@ -158,8 +158,8 @@ impl std::fmt::Debug for Sink {
 pub(crate) struct Peer {
     /// Unique for the life of the process.
     pub id: u64,
-    /// Receives its own messages too (`echo=1`).
-    pub echo: bool,
+    /// Whose messages it receives.
+    hears: Hears,
     /// What its connection carries: websocket frames, or an HTTP stream.
     pub wire: Wire,
     queue: Queue,
@@ -185,6 +185,17 @@ impl Drop for Peer {
     }
 }
 
+/// Whose messages a member receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Hears {
+    /// Everyone's but its own: a channel member's way.
+    Others,
+    /// Its own too (`echo=1`).
+    Everyone,
+    /// Nobody's: a publish-only twin's client (SPEC §12) only sends.
+    Nobody,
+}
+
 /// What happened to one delivery.
 pub(crate) enum Delivery {
     Queued,
@@ -196,10 +207,10 @@ pub(crate) enum Delivery {
 impl Peer {
     /// A new peer, before its `101` (or `200`) is out; its backlog counts in
     /// `share`, its client address's part of the budget, when there is one.
-    pub(crate) fn new(id: u64, echo: bool, wire: Wire, share: Option<Arc<Share>>) -> Arc<Peer> {
+    pub(crate) fn new(id: u64, hears: Hears, wire: Wire, share: Option<Arc<Share>>) -> Arc<Peer> {
         Arc::new(Peer {
             id,
-            echo,
+            hears,
             wire,
             queue: Queue::new(share),
             write: Mutex::new(Write {
@@ -213,6 +224,20 @@ impl Peer {
             owed: Owed::default(),
             sink: OnceLock::new(),
         })
+    }
+
+    /// Whether it receives a message of member `from`.
+    pub(crate) fn hears(&self, from: u64) -> bool {
+        match self.hears {
+            Hears::Others => from != self.id,
+            Hears::Everyone => true,
+            Hears::Nobody => false,
+        }
+    }
+
+    /// Whether it receives any message at all.
+    pub(crate) fn listens(&self) -> bool {
+        self.hears != Hears::Nobody
     }
 
     fn set_state(&self, write: &mut Write, state: State) {

@@ -536,6 +536,17 @@ pub fn needs_program(program: &str, package: &str) -> Option<String> {
     (!found).then(|| format!("{program} not found (Debian package {package})"))
 }
 
+/// Why a test cannot use Python module `module`, if it cannot (`.ci/run`
+/// installs it with pip).
+pub fn needs_python_module(module: &str) -> Option<String> {
+    let found = std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    (!found).then(|| format!("Python module {module} not found (pip install {module})"))
+}
+
 /// Wait until `check` holds, or fail after [`DEADLINE`] saying `what`.
 pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + DEADLINE;

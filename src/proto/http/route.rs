@@ -6,7 +6,7 @@ use super::usage::{base_url, url_of, usage};
 use crate::config::Settings;
 use crate::config::percent::percent_decode;
 use crate::proto::query::{Options, parse_options, query_keys};
-use crate::proto::twin::Twins;
+use crate::proto::twin::{Access, Twins};
 use crate::proto::wire::Wire;
 
 /// What a request head gets.
@@ -14,11 +14,11 @@ use crate::proto::wire::Wire;
 pub enum Route {
     /// A valid websocket upgrade for channel `path`.
     Upgrade {
-        /// The channel: the decoded path (of the channel a read-only URL
-        /// names).
+        /// The channel: the decoded path (of the channel a twin names).
         path: String,
-        /// By a read-only URL (SPEC §12): the client may only listen.
-        readonly: bool,
+        /// What its URL allows (SPEC §12): a read-only twin's client may
+        /// only listen, a publish-only twin's only send.
+        access: Access,
         /// The `Sec-WebSocket-Accept` value.
         accept: String,
         /// What the query string asks for.
@@ -30,8 +30,9 @@ pub enum Route {
         /// The channel: the decoded path (of the channel a read-only URL
         /// names).
         path: String,
-        /// By a read-only URL (SPEC §12).
-        readonly: bool,
+        /// What its URL allows: the channel's own, or its read-only twin
+        /// (a publish-only twin cannot listen).
+        access: Access,
         /// How its messages are sent.
         wire: Wire,
         /// What the query string asks for.
@@ -75,15 +76,25 @@ pub fn route(req: &Request, settings: &Settings, twins: &Twins) -> Route {
                 let path = channel_path(req, settings, twins)?.path;
                 return Ok(Route::Stats { path, head_only });
             }
-            if has("readonly") {
-                let path = channel_path(req, settings, twins)?.path;
-                let url = format!("{}\n", url_of(&base_url(req, settings), &twins.twin(&path)));
-                return Ok(Route::Respond(
-                    Response::new(200, "text/plain; charset=utf-8", url)
-                        .with("Cache-Control", "no-store")
-                        .with("Vary", "Host, X-Forwarded-Proto")
-                        .head_only(head_only),
-                ));
+            for (key, twin) in [
+                ("readonly", Access::ReadOnly),
+                ("writeonly", Access::WriteOnly),
+            ] {
+                if has(key) {
+                    let named = channel_path(req, settings, twins)?;
+                    // A twin does not lead to the other: a webhook's
+                    // publish-only URL must not give away the listeners'.
+                    if named.access != Access::Full && named.access != twin {
+                        return Err(Response::error(403, "a twin URL names only itself"));
+                    }
+                    let url = url_of(&base_url(req, settings), &twins.twin(twin, &named.path));
+                    return Ok(Route::Respond(
+                        Response::new(200, "text/plain; charset=utf-8", format!("{url}\n"))
+                            .with("Cache-Control", "no-store")
+                            .with("Vary", "Host, X-Forwarded-Proto")
+                            .head_only(head_only),
+                    ));
+                }
             }
             let chunked = req.version >= 1;
             let wire = if has("raw") {
@@ -100,7 +111,10 @@ pub fn route(req: &Request, settings: &Settings, twins: &Twins) -> Route {
                 ));
             };
             // Receive-only already: a read-only URL listens as its channel's.
-            let Named { path, readonly } = channel_path(req, settings, twins)?;
+            let Named { path, access } = channel_path(req, settings, twins)?;
+            if !access.may_listen() {
+                return Err(Response::error(403, "a publish-only URL cannot listen"));
+            }
             let mut options = parse_options(&req.target, &settings.limits)
                 .map_err(|e| Response::error(400, &e))?;
             if let Some(last) = req.header("Last-Event-ID").filter(|_| wire.has_ids()) {
@@ -111,7 +125,7 @@ pub fn route(req: &Request, settings: &Settings, twins: &Twins) -> Route {
             }
             Ok(Route::Listen {
                 path,
-                readonly,
+                access,
                 wire,
                 options,
             })
@@ -150,7 +164,7 @@ pub struct Publish {
 /// charset for text.
 fn check_publish(req: &Request, settings: &Settings, twins: &Twins) -> Result<Publish, Response> {
     let named = channel_path(req, settings, twins)?;
-    if named.readonly {
+    if !named.access.may_send() {
         return Err(Response::error(403, "a read-only URL cannot publish"));
     }
     let path = named.path;
@@ -259,13 +273,17 @@ fn check_upgrade(req: &Request, settings: &Settings, twins: &Twins) -> Result<Ro
     if !is_valid_key(key) {
         return Err(bad("Sec-WebSocket-Key is not 16 bytes in base64"));
     }
-    let Named { path, readonly } = channel_path(req, settings, twins)?;
+    let Named { path, access } = channel_path(req, settings, twins)?;
     let mut options = parse_options(&req.target, &settings.limits).map_err(|e| bad(&e))?;
     // A websocket client's wire has no ids: it uses `replay`.
     options.since = None;
+    if !access.may_listen() {
+        // A publish-only twin's client receives nothing, not even a replay.
+        options.replay = 0;
+    }
     Ok(Route::Upgrade {
         path,
-        readonly,
+        access,
         accept: tungstenite::handshake::derive_accept_key(key.as_bytes()),
         options,
     })
@@ -275,13 +293,13 @@ fn check_upgrade(req: &Request, settings: &Settings, twins: &Twins) -> Result<Ro
 struct Named {
     /// The channel's path.
     path: String,
-    /// Named by its read-only URL.
-    readonly: bool,
+    /// What the URL that names it allows.
+    access: Access,
 }
 
 /// The channel a request names, checked as a websocket upgrade's is: its
-/// path, or the channel of a read-only URL (a `/r/` path whose token does
-/// not decrypt is an ordinary path).
+/// path, or the channel of a twin URL (a `/r/` or `/w/` path whose token
+/// does not decrypt is an ordinary path).
 fn channel_path(req: &Request, settings: &Settings, twins: &Twins) -> Result<Named, Response> {
     let bad = |reason: &str| Response::error(400, reason);
     if !req.target.starts_with('/') {
@@ -289,10 +307,7 @@ fn channel_path(req: &Request, settings: &Settings, twins: &Twins) -> Result<Nam
     }
     let path = decode_path(&req.target)
         .ok_or_else(|| bad("the channel path is not valid UTF-8 once decoded"))?;
-    let (path, readonly) = match twins.channel(&path) {
-        Some(channel) => (channel, true),
-        None => (path, false),
-    };
+    let (path, access) = twins.channel(&path).unwrap_or((path, Access::Full));
     let limits = &settings.limits;
     if path == "/" {
         return Err(Response::error(
@@ -309,7 +324,7 @@ fn channel_path(req: &Request, settings: &Settings, twins: &Twins) -> Result<Nam
             &format!("channel path longer than {} bytes", limits.max_path_length),
         ));
     }
-    Ok(Named { path, readonly })
+    Ok(Named { path, access })
 }
 
 /// A key is the base64 of 16 bytes: 22 characters and `==`.

@@ -4,17 +4,22 @@
 use super::head::{Request, accepts};
 use super::response::Response;
 use crate::config::Settings;
-use crate::proto::twin::Twins;
+use crate::proto::twin::{Access, Twins};
 
 /// The usage page, with a freshly generated channel URL (and, in HTML, its
-/// read-only twin).
+/// read-only and publish-only twins).
 pub(super) fn usage(req: &Request, settings: &Settings, twins: &Twins) -> Response {
     let base = base_url(req, settings);
     let path = format!("/{}", uuid::Uuid::new_v4());
     let url = url_of(&base, &path);
     let response = if wants_html(req) {
-        let twin = url_of(&base, &twins.twin(&path));
-        Response::new(200, "text/html; charset=utf-8", usage_html(&url, &twin))
+        let read = url_of(&base, &twins.twin(Access::ReadOnly, &path));
+        let write = url_of(&base, &twins.twin(Access::WriteOnly, &path));
+        Response::new(
+            200,
+            "text/html; charset=utf-8",
+            usage_html(&url, &read, &write),
+        )
     } else {
         Response::new(200, "text/plain; charset=utf-8", format!("{url}\n"))
     };
@@ -64,14 +69,15 @@ fn escape_html(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
-fn usage_html(url: &str, twin: &str) -> String {
+fn usage_html(url: &str, twin: &str, write: &str) -> String {
     // The same channel over plain HTTP, for curl.
-    let http = match url.split_once("://") {
+    let http_of = |url: &str| match url.split_once("://") {
         Some(("wss", rest)) => format!("https://{rest}"),
         Some((_, rest)) => format!("http://{rest}"),
         None => url.to_owned(),
     };
-    let (url, http, twin) = (escape_html(url), escape_html(&http), escape_html(twin));
+    let (http, write_http) = (escape_html(&http_of(url)), escape_html(&http_of(write)));
+    let (url, twin) = (escape_html(url), escape_html(twin));
     format!(
         r#"<!DOCTYPE html>
 <html lang="en">
@@ -83,7 +89,7 @@ fn usage_html(url: &str, twin: &str) -> String {
 body {{ font-family: sans-serif; max-width: 44em; margin: 2em auto; padding: 0 1em; line-height: 1.5; color: #222; }}
 code, pre {{ background: #f2f2f2; padding: 0.1em 0.3em; border-radius: 3px; }}
 pre {{ padding: 0.7em; overflow-x: auto; }}
-#url, #twin {{ font-size: 1.15em; word-break: break-all; }}
+#url, #twin, #write {{ font-size: 1.15em; word-break: break-all; }}
 table {{ border-collapse: collapse; }}
 th {{ text-align: left; padding-right: 1em; vertical-align: top; font-weight: normal; }}
 </style>
@@ -99,10 +105,12 @@ whom it concerns.</p>
 <table>
 <tr><th>channel</th><td id="url"><code>{url}</code></td></tr>
 <tr><th>read-only</th><td id="twin"><code>{twin}</code></td></tr>
+<tr><th>publish-only</th><td id="write"><code>{write_http}</code></td></tr>
 </table>
 <p>Whoever has the channel URL may send and listen; whoever has its read-only twin may only
-listen. Hand out the twin to those who should only listen: it cannot be turned back into
-the channel URL. Reload for another. Try it from two terminals with nothing but curl: listen in one,</p>
+listen, and whoever has its publish-only twin may only publish (a webhook sender, say: a CI
+job or a git host, with <code>curl -d '{{"done": true}}' {write_http}</code>). Neither twin can be
+turned back into the channel URL, nor into the other. Reload for another. Try it from two terminals with nothing but curl: listen in one,</p>
 <pre>curl -N '{http}?raw'</pre>
 <p>and publish in the other (each message appears in the first; the answer says how
 many got it):</p>
@@ -135,10 +143,16 @@ mod tests {
 
     #[test]
     fn html_is_escaped() {
-        assert!(!usage_html("ws://<x>/", "ws://<y>/").contains("<x>"));
-        assert!(!usage_html("ws://x/", "ws://<y>/").contains("<y>"));
-        let page = usage_html("wss://h.example/c", "wss://h.example/r/t");
+        assert!(!usage_html("ws://<x>/", "ws://<y>/", "ws://z/").contains("<x>"));
+        assert!(!usage_html("ws://x/", "ws://<y>/", "ws://z/").contains("<y>"));
+        assert!(!usage_html("ws://x/", "ws://y/", "ws://<z>/").contains("<z>"));
+        let page = usage_html(
+            "wss://h.example/c",
+            "wss://h.example/r/t",
+            "wss://h.example/w/u",
+        );
         assert!(page.contains("wss://h.example/r/t"));
+        assert!(page.contains("https://h.example/w/u"));
         assert!(page.contains("curl -N 'https://h.example/c?raw'"));
         assert!(page.contains("curl -d hello https://h.example/c"));
     }
