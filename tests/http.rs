@@ -410,7 +410,7 @@ fn a_real_browser_shows_the_channel_url_and_an_example_without_external_resource
     }
     let staps = Staps::start(&tcp_config(""), &[]);
     let profile = tempfile::tempdir().unwrap();
-    let dom = headless_chromium(profile.path())
+    let dom = browser::headless_chromium(profile.path())
         .arg("--dump-dom")
         .arg(format!("http://{}/", staps.addr()))
         .stderr(std::process::Stdio::null())
@@ -475,99 +475,14 @@ fn a_page_of_another_origin_listens_and_publishes_in_a_real_browser() {
          </script>",
         staps.addr()
     );
-    // The page's own origin: serves the page, collects its reports.
-    let origin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let page_url = format!("http://{}/page", origin.local_addr().unwrap());
-    let (reports, reported) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for stream in origin.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            stream.set_read_timeout(Some(DEADLINE)).unwrap();
-            // Chromium also opens sockets it closes unused: skip them.
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut buf) {
-                    Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
-                    _ => break,
-                }
-            }
-            let head = String::from_utf8_lossy(&head).into_owned();
-            let target = head.split(' ').nth(1).unwrap_or("").to_owned();
-            let (status, body) = if target == "/page" {
-                ("200 OK", page.clone())
-            } else if let Some(what) = target.strip_prefix("/report?") {
-                let _ = reports.send(percent_decoded(what));
-                ("200 OK", String::new())
-            } else {
-                ("404 Not Found", String::new())
-            };
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status}\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\
-                 Connection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    let profile = tempfile::tempdir().unwrap();
-    let mut browser = headless_chromium(profile.path())
-        .arg(&page_url)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("run chromium");
-    let mut seen = Vec::new();
+    let mut page = browser::Page::open(page);
     let want = ["published 1", "event {\"from\":\"page\"}"];
-    let deadline = Instant::now() + DEADLINE;
-    while !want.iter().all(|w| seen.iter().any(|s: &String| s == w)) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match reported.recv_timeout(left) {
-            Ok(what) => seen.push(what),
-            Err(_) => break,
-        }
+    for w in want {
+        page.wait_for(w);
     }
-    let _ = browser.kill();
-    let _ = browser.wait();
+    let seen = page.seen().to_vec();
+    drop(page);
     for w in want {
         assert!(seen.iter().any(|s| s == w), "{w:?} not reported: {seen:?}");
     }
-}
-
-/// Headless Chromium with its profile in `profile`, and the flags that
-/// keep it off the network (closed here).
-fn headless_chromium(profile: &std::path::Path) -> std::process::Command {
-    let mut chromium = std::process::Command::new("chromium");
-    chromium
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()));
-    chromium
-}
-
-/// `%XX` decoded (what `encodeURIComponent` made).
-fn percent_decoded(s: &str) -> String {
-    let mut out = Vec::new();
-    let bytes = s.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

@@ -756,3 +756,65 @@ fn max_linger_0_turns_lingering_off() {
     // A linger that is no number is a malformed option.
     assert_eq!(status(&get(addr, &format!("{ch}?sse&linger=x"), "")), 400);
 }
+
+/// Issue 27's whole story in a real browser: a page on another origin
+/// listens with an `EventSource` on a channel it asked to linger; the
+/// network breaks (a proxy cuts the stream and holds the reconnection);
+/// what is published meanwhile waits in the lingering channel, and once the
+/// network is back EventSource reconnects by itself, with `Last-Event-ID`,
+/// and the page gets every message once, in order, without a gap.
+#[test]
+fn an_event_source_reconnects_and_misses_nothing() {
+    if skip(
+        "an_event_source_reconnects_and_misses_nothing",
+        needs_program("chromium", "chromium"),
+    ) {
+        return;
+    }
+    let staps = Staps::start(&tcp_config(""), &[]);
+    let addr = staps.addr();
+    let proxy = browser::Proxy::to(addr);
+    let ch = channel();
+    let html = format!(
+        "<!doctype html><title>elsewhere</title><script>\n\
+         const report = (what) => fetch('/report?' + encodeURIComponent(what));\n\
+         const events = new EventSource('http://{}{ch}?sse&linger=30');\n\
+         events.onopen = () => report('open');\n\
+         events.onmessage = (e) => report('event ' + e.data);\n\
+         events.addEventListener('gap', () => report('gap'));\n\
+         </script>",
+        proxy.addr()
+    );
+    let mut page = browser::Page::open(html);
+    let publish = |m: &str| body(&post(addr, &ch, "", m.as_bytes())).to_owned();
+    assert!(page.wait_for("open"), "{:?}", page.seen());
+    assert_eq!(publish("m1"), "{\"clients\": 1}\n");
+    assert!(page.wait_for("event m1"), "{:?}", page.seen());
+    proxy.cut();
+    wait_clients(addr, &ch, 0);
+    // Nobody listens: the lingering channel keeps them.
+    assert_eq!(publish("m2"), "{\"clients\": 0}\n");
+    assert_eq!(publish("m3"), "{\"clients\": 0}\n");
+    proxy.mend();
+    wait_clients(addr, &ch, 1);
+    assert_eq!(publish("m4"), "{\"clients\": 1}\n");
+    let events = |seen: &[String]| -> Vec<String> {
+        seen.iter()
+            .filter(|s| s.starts_with("event ") || *s == "gap")
+            .cloned()
+            .collect()
+    };
+    page.wait(|seen| events(seen).len() >= 4);
+    assert_eq!(
+        events(page.seen()),
+        ["event m1", "event m2", "event m3", "event m4"],
+        "{:?}",
+        page.seen()
+    );
+    assert_eq!(
+        page.seen().iter().filter(|s| *s == "open").count(),
+        2,
+        "{:?}",
+        page.seen()
+    );
+}

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use tungstenite::{Message, WebSocket};
 
+pub mod browser;
+
 /// How long any single expected event may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
