@@ -98,5 +98,5 @@ pub mod fuzz {
     pub use crate::proto::frame::Kind;
     pub use crate::proto::http::{Length, Route, decode_path, is_uuid4_path, parse_head, route};
     pub use crate::proto::incoming::{Incoming, MinRate, Reframed, Source};
-    pub use crate::proto::twin::{SECRET_LEN, Twins};
+    pub use crate::proto::twin::{Access, SECRET_LEN, Twins};
 }
