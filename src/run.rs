@@ -175,18 +175,22 @@ fn start(
     settings: config::Settings,
     files: &shutdown::Files,
 ) -> Result<Arc<server::Server>, String> {
-    let (relay, relay_ends) = match &settings.amqp {
-        Some(_) => {
-            let (relay, ends) = crate::hub::link::Link::new();
-            (Some(relay), Some(ends))
-        }
-        None => (None, None),
+    // Checked with the configuration; parsing again cannot fail.
+    let nodes = match &settings.amqp {
+        Some(urls) => crate::config::amqp_url::parse_all(urls)?,
+        None => Vec::new(),
+    };
+    let (relay, relay_ends) = if nodes.is_empty() {
+        (None, None)
+    } else {
+        let names = nodes.iter().map(|url| url.node()).collect();
+        let (relay, ends) = crate::hub::link::Link::new(names);
+        (Some(relay), Some(ends))
     };
     crate::memory::budget::BUDGET.set_limit(settings.limits.memory_budget);
     if settings.limits.per_address() > 0 {
         crate::memory::budget::BUDGET.set_share_limit(settings.limits.address_share());
     }
-    let amqp = settings.amqp.clone();
     // Privileges are dropped: the secret's directory is the service user's.
     let default = settings.secret_file.as_deref()
         == Some(std::path::Path::new(crate::config::DEFAULT_SECRET_FILE));
@@ -194,20 +198,10 @@ fn start(
         .map_err(|e| format!("no random source for the secret: {e}"))?;
     let server = Arc::new(server::Server::new(settings, relay, twins));
     server.check_system_limits();
-    if let (Some(url), Some(ends)) = (amqp, relay_ends) {
-        // Checked with the configuration; parsing again cannot fail.
-        crate::config::amqp_url::BrokerUrl::parse(&url)
-            .map(relay::Broker::new)
-            .map_err(|e| e.to_string())
-            .and_then(|broker| {
-                relay::spawn(
-                    broker,
-                    crate::config::amqp_url::redact(&url),
-                    ends,
-                    Arc::clone(&server),
-                )
-                .map_err(|e| format!("cannot start the relay thread: {e}"))
-            })?;
+    if let Some(ends) = relay_ends {
+        let nodes = nodes.into_iter().map(relay::Broker::new).collect();
+        relay::spawn(nodes, ends, Arc::clone(&server))
+            .map_err(|e| format!("cannot start the relay thread: {e}"))?;
     }
     // The metrics listener answers through a shutdown, for /healthz.
     if let Some(m) = &files.metrics {

@@ -317,3 +317,37 @@ fn an_address_in_use_fails_with_1() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains(&addr), "{}", stderr(&o));
 }
+
+/// Issue 28: `amqp` lists a cluster's nodes; `--check-config` checks each,
+/// shows them all without passwords, and an error in any of them never
+/// shows a password (a second URL's was shown whole).
+#[test]
+fn every_amqp_url_is_checked_and_none_shows_its_password() {
+    let conf = "[staps]\nport = 4711\n\
+                amqp = amqp://staps:hunter2@rabbit1/, amqps://staps:hunter3@rabbit2:5999/v\n";
+    let (o, _dir) = run(&["--check-config"], Some(conf));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("amqp = amqp://staps:***@rabbit1/ amqps://staps:***@rabbit2:5999/v"),
+        "{out}"
+    );
+    assert!(!out.contains("hunter"), "{out}");
+    let bad = "[staps]\nport = 4711\n\
+               amqp = amqp://staps:hunter2@rabbit1/ amqp://staps:hunter3@rabbit2:notaport/\n";
+    let (o, _dir) = run(&["--check-config"], Some(bad));
+    assert_eq!(o.status.code(), Some(78));
+    let err = stderr(&o);
+    assert!(err.contains("amqp://staps:***@rabbit2:notaport/"), "{err}");
+    assert!(!err.contains("hunter"), "{err}");
+    let (o, _dir) = run(
+        &[
+            "--check-config",
+            "--amqp",
+            "amqp://a/ amqp://u:hunter4@b:x/",
+        ],
+        Some("[staps]\nport = 4711\n"),
+    );
+    assert_eq!(o.status.code(), Some(78));
+    assert!(!stderr(&o).contains("hunter4"), "{}", stderr(&o));
+}

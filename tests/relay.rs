@@ -68,12 +68,18 @@ impl Drop for Exchange {
 }
 
 fn instance(exchange: &Exchange, extra: &str) -> Staps {
-    let mut staps = Staps::start(
+    instance_on(exchange, BROKER, extra, &[])
+}
+
+/// An instance linked through the broker's nodes `amqp`, with `env`.
+fn instance_on(exchange: &Exchange, amqp: &str, extra: &str, env: &[(&str, &str)]) -> Staps {
+    let mut staps = Staps::start_env(
         &format!(
-            "[staps]\nlisten = 127.0.0.1:0\namqp = {BROKER}\nexchange = {}\n{extra}",
+            "[staps]\nlisten = 127.0.0.1:0\namqp = {amqp}\nexchange = {}\n{extra}",
             exchange.0
         ),
         &["-v"],
+        env,
     );
     staps.wait_log("relay: connected");
     staps
@@ -475,7 +481,7 @@ fn echo_replay_and_stats_with_the_relay() {
     ] {
         assert!(metrics.contains(sample), "{sample} in {metrics}");
     }
-    assert!(get(at, "/healthz", "").ends_with("ok\nrelay: up\n"));
+    assert!(get(at, "/healthz", "").ends_with("ok\nrelay: up\nnode: amqp://127.0.0.1:5672/\n"));
 }
 
 /// A broker message larger than this instance's max_message_size (another
@@ -615,4 +621,265 @@ fn a_lingering_channel_keeps_its_binding_and_takes_remote_messages() {
     let got = read_until_seen(&mut back, "data: while away\n\n");
     assert!(!got.contains("event: gap"), "{got}");
     assert!(got.contains("id: "), "{got}");
+}
+
+/// socat in front of the machine's RabbitMQ, on a port of its own: a second
+/// address of the broker. In a process group of its own, so that killing it
+/// cuts every connection through it, as a node that dies would.
+struct Forwarder {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Forwarder {
+    /// Forward `listen` (a socat address taking the port) to the broker.
+    fn start(listen: impl Fn(u16) -> String) -> Forwarder {
+        use std::os::unix::process::CommandExt;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("socat")
+            .args([listen(port).as_str(), "TCP:127.0.0.1:5672"])
+            .process_group(0)
+            .spawn()
+            .expect("socat runs");
+        wait_until("socat listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Forwarder { child, port }
+    }
+
+    fn plain() -> Forwarder {
+        Forwarder::start(|port| format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"))
+    }
+
+    fn kill(&mut self) {
+        // SAFETY: signalling the process group socat leads.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What `/healthz` and `/metrics` of `staps` say.
+fn health_and_metrics(staps: &mut Staps) -> (String, String) {
+    let addr = staps.metrics_addr();
+    (
+        body(&get(addr, "/healthz", "")).to_owned(),
+        body(&get(addr, "/metrics", "")).to_owned(),
+    )
+}
+
+/// Issue 28: `amqp` lists the broker's nodes; the relay uses the first
+/// that answers, and when it dies, moves to the next, binds every channel
+/// again there and relays on, each message once. The metrics say which
+/// node, without credentials.
+#[test]
+fn the_relay_fails_over_to_the_next_node_when_one_dies() {
+    let Some(_lock) = shared_broker("the_relay_fails_over_to_the_next_node") else {
+        return;
+    };
+    if skip(
+        "the_relay_fails_over_to_the_next_node",
+        needs_program("socat", "socat"),
+    ) {
+        return;
+    }
+    let exchange = Exchange::new();
+    let mut first = Forwarder::plain();
+    let a = format!("amqp://127.0.0.1:{}/", first.port);
+    let b = "amqp://127.0.0.1:5672/".to_owned();
+    let amqp = format!(
+        "amqp://guest:guest@127.0.0.1:{}/, amqp://guest:guest@127.0.0.1:5672/",
+        first.port
+    );
+    let mut one = instance_on(&exchange, &amqp, "metrics = 127.0.0.1:0", &[]);
+    let mut two = instance_on(&exchange, &amqp, "", &[]);
+    for staps in [&mut one, &mut two] {
+        staps.wait_log(&format!("relay: connected to {a}, "));
+    }
+    let (health, metrics) = health_and_metrics(&mut one);
+    assert!(
+        health.contains(&format!("relay: up\nnode: {a}\n")),
+        "{health}"
+    );
+    assert!(
+        metrics.contains(&format!("staps_relay_node{{node=\"{a}\"}} 1")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("staps_relay_node{{node=\"{b}\"}} 0")),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("guest"), "no credentials: {metrics}");
+
+    let ch = channel();
+    let mut x = connect(one.addr(), &ch);
+    let mut y = connect(two.addr(), &ch);
+    wait_bound(&exchange, &ch[1..], 2);
+    x.send(Message::text("through the first")).unwrap();
+    assert_eq!(recv(&mut y), Message::text("through the first"));
+
+    first.kill();
+    for staps in [&mut one, &mut two] {
+        staps.wait_log(&format!("relay: node changed from {a} to {b}"));
+    }
+    wait_bound(&exchange, &ch[1..], 2);
+    x.send(Message::text("through the second")).unwrap();
+    y.send(Message::text("and back")).unwrap();
+    assert_eq!(recv(&mut y), Message::text("through the second"));
+    assert_eq!(recv(&mut x), Message::text("and back"));
+    // Once each: the next message is the next one sent.
+    x.send(Message::text("next")).unwrap();
+    assert_eq!(recv(&mut y), Message::text("next"));
+    let (health, metrics) = health_and_metrics(&mut one);
+    assert!(health.contains(&format!("node: {b}\n")), "{health}");
+    assert!(
+        metrics.contains(&format!("staps_relay_node{{node=\"{b}\"}} 1")),
+        "{metrics}"
+    );
+    assert!(
+        one.stats().contains("relay_reconnects=1"),
+        "{}",
+        one.stats()
+    );
+}
+
+/// Files of a test CA and a server certificate it signed for `localhost`
+/// (and 127.0.0.1), made with the openssl command; and a second CA that
+/// signed nothing.
+fn test_pki(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for ca in ["ca", "other-ca"] {
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.crt"),
+            "-subj",
+            &format!("/CN=staps test {ca}"),
+        ]);
+    }
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    ]);
+    let pem = [
+        std::fs::read(dir.join("server.crt")).unwrap(),
+        std::fs::read(dir.join("server.key")).unwrap(),
+    ]
+    .concat();
+    std::fs::write(dir.join("server.pem"), pem).unwrap();
+}
+
+/// Issue 28: `amqps://` in the shipped build, through a TLS terminator in
+/// front of RabbitMQ: the broker's certificate is checked against the CA
+/// store (here a test CA, by SSL_CERT_FILE as OpenSSL reads it) and its
+/// name; with another CA the link is refused with a clear line, and staps
+/// serves locally.
+#[test]
+fn amqps_links_through_tls_and_a_wrong_ca_is_refused() {
+    let Some(_lock) = shared_broker("amqps_links_through_tls") else {
+        return;
+    };
+    for (program, package) in [("socat", "socat"), ("openssl", "openssl")] {
+        if skip("amqps_links_through_tls", needs_program(program, package)) {
+            return;
+        }
+    }
+    let pki = tempfile::tempdir().unwrap();
+    test_pki(pki.path());
+    let pem = pki.path().join("server.pem");
+    let _tls = Forwarder::start(|port| {
+        format!(
+            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={},verify=0",
+            pem.display()
+        )
+    });
+    let port = _tls.port;
+    let exchange = Exchange::new();
+    let amqp = format!("amqps://guest:guest@localhost:{port}/");
+    let ca = pki.path().join("ca.crt");
+    let trust = [("SSL_CERT_FILE", ca.to_str().unwrap())];
+    let mut one = instance_on(&exchange, &amqp, "", &trust);
+    let two = instance_on(&exchange, &amqp, "", &trust);
+    one.wait_log(&format!("relay: connected to amqps://localhost:{port}/, "));
+    let ch = channel();
+    let mut x = connect(one.addr(), &ch);
+    let mut y = connect(two.addr(), &ch);
+    wait_bound(&exchange, &ch[1..], 2);
+    x.send(Message::text("over TLS")).unwrap();
+    assert_eq!(recv(&mut y), Message::text("over TLS"));
+
+    let other = pki.path().join("other-ca.crt");
+    let mut wrong = Staps::start_env(
+        &format!(
+            "[staps]\nlisten = 127.0.0.1:0\namqp = {amqp}\nexchange = {}\n",
+            exchange.0
+        ),
+        &[],
+        &[("SSL_CERT_FILE", other.to_str().unwrap())],
+    );
+    let line = wrong.wait_log(&format!("relay: cannot reach amqps://localhost:{port}/"));
+    assert!(line.contains("certificate verify failed"), "{line}");
+    assert!(!line.contains("guest:guest"), "{line}");
+    let mut p = connect(wrong.addr(), &ch);
+    let mut q = connect(wrong.addr(), &ch);
+    p.send(Message::text("local still")).unwrap();
+    assert_eq!(recv(&mut q), Message::text("local still"));
 }

@@ -232,6 +232,15 @@ fn the_debian_package_installs_serves_and_purges() {
     a.send(Message::text("packaged")).unwrap();
     assert_eq!(recv(&mut b), Message::text("packaged"));
     drop((a, b));
+    // The packaged build links over TLS (issue 28): amqps:// is a valid URL.
+    let (ok, out) = run(Command::new("/usr/bin/staps").args([
+        "--check-config",
+        "-c",
+        "/etc/staps/staps.conf",
+        "--amqp",
+        "amqps://staps:secret@rabbit1.example/ amqps://staps:secret@rabbit2.example/",
+    ]));
+    assert!(ok, "the package refuses amqps://:\n{out}");
     // nobody is not in the socket's group: refused by the kernel.
     let (ok, _) = run(Command::new("runuser")
         .args(["-u", "nobody", "--", "socat", "-u", "-"])

@@ -119,8 +119,51 @@ impl BrokerUrl {
     }
 }
 
-/// An AMQP URL with its password replaced, for logs and `--check-config`.
-pub(crate) fn redact(url: &str) -> String {
+/// The URLs of an `amqp` value: one, or several (the nodes of a cluster,
+/// in the order to try them) separated by spaces or commas.
+pub(crate) fn urls(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|url| !url.is_empty())
+}
+
+/// Every URL of an `amqp` value, parsed; the error names the first bad one,
+/// without its password.
+pub(crate) fn parse_all(text: &str) -> Result<Vec<BrokerUrl>, String> {
+    let parsed = urls(text)
+        .map(|url| BrokerUrl::parse(url).map_err(|m| format!("'{}': {m}", redact_one(url))))
+        .collect::<Result<Vec<_>, _>>()?;
+    if parsed.is_empty() {
+        return Err("no URL".into());
+    }
+    Ok(parsed)
+}
+
+impl BrokerUrl {
+    /// The node it names, for logs, `/metrics` and `/healthz`: scheme, host,
+    /// port and vhost, never the credentials.
+    pub(crate) fn node(&self) -> String {
+        let scheme = if self.tls { "amqps" } else { "amqp" };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        let vhost = self
+            .vhost
+            .as_deref()
+            .map_or(String::new(), |v| v.replace('%', "%25").replace('/', "%2f"));
+        format!("{scheme}://{host}:{}/{vhost}", self.port)
+    }
+}
+
+/// An `amqp` value (one URL or several) with every password replaced, for
+/// logs and `--check-config`.
+pub(crate) fn redact(text: &str) -> String {
+    urls(text).map(redact_one).collect::<Vec<_>>().join(" ")
+}
+
+/// One AMQP URL with its password replaced.
+fn redact_one(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -193,5 +236,30 @@ mod tests {
     fn redacts_passwords() {
         assert_eq!(redact("amqp://u:secret@h:5672/v"), "amqp://u:***@h:5672/v");
         assert_eq!(redact("amqp://h/"), "amqp://h/");
+        // Every URL of a list: a second one's password was shown whole.
+        assert_eq!(
+            redact("amqp://u:one@a/, amqp://v:two@b:5673/v\tamqp://c"),
+            "amqp://u:***@a/ amqp://v:***@b:5673/v amqp://c"
+        );
+    }
+
+    #[test]
+    fn several_urls_are_nodes_to_try_in_order() {
+        let nodes = parse_all("amqp://u:p@a/, amqps://u:p@[::1]:5999/v%2fh  amqp://c").unwrap();
+        let names: Vec<String> = nodes.iter().map(BrokerUrl::node).collect();
+        if cfg!(feature = "tls") {
+            assert_eq!(
+                names,
+                [
+                    "amqp://a:5672/",
+                    "amqps://[::1]:5999/v%2fh",
+                    "amqp://c:5672/"
+                ]
+            );
+        }
+        let bad = parse_all("amqp://u:p@a/ amqp://u:secret@b:notaport/").unwrap_err();
+        assert!(bad.contains("amqp://u:***@b:notaport/"), "{bad}");
+        assert!(!bad.contains("secret"), "{bad}");
+        assert!(parse_all(" , ").is_err());
     }
 }

@@ -1013,10 +1013,9 @@ fn apply_cli(s: &mut Settings, deprecated: &mut Vec<String>, cli: &Cli) -> Resul
             (key.set)(s, &value).map_err(|m| err(flag, m))?;
         }
     }
-    if let Some(url) = cli.amqp.as_deref().filter(|u| !u.trim().is_empty()) {
+    if let Some(urls) = cli.amqp.as_deref().filter(|u| !u.trim().is_empty()) {
         // Checked here, so that an error names the command line, not a file.
-        crate::config::amqp_url::BrokerUrl::parse(url.trim())
-            .map_err(|m| err("--amqp", format!("'{}': {m}", redact(url))))?;
+        crate::config::amqp_url::parse_all(urls).map_err(|m| err("--amqp", m))?;
     }
     if cli.debug {
         deprecated.push("--debug is the 0.1.x name of -v (--verbose)".into());
@@ -1028,9 +1027,8 @@ fn apply_cli(s: &mut Settings, deprecated: &mut Vec<String>, cli: &Cli) -> Resul
 /// Checks that need the whole picture.
 fn validate(s: &Settings) -> Result<(), ConfigError> {
     let err = |key: &str, message: String| ConfigError::of_whole(s, key, message);
-    if let Some(url) = &s.amqp {
-        crate::config::amqp_url::BrokerUrl::parse(url)
-            .map_err(|m| err("[staps] amqp", format!("'{}': {m}", redact(url))))?;
+    if let Some(urls) = &s.amqp {
+        crate::config::amqp_url::parse_all(urls).map_err(|m| err("[staps] amqp", m))?;
         // The routing key is the path without its slash, an AMQP short string.
         if s.limits.max_path_length > 256 {
             return Err(err(

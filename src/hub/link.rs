@@ -3,7 +3,7 @@
 //! rest of staps holds, without the broker thread or its AMQP client.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use uuid::Uuid;
@@ -37,6 +37,11 @@ pub(crate) struct Link {
     outbound: Sender<Outbound>,
     control: Sender<Control>,
     state: AtomicU8,
+    /// The broker's nodes, by URL without credentials, in the order they
+    /// are tried.
+    nodes: Vec<String>,
+    /// The node connected to: its index + 1, 0 for none.
+    node: AtomicUsize,
     /// This instance's id, sent as `app_id`.
     pub instance: Uuid,
 }
@@ -55,14 +60,17 @@ pub(crate) struct Ends {
 const OUTBOUND: usize = 4096;
 
 impl Link {
-    /// A relay handle and the ends its thread will read.
-    pub(crate) fn new() -> (Link, Ends) {
+    /// A relay handle to a broker of `nodes` (URLs without credentials),
+    /// and the ends its thread will read.
+    pub(crate) fn new(nodes: Vec<String>) -> (Link, Ends) {
         let (outbound_tx, outbound_rx) = crossbeam_channel::bounded(OUTBOUND);
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let relay = Link {
             outbound: outbound_tx,
             control: control_tx,
             state: AtomicU8::new(State::Down as u8),
+            nodes,
+            node: AtomicUsize::new(0),
             instance: Uuid::new_v4(),
         };
         (
@@ -122,8 +130,27 @@ impl Link {
         }
     }
 
-    /// For the relay thread: the broker is connected or not.
-    pub(crate) fn set_state(&self, state: State) {
+    /// For the relay thread: connected to node `node` (an index of
+    /// [`Link::nodes`]), or not connected.
+    pub(crate) fn set_node(&self, node: Option<usize>) {
+        self.node
+            .store(node.map_or(0, |n| n + 1), Ordering::Relaxed);
+        let state = if node.is_some() {
+            State::Up
+        } else {
+            State::Down
+        };
         self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// The broker's nodes, in the order they are tried.
+    pub(crate) fn nodes(&self) -> &[String] {
+        &self.nodes
+    }
+
+    /// The node connected to, if any.
+    pub(crate) fn node(&self) -> Option<&str> {
+        let n = self.node.load(Ordering::Relaxed).checked_sub(1)?;
+        self.nodes.get(n).map(String::as_str)
     }
 }

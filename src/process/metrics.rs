@@ -52,19 +52,18 @@ pub(crate) fn respond_to(request: &Request, server: &Server) -> Response {
             exposition(server),
         ),
         "/healthz" => {
-            let relay = relay_state(server);
+            let mut relay = format!("relay: {}\n", relay_state(server));
+            if let Some(node) = server.relay().and_then(Link::node) {
+                relay.push_str(&format!("node: {node}\n"));
+            }
             if server.is_stopping() {
                 Response::new(
                     503,
                     "text/plain; charset=utf-8",
-                    format!("stopping\nrelay: {relay}\n"),
+                    format!("stopping\n{relay}"),
                 )
             } else {
-                Response::new(
-                    200,
-                    "text/plain; charset=utf-8",
-                    format!("ok\nrelay: {relay}\n"),
-                )
+                Response::new(200, "text/plain; charset=utf-8", format!("ok\n{relay}"))
             }
         }
         _ => Response::error(404, "/metrics and /healthz are served here"),
@@ -141,13 +140,32 @@ pub(crate) fn exposition(server: &Server) -> String {
     for (name, help, value) in memory {
         family(&mut out, name, "gauge", help, &[("", value as u64)]);
     }
-    if server.relay().is_some() {
+    if let Some(link) = server.relay() {
         family(
             &mut out,
             "relay_up",
             "gauge",
             "1 when the relay is connected to the broker.",
             &[("", u64::from(relay_state(server) == "up"))],
+        );
+        // URLs without credentials; a quote or backslash in a label value
+        // is escaped, as the format asks.
+        let labels: Vec<(String, u64)> = link
+            .nodes()
+            .iter()
+            .map(|node| {
+                let value = node.replace('\\', "\\\\").replace('"', "\\\"");
+                let on = link.node() == Some(node.as_str());
+                (format!("{{node=\"{value}\"}}"), u64::from(on))
+            })
+            .collect();
+        let samples: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        family(
+            &mut out,
+            "relay_node",
+            "gauge",
+            "1 for the broker node the relay is connected to, 0 for the others (amqp URLs, in the order tried).",
+            &samples,
         );
     }
     out

@@ -29,7 +29,7 @@ use crossbeam_channel::{Receiver, select};
 use crate::config::amqp_url::{BrokerUrl, Credentials};
 use crate::conn::server::Server;
 use crate::hub::channels::Control;
-use crate::hub::link::{Ends, Link, Outbound, State};
+use crate::hub::link::{Ends, Link, Outbound};
 use crate::hub::peer::Flushes;
 use crate::memory::stats;
 use crate::proto::frame::{Frame, Kind};
@@ -48,16 +48,11 @@ const PREFETCH: u16 = 1000;
 /// Acknowledge at least every this many deliveries.
 const ACK_BATCH: usize = 100;
 
-/// Start the relay thread for `url`.
-pub(crate) fn spawn(
-    broker: Broker,
-    shown: String,
-    ends: Ends,
-    server: Arc<Server>,
-) -> std::io::Result<()> {
+/// Start the relay thread for a broker of `nodes`, tried in order.
+pub(crate) fn spawn(nodes: Vec<Broker>, ends: Ends, server: Arc<Server>) -> std::io::Result<()> {
     thread::Builder::new()
         .name("staps-relay".into())
-        .spawn(move || run(&broker, &shown, &ends, &server))
+        .spawn(move || run(&nodes, &ends, &server))
         .map(drop)
 }
 
@@ -67,6 +62,8 @@ pub(crate) fn spawn(
 /// (40 ms each) from the broker.
 #[derive(Clone, Debug)]
 pub(crate) struct Broker {
+    /// Its URL without credentials, for logs and the metrics.
+    node: String,
     tls: bool,
     host: String,
     port: u16,
@@ -77,6 +74,7 @@ pub(crate) struct Broker {
 impl Broker {
     /// The broker `url` names, with amiquip's connection options.
     pub(crate) fn new(url: BrokerUrl) -> Broker {
+        let node = url.node();
         let mut options = ConnectionOptions::<Auth>::default()
             .heartbeat(url.heartbeat)
             .connection_timeout(Some(url.connect_timeout));
@@ -94,6 +92,7 @@ impl Broker {
             options = options.channel_max(channel_max);
         }
         Broker {
+            node,
             tls: url.tls,
             host: url.host,
             port: url.port,
@@ -152,54 +151,75 @@ impl Broker {
     }
 }
 
-/// The relay thread: connect, serve, and reconnect with backoff, forever.
-/// `shown` is the URL without its password, for logs.
-fn run(broker: &Broker, shown: &str, ends: &Ends, server: &Server) {
+/// The relay thread, forever: connect to the first node that answers,
+/// serve, and when the link is lost try the nodes again in order, waiting
+/// out a backoff between rounds that reach none.
+fn run(nodes: &[Broker], ends: &Ends, server: &Server) {
     let Some(relay) = server.relay() else {
         return;
     };
     let mut bound: HashSet<Arc<str>> = HashSet::new();
     let mut backoff = BACKOFF_MIN;
-    let mut attempt: u64 = 0;
-    let mut ever_connected = false;
+    let mut round: u64 = 0;
+    // The node of the last connection, to say when it changes.
+    let mut last: Option<usize> = None;
     let mut failing_logged = false;
     loop {
-        attempt += 1;
-        log::debug!("relay: connecting to {shown} (attempt {attempt})");
-        // Commands that came while we were away still shape what to bind.
-        drain_control(&ends.control, &mut bound);
-        let mut was_up = false;
-        let result = broker.open().and_then(|mut connection| {
-            let session = Session::start(&mut connection, server, relay, &bound)
-                .map_err(|e| e.to_string())?;
-            relay.set_state(State::Up);
-            was_up = true;
-            if ever_connected {
-                stats::add(&server.stats().relay_reconnects, 1);
+        round += 1;
+        let mut failures = Vec::new();
+        for (at, node) in nodes.iter().enumerate() {
+            log::debug!("relay: connecting to {} (attempt {round})", node.node);
+            // Commands that came while we were away still shape what to bind.
+            drain_control(&ends.control, &mut bound);
+            let mut was_up = false;
+            let result = node.open().and_then(|mut connection| {
+                let session = Session::start(&mut connection, server, relay, &bound)
+                    .map_err(|e| e.to_string())?;
+                relay.set_node(Some(at));
+                was_up = true;
+                if let Some(before) = last {
+                    stats::add(&server.stats().relay_reconnects, 1);
+                    if before != at {
+                        log::info!(
+                            "relay: node changed from {} to {}",
+                            nodes[before].node,
+                            node.node
+                        );
+                    }
+                }
+                last = Some(at);
+                failing_logged = false;
+                backoff = BACKOFF_MIN;
+                log::info!(
+                    "relay: connected to {}, {} channel(s) bound",
+                    node.node,
+                    bound.len()
+                );
+                session.serve(ends, &mut bound).map_err(|e| e.to_string())
+            });
+            relay.set_node(None);
+            let reason = match result {
+                Ok(()) => "the broker closed the connection".to_owned(),
+                Err(e) => e,
+            };
+            if was_up {
+                log::warn!(
+                    "relay: lost {}: {reason}; local delivery goes on, trying the broker's nodes again",
+                    node.node
+                );
+                failures.clear();
+                break;
             }
-            ever_connected = true;
-            failing_logged = false;
-            backoff = BACKOFF_MIN;
-            log::info!(
-                "relay: connected to {shown}, {} channel(s) bound",
-                bound.len()
-            );
-            session.serve(ends, &mut bound).map_err(|e| e.to_string())
-        });
-        relay.set_state(State::Down);
-        let reason = match result {
-            Ok(()) => "the broker closed the connection".to_owned(),
-            Err(e) => e,
-        };
-        if was_up || !failing_logged {
+            log::debug!("relay: attempt {round} at {} failed: {reason}", node.node);
+            failures.push(format!("{}: {reason}", node.node));
+        }
+        if !failures.is_empty() && !failing_logged {
             log::warn!(
-                "relay: {} {shown}: {reason}; local delivery goes on, retrying with backoff up to {}s",
-                if was_up { "lost" } else { "cannot reach" },
+                "relay: cannot reach {}; local delivery goes on, retrying with backoff up to {}s",
+                failures.join("; "),
                 BACKOFF_MAX.as_secs()
             );
             failing_logged = true;
-        } else {
-            log::debug!("relay: attempt {attempt} failed: {reason}");
         }
         // Wait out the backoff, still consuming what clients publish (dropped)
         // and what the registry says (remembered).
