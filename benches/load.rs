@@ -18,7 +18,9 @@
 //! - `churn`: connect two clients, exchange one message, disconnect; 16 in
 //!   parallel for 5 s: round trips/s, server CPU per round trip.
 //! - `relay` (staps only): two instances on RabbitMQ, one channel with 1 and
-//!   with 5 clients on each: relayed msg/s, latency, staps CPU per message.
+//!   with 5 clients on each, and three instances with 1 on each (the
+//!   publisher on the first, the others receive): relayed msg/s, latency,
+//!   staps CPU per message (every instance's).
 //!
 //! - `soak` (staps only, not part of the default run; `make soak`): 10 000
 //!   connections held, 100 000 connect/exchange/disconnect cycles, and that
@@ -411,12 +413,19 @@ impl Audience {
     /// `n` clients on `path`, each reading `expected` messages in a thread of
     /// its own once [`Audience::go`] is called.
     fn join(addr: SocketAddr, path: &str, n: usize, expected: u64) -> Audience {
+        Audience::spread(&[addr], path, n, expected)
+    }
+
+    /// `n` clients on `path` at each of `addrs` (linked instances).
+    fn spread(addrs: &[SocketAddr], path: &str, n: usize, expected: u64) -> Audience {
         let epoch = Instant::now();
         let done = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(AtomicU64::new(0));
-        let start = Arc::new(Barrier::new(n + 1));
-        let threads = (0..n)
-            .map(|_| {
+        let start = Arc::new(Barrier::new(n * addrs.len() + 1));
+        let threads = addrs
+            .iter()
+            .flat_map(|addr| std::iter::repeat_n(*addr, n))
+            .map(|addr| {
                 let ws = connect(addr, path);
                 let (done, progress, start) =
                     (Arc::clone(&done), Arc::clone(&progress), Arc::clone(&start));
@@ -1162,9 +1171,9 @@ fn soak() {
     println!("soak passed: threads and descriptors back to the baseline");
 }
 
-/// `per_instance` clients on each of two instances: one publishes on the
-/// first, every client of the second receives.
-fn relay(per_instance: usize) -> Option<Row> {
+/// `per_instance` clients on each of `instances` instances: one publishes
+/// on the first, every client of the others receives.
+fn relay(instances: usize, per_instance: usize) -> Option<Row> {
     const MESSAGES: u64 = 20_000;
     const WINDOW: u64 = 256;
     if TcpStream::connect("127.0.0.1:5672").is_err() {
@@ -1173,33 +1182,39 @@ fn relay(per_instance: usize) -> Option<Row> {
     }
     let exchange = format!("staps-bench-{}", uuid::Uuid::new_v4());
     let config = format!("amqp = amqp://guest:guest@127.0.0.1:5672/\nexchange = {exchange}\n");
-    let one = Server::start(Kind::Staps, &config);
-    let two = Server::start(Kind::Staps, &config);
+    let servers: Vec<Server> = (0..instances)
+        .map(|_| Server::start(Kind::Staps, &config))
+        .collect();
+    let (one, others) = servers.split_first().expect("instances");
     let path = format!("/{}", uuid::Uuid::new_v4());
-    let receivers = Audience::join(two.addr, &path, per_instance, MESSAGES);
+    let addrs: Vec<SocketAddr> = others.iter().map(|s| s.addr).collect();
+    let receivers = Audience::spread(&addrs, &path, per_instance, MESSAGES);
     let _locals: Vec<Ws> = (1..per_instance)
         .map(|_| connect(one.addr, &path))
         .collect();
     let mut publisher = connect(one.addr, &path);
-    // Both relays are connected and the binding is in place once a probe crosses.
-    let mut probe = connect(two.addr, &path);
-    probe
-        .get_mut()
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        publisher.send(Message::text("probe")).unwrap();
-        if let Ok(Message::Text(_)) = probe.read() {
-            break;
+    // Every relay is connected and its binding in place once a probe crosses
+    // to each instance.
+    for addr in &addrs {
+        let mut probe = connect(*addr, &path);
+        probe
+            .get_mut()
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            publisher.send(Message::text("probe")).unwrap();
+            if let Ok(Message::Text(_)) = probe.read() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the relay never carried a probe");
         }
-        assert!(Instant::now() < deadline, "the relay never carried a probe");
     }
-    drop(probe);
     receivers.go();
-    let cpu = Cpu::start(&[one.pid(), two.pid()]);
+    let pids: Vec<u32> = servers.iter().map(Server::pid).collect();
+    let cpu = Cpu::start(&pids);
     let mut payload = vec![0u8; 64];
-    let n = per_instance as u64;
+    let n = (per_instance * others.len()) as u64;
     for seq in 0..MESSAGES {
         // A window on what has crossed: the sustained rate, not how fast the
         // relay's queue fills up and drops.
@@ -1222,7 +1237,7 @@ fn relay(per_instance: usize) -> Option<Row> {
         ("latency p50 (ms)", percentile(&lat, 0.5) / 1000.0),
         ("latency p99 (ms)", percentile(&lat, 0.99) / 1000.0),
     ];
-    // Per relayed message: both instances, their local deliveries included.
+    // Per relayed message: every instance, their local deliveries included.
     cpu_rows(&mut row, cpu, MESSAGES as f64);
     Some(row)
 }
@@ -1384,12 +1399,15 @@ fn main() {
         );
     }
     if wanted("relay") {
-        for n in [1, 5] {
-            let rows: Vec<Row> = (0..runs.min(2)).filter_map(|_| relay(n)).collect();
+        for (instances, n) in [(2, 1), (2, 5), (3, 1)] {
+            let rows: Vec<Row> = (0..runs.min(2))
+                .filter_map(|_| relay(instances, n))
+                .collect();
             if !rows.is_empty() {
+                let clients = vec![n.to_string(); instances].join("+");
                 table(
                     &format!(
-                        "relay: two instances on RabbitMQ, {n}+{n} clients, 20 000 messages of 64 B"
+                        "relay: {instances} instances on RabbitMQ, {clients} clients, 20 000 messages of 64 B"
                     ),
                     &rows,
                     &[],
