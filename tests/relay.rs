@@ -158,20 +158,35 @@ fn three_instances_every_client_gets_each_message_once() {
         .flat_map(|s| [connect(s.addr(), &ch), connect(s.addr(), &ch)])
         .collect();
     wait_bound(&exchange, &ch[1..], 3);
-    for (n, client) in clients.iter_mut().enumerate() {
-        client.send(Message::text(format!("from {n}"))).unwrap();
+    // Three messages from each client, all at once.
+    const EACH: usize = 3;
+    for k in 0..EACH {
+        for (n, client) in clients.iter_mut().enumerate() {
+            client
+                .send(Message::text(format!("from {n} #{k}")))
+                .unwrap();
+        }
     }
     for (n, client) in clients.iter_mut().enumerate() {
         let mut got = HashSet::new();
-        for _ in 0..5 {
+        // Per sender, the next number this client must see from it.
+        let mut next = [0usize; 6];
+        for _ in 0..5 * EACH {
             let Message::Text(t) = recv(client) else {
                 panic!("not text")
             };
             assert!(got.insert(t.to_string()), "client {n} got {t} twice");
+            let (from, k) = t
+                .strip_prefix("from ")
+                .and_then(|r| r.split_once(" #"))
+                .and_then(|(m, k)| Some((m.parse::<usize>().ok()?, k.parse::<usize>().ok()?)))
+                .unwrap_or_else(|| panic!("{t}"));
+            assert_eq!(k, next[from], "client {n}: {t} out of its sender's order");
+            next[from] += 1;
         }
         let expected: HashSet<String> = (0..6)
             .filter(|m| *m != n)
-            .map(|m| format!("from {m}"))
+            .flat_map(|m| (0..EACH).map(move |k| format!("from {m} #{k}")))
             .collect();
         assert_eq!(got, expected, "client {n}");
     }
