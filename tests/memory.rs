@@ -311,3 +311,53 @@ fn the_budget_ends_lingering_channels_before_it_evicts_live_rings() {
         "the live ring is whole"
     );
 }
+
+/// Lingering channels are ended address by address: the address whose
+/// lingering channels hold the most loses one first, so a host that makes
+/// many cannot push out the one another host's listener is coming back to,
+/// even when that one would end sooner.
+#[test]
+fn an_address_with_many_lingering_channels_loses_them_before_others_do() {
+    let config =
+        tcp_config("memory_budget = 16777216\nreplay_bytes = 8388608\nqueue_bytes = 16777216");
+    let mut staps = Staps::start(&config, &[]);
+    let addr = staps.addr();
+    let send = |ws: &mut Ws, i: u8| ws.send(Message::binary(vec![i; 1_000_000])).unwrap();
+    let leave = |mut ws: Ws| {
+        ws.close(None).unwrap();
+        while ws.read().is_ok() {}
+    };
+    // Another host's channel lingers first, with 1 MB: it would end first
+    // if age alone decided.
+    let theirs = channel();
+    let mut listener = connect_from("127.0.0.3", addr, &format!("{theirs}?linger=60"));
+    send(&mut listener, 7);
+    leave(listener);
+    // One host fills two lingering channels, of 7 MB and 8 MB: 16 MB would
+    // be held, of 16 MiB.
+    let (first, second) = (channel(), channel());
+    let mut sent = 1;
+    for (i, (ch, n)) in [(&first, 7), (&second, 8)].into_iter().enumerate() {
+        let mut ws = connect_from("127.0.0.2", addr, &format!("{ch}?linger=60"));
+        for m in 0..n {
+            send(&mut ws, 10 * i as u8 + m);
+        }
+        sent += u64::from(n);
+        staps.wait_stats(|l| counter(l, "messages_in") == sent);
+        leave(ws);
+        staps.wait_stats(|l| counter(l, "connections") == 0);
+    }
+    // The budget needed room while the second filled: the busy host's first
+    // channel went, the other host's stayed.
+    staps.wait_stats(|l| counter(l, "channels") == 2);
+    let mut back = connect_from("127.0.0.3", addr, &format!("{theirs}?replay=16"));
+    assert_eq!(recv(&mut back), Message::binary(vec![7; 1_000_000]));
+    let mut probe = connect_from("127.0.0.4", addr, &format!("{first}?replay=16"));
+    let mut other = connect_from("127.0.0.5", addr, &first);
+    other.send(Message::text("new")).unwrap();
+    assert_eq!(
+        recv(&mut probe),
+        Message::text("new"),
+        "nothing replayed: it ended"
+    );
+}

@@ -195,7 +195,7 @@ fn join(member: Member, server: &Arc<Server>) -> Option<Box<Conversation>> {
     let peer = Peer::new(id, hears, wire, share);
     let channel = match server
         .registry()
-        .join(&path, &peer, &options, server.limits())
+        .join(&path, &peer, from, &options, server.limits())
     {
         Ok(channel) => channel,
         Err(e) => {

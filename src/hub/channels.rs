@@ -12,6 +12,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +40,9 @@ pub(crate) struct Channel {
     /// How long it keeps its ring and relay binding once emptied, as its
     /// creator asked (`linger=S`); zero: it goes with its last member.
     linger: Duration,
+    /// The creator's client address, whose lingering channels the budget
+    /// ends first when that address holds the most of them.
+    owner: Option<IpAddr>,
 }
 
 #[derive(Debug, Default)]
@@ -304,11 +308,13 @@ impl Registry {
         self.inner.lock().channels.get(path).cloned()
     }
 
-    /// Add `peer` to channel `path`, creating the channel if it is new.
+    /// Add `peer`, from client address `from`, to channel `path`, creating
+    /// the channel if it is new.
     pub(crate) fn join(
         &self,
         path: &Arc<str>,
         peer: &Arc<Peer>,
+        from: Option<IpAddr>,
         options: &Options,
         limits: &Limits,
     ) -> Result<Arc<Channel>, JoinError> {
@@ -331,6 +337,7 @@ impl Registry {
                     cap: options.max,
                     slow: options.slow,
                     linger: options.linger,
+                    owner: from,
                 });
                 inner
                     .channels
@@ -496,27 +503,65 @@ impl Registry {
     }
 }
 
+/// A lingering channel as the budget weighs it: when its linger ends, its
+/// path, and the bytes it holds.
+type Lingering = (Instant, Arc<str>, usize);
+
+/// The lingering channels, by their creator's address: what each address's
+/// hold in all, and its channels, the one whose linger ends soonest last.
+/// Channels whose state is busy are left out (see [`Registry::shed`]).
+fn lingering_by_owner(inner: &Inner) -> Vec<(usize, Vec<Lingering>)> {
+    let mut owners: HashMap<Option<IpAddr>, Vec<Lingering>> = HashMap::new();
+    for Reverse((_, path)) in &inner.lingering {
+        let Some(channel) = inner.channels.get(path) else {
+            continue;
+        };
+        let Some(state) = channel.state.try_lock() else {
+            continue;
+        };
+        if let Some((until, cost)) = state.lingers {
+            let bytes = cost + state.ring.bytes;
+            let owner = owners.entry(channel.owner).or_default();
+            owner.push((until, Arc::clone(path), bytes));
+        }
+    }
+    owners
+        .into_values()
+        .map(|mut channels| {
+            // A channel that lingered again is in the heap twice.
+            channels.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+            channels.dedup_by(|a, b| a.1 == b.1);
+            (channels.iter().map(|c| c.2).sum(), channels)
+        })
+        .collect()
+}
+
 impl Cache for Registry {
     /// Evict ring entries across all channels, oldest first. Only locks
     /// that are free are taken: this runs wherever a frame is made, under
     /// whatever lock its maker holds, and a channel that is busy is passed.
     ///
-    /// Lingering channels go first, whole: nobody listens to them now.
+    /// Lingering channels go first, whole: nobody listens to them now. They
+    /// go address by address, the one whose lingering channels hold the
+    /// most first, so that an address that makes many cannot end everyone
+    /// else's; within an address, those whose linger ends soonest first.
     fn shed(&self, down_to: usize) {
         let Some(mut inner) = self.inner.try_lock() else {
             return;
         };
-        // Those whose linger ends soonest first.
-        let mut lingering: Vec<(Instant, Arc<str>)> = inner
-            .lingering
-            .iter()
-            .map(|Reverse((due, path))| (*due, Arc::clone(path)))
-            .collect();
-        lingering.sort();
+        let mut owners = lingering_by_owner(&inner);
         let mut ended = 0;
-        for (_, path) in lingering {
-            if BUDGET.used() <= down_to {
+        while BUDGET.used() > down_to {
+            // The owner holding the most; its channel that ends soonest.
+            let Some(owner) = owners.iter_mut().max_by_key(|(held, _)| *held) else {
                 break;
+            };
+            let Some((_, path, bytes)) = owner.1.pop() else {
+                break;
+            };
+            owner.0 -= bytes;
+            if owner.1.is_empty() {
+                owners.retain(|(_, channels)| !channels.is_empty());
             }
             let end = inner.channels.get(&path).is_some_and(|channel| {
                 channel
@@ -577,20 +622,20 @@ mod tests {
             .map(|i| Peer::new(i, Hears::Others, Wire::WebSocket, None))
             .collect();
         let a = reg
-            .join(&"/a".into(), &peers[0], &Options::default(), &limits)
+            .join(&"/a".into(), &peers[0], None, &Options::default(), &limits)
             .unwrap();
-        reg.join(&"/a".into(), &peers[1], &Options::default(), &limits)
+        reg.join(&"/a".into(), &peers[1], None, &Options::default(), &limits)
             .unwrap();
         assert_eq!(
-            reg.join(&"/a".into(), &peers[2], &Options::default(), &limits)
+            reg.join(&"/a".into(), &peers[2], None, &Options::default(), &limits)
                 .unwrap_err(),
             JoinError::ChannelFull
         );
         let b = reg
-            .join(&"/b".into(), &peers[2], &Options::default(), &limits)
+            .join(&"/b".into(), &peers[2], None, &Options::default(), &limits)
             .unwrap();
         assert_eq!(
-            reg.join(&"/c".into(), &peers[3], &Options::default(), &limits)
+            reg.join(&"/c".into(), &peers[3], None, &Options::default(), &limits)
                 .unwrap_err(),
             JoinError::ServerFull
         );
@@ -616,9 +661,9 @@ mod tests {
             let sender = Peer::new(10, Hears::Others, Wire::WebSocket, None);
             let slow = Peer::new(11, Hears::Others, Wire::WebSocket, None);
             let ch = reg
-                .join(&"/s".into(), &sender, &Options::default(), &limits)
+                .join(&"/s".into(), &sender, None, &Options::default(), &limits)
                 .unwrap();
-            reg.join(&"/s".into(), &slow, &Options::default(), &limits)
+            reg.join(&"/s".into(), &slow, None, &Options::default(), &limits)
                 .unwrap();
             let frame = Frame::message(crate::proto::frame::Kind::Text, b"x");
             for _ in 0..5 {
