@@ -898,3 +898,157 @@ fn amqps_links_through_tls_and_a_wrong_ca_is_refused() {
     p.send(Message::text("local still")).unwrap();
     assert_eq!(recv(&mut q), Message::text("local still"));
 }
+
+/// A second real RabbitMQ node on this machine: its own node name, AMQP
+/// and distribution ports, and directories (the rabbitmq user's, as the
+/// Debian wrapper runs the server as that user). Stopped when dropped.
+struct SecondNode {
+    name: String,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl SecondNode {
+    fn start() -> SecondNode {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (port, dist) = (free(), free());
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("plugins"), "[].\n").unwrap();
+        std::fs::write(
+            d.join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+        )
+        .unwrap();
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir(d.join(sub)).unwrap();
+        }
+        let owned = Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(d)
+            .status()
+            .unwrap();
+        assert!(owned.success());
+        let name = format!("staps-test-{port}@localhost");
+        let env = [
+            ("RABBITMQ_NODENAME", name.clone()),
+            ("RABBITMQ_DIST_PORT", dist.to_string()),
+            (
+                "RABBITMQ_CONFIG_FILE",
+                d.join("rabbitmq.conf").display().to_string(),
+            ),
+            (
+                "RABBITMQ_MNESIA_BASE",
+                d.join("mnesia").display().to_string(),
+            ),
+            ("RABBITMQ_LOG_BASE", d.join("log").display().to_string()),
+            ("RABBITMQ_PID_FILE", d.join("pid").display().to_string()),
+            (
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                d.join("plugins").display().to_string(),
+            ),
+            (
+                "RABBITMQ_FEATURE_FLAGS_FILE",
+                d.join("feature_flags").display().to_string(),
+            ),
+        ];
+        let started = Command::new("rabbitmq-server")
+            .arg("-detached")
+            .envs(env)
+            .status()
+            .expect("rabbitmq-server runs");
+        assert!(started.success(), "the second node did not start");
+        wait_until("the second RabbitMQ node", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        SecondNode {
+            name,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn stop(&self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "-n", &self.name, "stop"])
+            .output();
+    }
+}
+
+impl Drop for SecondNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Issue 28 with a second real broker node: the instances link through it
+/// first, and when it stops (as a node taken down for maintenance closes
+/// its connections) they move to the machine's broker and relay on.
+#[test]
+fn the_relay_moves_from_a_stopped_node_to_the_next() {
+    let Some(_lock) = shared_broker("the_relay_moves_from_a_stopped_node") else {
+        return;
+    };
+    for missing in [
+        needs_root(),
+        needs_program("rabbitmq-server", "rabbitmq-server"),
+    ] {
+        if skip("the_relay_moves_from_a_stopped_node", missing) {
+            return;
+        }
+    }
+    let node = SecondNode::start();
+    let exchange = Exchange::new();
+    let amqp = format!(
+        "amqp://guest:guest@127.0.0.1:{}/ amqp://guest:guest@127.0.0.1:5672/",
+        node.port
+    );
+    let b = format!("amqp://127.0.0.1:{}/", node.port);
+    let mut one = instance_on(&exchange, &amqp, "", &[]);
+    let mut two = instance_on(&exchange, &amqp, "", &[]);
+    for staps in [&mut one, &mut two] {
+        staps.wait_log(&format!("relay: connected to {b}, "));
+    }
+    let ch = channel();
+    let mut x = connect(one.addr(), &ch);
+    let mut y = connect(two.addr(), &ch);
+    // Both bound on the second node: a message crosses there.
+    let deadline = Instant::now() + DEADLINE;
+    y.get_mut()
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    loop {
+        x.send(Message::text("probe")).unwrap();
+        if let Ok(Message::Text(_)) = y.read() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing crossed the second node");
+    }
+    y.get_mut().set_read_timeout(Some(DEADLINE)).unwrap();
+    node.stop();
+    for staps in [&mut one, &mut two] {
+        staps.wait_log(&format!(
+            "relay: node changed from {b} to amqp://127.0.0.1:5672/"
+        ));
+    }
+    wait_bound(&exchange, &ch[1..], 2);
+    x.send(Message::text("after the move")).unwrap();
+    // Probes still on their way come first; then the message, once.
+    loop {
+        match recv(&mut y) {
+            Message::Text(t) if t.as_str() == "probe" => {}
+            m => {
+                assert_eq!(m, Message::text("after the move"));
+                break;
+            }
+        }
+    }
+    x.send(Message::text("next")).unwrap();
+    assert_eq!(recv(&mut y), Message::text("next"));
+}
