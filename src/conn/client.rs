@@ -348,9 +348,18 @@ impl Conversation {
     /// The connection ends with `close`: leave the channel now; with a
     /// close frame, the client's answer is awaited in the event loop (read
     /// and dropped), at most [`CLOSE_TIMEOUT`] and a second.
+    ///
+    /// When the client closed first and the answer is out, the closing
+    /// handshake is complete: nothing is awaited, and the server closes the
+    /// connection first, as RFC 6455 (7.1.1) asks, so that the TIME_WAIT is
+    /// the server's and the client may reconnect at once. That saves the
+    /// event loop a connection to watch for every client that says goodbye.
     fn end(mut self: Box<Self>, close: Close, server: &Server) {
-        self.joined.peer.close(close);
-        if self.joined.peer.close_reason().is_some_and(|c| c.send) {
+        let peer = &self.joined.peer;
+        peer.close(close);
+        let reason = peer.close_reason();
+        let complete = reason.is_some_and(|c| c.answers) && peer.is_done();
+        if !complete && reason.is_some_and(|c| c.send) {
             self.wait_for_end(Instant::now());
             server.rest(self);
         }
@@ -867,9 +876,7 @@ pub fn next_event(read: tungstenite::Result<Message>, id: u64) -> Event {
         Ok(Message::Ping(data)) => Event::Ping(Frame::pong(&data)),
         Ok(Message::Pong(_) | Message::Frame(_)) => Event::Nothing,
         // Echo the client's status code, as RFC 6455 suggests.
-        Ok(Message::Close(frame)) => {
-            Event::End(Close::with(frame.map_or(0, |f| f.code.into()), ""))
-        }
+        Ok(Message::Close(frame)) => Event::End(Close::answer(frame.map_or(0, |f| f.code.into()))),
         Err(WsError::Io(e)) if is_timeout(&e) => Event::Quiet,
         Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => Event::Nothing,
         Err(e) => Event::End(close_for(&e, id)),

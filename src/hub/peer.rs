@@ -74,6 +74,9 @@ pub struct Close {
     pub reason: &'static str,
     /// Whether to send a close frame at all (not when the connection already failed).
     pub send: bool,
+    /// It answers the client's close frame: once it is out, the closing
+    /// handshake is complete.
+    pub answers: bool,
 }
 
 impl Close {
@@ -83,6 +86,15 @@ impl Close {
             code,
             reason,
             send: true,
+            answers: false,
+        }
+    }
+
+    /// The answer to the client's close frame, echoing its `code`.
+    pub const fn answer(code: u16) -> Close {
+        Close {
+            answers: true,
+            ..Close::with(code, "")
         }
     }
 
@@ -91,6 +103,7 @@ impl Close {
         code: 0,
         reason: "",
         send: false,
+        answers: false,
     };
 }
 
@@ -489,6 +502,12 @@ impl Peer {
     /// Whether the connection is closing; it then takes no more messages.
     pub(crate) fn is_closing(&self) -> bool {
         self.state.load(Ordering::Acquire) & CLOSING != 0
+    }
+
+    /// Whether nothing more will be written: its last frame is out, or the
+    /// connection failed.
+    pub(crate) fn is_done(&self) -> bool {
+        self.state.load(Ordering::Acquire) & !CLOSING == State::Done as u8
     }
 
     /// How the connection is closing, once it is.
