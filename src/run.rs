@@ -176,14 +176,17 @@ fn start(
     files: &shutdown::Files,
 ) -> Result<Arc<server::Server>, String> {
     // Checked with the configuration; parsing again cannot fail.
-    let nodes = match &settings.amqp {
-        Some(urls) => crate::config::amqp_url::parse_all(urls)?,
+    let nodes: Vec<relay::Broker> = match &settings.amqp {
+        Some(urls) => crate::config::amqp_url::parse_all(urls)?
+            .into_iter()
+            .map(relay::Broker::new)
+            .collect(),
         None => Vec::new(),
     };
     let (relay, relay_ends) = if nodes.is_empty() {
         (None, None)
     } else {
-        let names = nodes.iter().map(|url| url.node()).collect();
+        let names = nodes.iter().map(|node| node.node().to_owned()).collect();
         let (relay, ends) = crate::hub::link::Link::new(names);
         (Some(relay), Some(ends))
     };
@@ -199,7 +202,6 @@ fn start(
     let server = Arc::new(server::Server::new(settings, relay, twins));
     server.check_system_limits();
     if let Some(ends) = relay_ends {
-        let nodes = nodes.into_iter().map(relay::Broker::new).collect();
         relay::spawn(nodes, ends, Arc::clone(&server))
             .map_err(|e| format!("cannot start the relay thread: {e}"))?;
     }

@@ -258,19 +258,34 @@ fn rss_follows_the_budget_after_large_messages() {
     drop(clients);
 }
 
+/// staps for the lingering tests: a 16 MiB budget, rings of up to 8 MB,
+/// and a queue that takes a whole replay of one.
+fn staps_with_small_budget() -> Staps {
+    let config =
+        tcp_config("memory_budget = 16777216\nreplay_bytes = 8388608\nqueue_bytes = 16777216");
+    Staps::start(&config, &[])
+}
+
+/// Send a message of 1 MB, all byte `i`.
+fn send(ws: &mut Ws, i: u8) {
+    ws.send(Message::binary(vec![i; 1_000_000])).unwrap();
+}
+
+/// Close `ws` and wait for staps' answer: its channel has lost it.
+fn leave(mut ws: Ws) {
+    ws.close(None).unwrap();
+    while ws.read().is_ok() {}
+}
+
 /// SPEC §10: a lingering channel's ring is the first cache the budget lets
 /// go of, whole, even when its messages are newer than a live channel's.
 #[test]
 fn the_budget_ends_lingering_channels_before_it_evicts_live_rings() {
-    // A queue that takes a whole replay of the ring.
-    let config =
-        tcp_config("memory_budget = 16777216\nreplay_bytes = 8388608\nqueue_bytes = 16777216");
-    let mut staps = Staps::start(&config, &[]);
+    let mut staps = staps_with_small_budget();
     let addr = staps.addr();
     let (live, lingering) = (channel(), channel());
     let mut sender = connect_from("127.0.0.2", addr, &live);
     let mut receiver = connect_from("127.0.0.3", addr, &live);
-    let send = |ws: &mut Ws, i: u8| ws.send(Message::binary(vec![i; 1_000_000])).unwrap();
     // The live ring first: 8 MB, older than anything of the other.
     for i in 0..8 {
         send(&mut sender, i);
@@ -282,8 +297,7 @@ fn the_budget_ends_lingering_channels_before_it_evicts_live_rings() {
     for i in 0..7 {
         send(&mut alone, 100 + i);
     }
-    alone.close(None).unwrap();
-    while alone.read().is_ok() {}
+    leave(alone);
     staps.wait_stats(|l| counter(l, "connections") == 2 && counter(l, "messages_in") == 15);
     assert_eq!(counter(&staps.stats(), "channels"), 2, "it lingers");
     // More for the live channel: the budget needs room, and takes it from
@@ -318,15 +332,8 @@ fn the_budget_ends_lingering_channels_before_it_evicts_live_rings() {
 /// even when that one would end sooner.
 #[test]
 fn an_address_with_many_lingering_channels_loses_them_before_others_do() {
-    let config =
-        tcp_config("memory_budget = 16777216\nreplay_bytes = 8388608\nqueue_bytes = 16777216");
-    let mut staps = Staps::start(&config, &[]);
+    let mut staps = staps_with_small_budget();
     let addr = staps.addr();
-    let send = |ws: &mut Ws, i: u8| ws.send(Message::binary(vec![i; 1_000_000])).unwrap();
-    let leave = |mut ws: Ws| {
-        ws.close(None).unwrap();
-        while ws.read().is_ok() {}
-    };
     // Another host's channel lingers first, with 1 MB: it would end first
     // if age alone decided.
     let theirs = channel();

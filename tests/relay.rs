@@ -638,6 +638,15 @@ fn a_lingering_channel_keeps_its_binding_and_takes_remote_messages() {
     assert!(got.contains("id: "), "{got}");
 }
 
+/// A loopback port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// socat in front of the machine's RabbitMQ, on a port of its own: a second
 /// address of the broker. In a process group of its own, so that killing it
 /// cuts every connection through it, as a node that dies would.
@@ -650,11 +659,7 @@ impl Forwarder {
     /// Forward `listen` (a socat address taking the port) to the broker.
     fn start(listen: impl Fn(u16) -> String) -> Forwarder {
         use std::os::unix::process::CommandExt;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = Command::new("socat")
             .args([listen(port).as_str(), "TCP:127.0.0.1:5672"])
             .process_group(0)
@@ -910,14 +915,7 @@ struct SecondNode {
 
 impl SecondNode {
     fn start() -> SecondNode {
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let (port, dist) = (free(), free());
+        let (port, dist) = (free_port(), free_port());
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::write(d.join("plugins"), "[].\n").unwrap();

@@ -101,6 +101,11 @@ impl Broker {
         }
     }
 
+    /// Its URL without credentials.
+    pub(crate) fn node(&self) -> &str {
+        &self.node
+    }
+
     /// Connect: TCP with TCP_NODELAY, then AMQP (over TLS for amqps).
     fn open(&self) -> Result<Connection, String> {
         let addrs = (self.host.as_str(), self.port)

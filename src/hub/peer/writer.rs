@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::Shutdown;
+use std::sync::atomic::{Ordering, fence};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -109,7 +110,7 @@ impl Peer {
         self.set_state(&mut write, State::Idle);
         // Pairs with the fence in `enqueue`: a publisher that queued before
         // this saw `Busy` and left its frame to us.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         if self.queue.is_empty() && write.closing.is_none() {
             return true;
         }
