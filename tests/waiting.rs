@@ -257,6 +257,49 @@ fn silent_clients_rest_without_a_thread_and_wake_on_their_messages() {
     wait_resting(metrics, 150);
 }
 
+/// New websocket clients and stream listeners join on the event loop and
+/// wait there from their answer on, and those that leave without a word
+/// are seen off there: a crowd that comes, says nothing and goes never
+/// takes a reader thread. A message, right behind a request head or later,
+/// is read by one.
+#[test]
+fn clients_that_come_and_go_in_silence_take_no_reader_thread() {
+    // No /metrics: its scrapes are answered by reader threads. The debug
+    // log tells when clients leave.
+    let staps = Staps::start(&tcp_config(""), &["-v"]);
+    let addr = staps.addr();
+    let ch = channel();
+    let clients: Vec<Ws> = (0..100)
+        .map(|i| connect_from(&format!("127.0.0.{}", 2 + i % 20), addr, &ch))
+        .collect();
+    let streams: Vec<TcpStream> = (0..5)
+        .map(|i| sse_from(&format!("127.0.0.{}", 30 + i), addr, &ch))
+        .collect();
+    // Each answer went out from the loop, which kept the connection.
+    let threads = readers(&staps);
+    assert_eq!(threads, 0, "reader threads for clients that said nothing");
+    // Their sockets close without a close frame, as most clients leave.
+    drop(clients);
+    drop(streams);
+    wait_until("the clients gone", || {
+        let lines = staps.lines();
+        lines
+            .iter()
+            .filter(|l| l.contains(" left channel "))
+            .count()
+            == 105
+    });
+    let threads = readers(&staps);
+    assert_eq!(threads, 0, "reader threads woken to read clients' ends");
+    let mut listener = connect_from("127.0.0.40", addr, &ch);
+    let mut eager = tcp_from("127.0.0.41", addr);
+    let mut request = upgrade_request(&ch).into_bytes();
+    request.extend(client_frame(true, 0x1, b"right behind the head"));
+    eager.write_all(&request).unwrap();
+    assert_eq!(recv(&mut listener), Message::text("right behind the head"));
+    assert!(readers(&staps) > 0, "no reader thread read the message");
+}
+
 /// A resting client's ping is answered, and its close is answered and
 /// ends its membership: the loop hands it to a reader for both.
 #[test]

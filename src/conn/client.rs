@@ -11,13 +11,16 @@
 //! send; a receiver with a backlog has a **writer** thread that drains it
 //! (`Peer::write_backlog`). Who may write to a socket when is the write lock
 //! of `peer.rs`: pongs, pings and close frames take the same way, so frames
-//! never interleave. The reader writes the `101` answer before anyone else
-//! may write, and sends its client's pings.
+//! never interleave. Whoever joins the client writes the `101` answer
+//! before anyone else may write: the event loop, without waiting
+//! ([`welcome`]), or a reader thread for an upgrade that came behind a
+//! kept-alive publish ([`converse`]). The reader sends its client's pings;
+//! the loop sends those of a client resting there.
 //!
-//! An HTTP streaming listener (`?sse`, `?raw`) is a member the same way: its
-//! reader writes the `200` head instead of the `101` and then only waits for
-//! the connection to end ([`listen`]); its messages come in its wire format
-//! (`wire.rs`) through the same queue and writer. A `POST` or `PUT` is not a
+//! An HTTP streaming listener (`?sse`, `?raw`) is a member the same way: it
+//! gets the `200` head instead of the `101` and then only waits in the
+//! event loop for the connection to end; its messages come in its wire
+//! format (`wire.rs`) through the same queue and writer. A `POST` or `PUT` is not a
 //! member: the HTTP server (`conn::http`) publishes its body and waits for
 //! the connection's next request.
 
@@ -61,7 +64,7 @@ enum Refused {
 /// connection's life (see [`converse`] on stack pages).
 #[cold]
 #[inline(never)]
-fn refuse_join(stream: &Stream, server: &Server, why: Refused, id: u64, path: &str) {
+fn refuse_join(stream: &Stream, server: &Server, why: Refused, id: u64, path: &str, on: On) {
     server.refuse();
     let response = match why {
         Refused::Address => http::Response::error(503, "too many connections from your address")
@@ -78,7 +81,10 @@ fn refuse_join(stream: &Stream, server: &Server, why: Refused, id: u64, path: &s
         }
     };
     log::debug!("client {id} refused on {}", escape(path));
-    respond(stream, &response);
+    match on {
+        On::Thread => respond(stream, &response),
+        On::Loop => stream.refuse_now(&response.to_bytes()),
+    }
 }
 
 /// The debug line of a join: the client's address and channel. Out of line
@@ -153,18 +159,44 @@ pub(crate) struct Member {
 /// from this shallow frame (see `conn::http::serve` on stack pages).
 pub(crate) fn converse(mut member: Member, server: &Arc<Server>) {
     let answer = std::mem::take(&mut member.answer);
-    let Some(mut conversation) = join(member, server) else {
+    let Some(mut conversation) = join(member, server, On::Thread) else {
         return;
     };
-    if conversation.answer(server, &answer) {
+    if conversation.answer(server, &answer, On::Thread) {
         conversation.talk();
     }
+}
+
+/// A member's first steps on the event loop, which takes most of them:
+/// join, answer without waiting, and give the conversation back to wait
+/// there for its client's first bytes (or, a stream listener, for good).
+/// `None` when it was refused or its client is gone.
+///
+/// A client that connects, sends a message and leaves then wakes a reader
+/// thread once, for its message, instead of once for its handshake and
+/// once for every read that waits (the churn of issue 25).
+pub(crate) fn welcome(mut member: Member, server: &Arc<Server>) -> Option<Box<dyn Resting>> {
+    let answer = std::mem::take(&mut member.answer);
+    let mut conversation = join(member, server, On::Loop)?;
+    let answered = conversation.answer(server, &answer, On::Loop);
+    answered.then_some(conversation)
+}
+
+/// Where a member's first steps run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum On {
+    /// A reader thread, which may wait on its client (up to the socket's
+    /// write timeout).
+    Thread,
+    /// The event loop, which never waits: an answer goes out whole at once
+    /// (a new connection's socket buffer is empty) or not at all.
+    Loop,
 }
 
 /// Join the channel as `member` asks, or refuse with 503. Not inlined: see
 /// [`converse`].
 #[inline(never)]
-fn join(member: Member, server: &Arc<Server>) -> Option<Box<Conversation>> {
+fn join(member: Member, server: &Arc<Server>, on: On) -> Option<Box<Conversation>> {
     let Member {
         stream,
         path,
@@ -180,7 +212,7 @@ fn join(member: Member, server: &Arc<Server>) -> Option<Box<Conversation>> {
         Ok(visit) => visit,
         Err(reason) => {
             server.refuse_for(reason, from);
-            refuse_join(&stream, server, Refused::Address, id, &path);
+            refuse_join(&stream, server, Refused::Address, id, &path, on);
             return None;
         }
     };
@@ -199,7 +231,7 @@ fn join(member: Member, server: &Arc<Server>) -> Option<Box<Conversation>> {
     {
         Ok(channel) => channel,
         Err(e) => {
-            refuse_join(&stream, server, Refused::Join(e), id, &path);
+            refuse_join(&stream, server, Refused::Join(e), id, &path, on);
             return None;
         }
     };
@@ -260,13 +292,17 @@ impl Drop for Joined {
     }
 }
 
-/// How long a websocket client may be silent before its reader gives its
-/// thread back and the connection waits in the event loop: long enough
-/// that a client sending every 50 ms keeps its thread (taking it back
-/// costs two wake-ups), short enough that a crowd of idle clients holds
-/// only the threads of those who spoke in the last quarter second. A
-/// stream listener, which has nothing to say, waits there from its `200`
-/// on.
+/// How long a talking websocket client may be silent before its reader
+/// gives its thread back and the connection waits in the event loop: long
+/// enough that a client sending every 50 ms keeps its thread (taking it
+/// back costs two wake-ups), short enough that a crowd of idle clients
+/// holds only the threads of those who spoke in the last quarter second.
+///
+/// A client is talking once two of its messages came within this of each
+/// other; until then (and after a message that came later than this) its
+/// reader goes back as soon as the socket is empty. A new client waits in
+/// the loop from its `101` on, as a stream listener, which has nothing to
+/// say, from its `200`.
 pub(crate) const PARK_AFTER: Duration = Duration::from_millis(250);
 
 /// How a client that stopped answering pings is closed.
@@ -295,13 +331,17 @@ impl Conversation {
     /// Send the `101` (or a listener's `200`) answer, then let others write
     /// to the client ([`Peer::ready`]); false if the client is gone already.
     ///
-    /// The reader writes the answer, as it writes every other HTTP answer:
-    /// until the peer is ready nobody else writes, so nothing can interleave
-    /// with it.
+    /// Whoever joined writes the answer, as the reader writes every other
+    /// HTTP answer: until the peer is ready nobody else writes, so nothing
+    /// can interleave with it.
     #[inline(never)]
-    fn answer(&mut self, server: &Arc<Server>, handshake: &[u8]) -> bool {
+    fn answer(&mut self, server: &Arc<Server>, handshake: &[u8], on: On) -> bool {
         let Joined { stream, peer, .. } = &self.joined;
-        if let Err(e) = stream.send_all(handshake) {
+        let sent = match on {
+            On::Thread => stream.send_all(handshake),
+            On::Loop => stream.send_whole_now(handshake),
+        };
+        if let Err(e) = sent {
             log::debug!("client {}: cannot answer: {e}", peer.id);
             peer.never_ready();
             return false;
@@ -410,6 +450,10 @@ impl Resting for Conversation {
             }
             return Next::Wait(self.keepalive);
         };
+        if !self.joined.rest.is_empty() {
+            // Its first bytes came with its request head: read them now.
+            return Next::Resume;
+        }
         let half = &mut reader.inner;
         let Some(silent_until) = half.silent_until() else {
             return Next::Wait(None);
@@ -428,7 +472,15 @@ impl Resting for Conversation {
     fn ready(&mut self, now: Instant) -> Next {
         let closing = self.closing.is_some() || self.joined.peer.is_closing();
         if !closing && self.reader.is_some() {
-            return Next::Resume;
+            // A client that left without a word (most do) is seen off here:
+            // waking a reader only to read the end would cost two switches.
+            return match self.joined.stream.has_ended() {
+                Ok(false) => Next::Resume,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.tick(now),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Next::Resume,
+                // The end, or a failed connection: as a reader would.
+                _ => Next::Over,
+            };
         }
         // What a listener or a closing client sends is read and dropped
         // here; a flood is taken a bounded bite at a time.
@@ -472,15 +524,19 @@ struct ReadHalf {
     /// The ping interval.
     ping: Duration,
     /// The socket's read timeout now: the ping interval, shortened while a
-    /// ping nears or while a large message is in progress.
+    /// ping nears or while a large message is in progress; `None` until the
+    /// reader first waits.
     timeout: Option<Duration>,
     /// How often a large message in progress is looked at (`handshake_timeout`).
     stall: Duration,
     /// The read timeout is `stall` for a large message in progress.
     watching: bool,
-    /// Taken from the event loop and no message since: the first read that
-    /// finds nothing sends the connection back there.
+    /// The first read that finds nothing sends the connection back to the
+    /// event loop: it was taken from there and no message came since, or
+    /// its last message came [`PARK_AFTER`] or more after the one before.
     park_now: bool,
+    /// When the last message's last bytes were read.
+    last_message: Option<Instant>,
 }
 
 /// Messages a reader publishes (or reads it does) at most before it sends
@@ -519,7 +575,17 @@ impl ReadHalf {
             &mut self.flushes,
         );
         self.deferred += 1;
-        self.park_now = false;
+        // A client waits on this thread only once it has shown that it
+        // talks faster than PARK_AFTER: after a lone message (its first, or
+        // one after a silence) the thread goes back at once, instead of
+        // waiting a quarter second to learn that the client is silent, or
+        // to read its end (a client that connects, says one thing and
+        // leaves).
+        let at = self.last_rx;
+        self.park_now = self
+            .last_message
+            .is_none_or(|last| at.duration_since(last) >= PARK_AFTER);
+        self.last_message = Some(at);
     }
 
     /// When the client, silent since its last byte, counts as gone: two
@@ -644,6 +710,11 @@ impl Read for ReadHalf {
                     // event loop wait.
                     return Err(e);
                 }
+                if self.timeout.is_none() {
+                    // Set at its first wait: most clients never make the
+                    // reader wait (they send one message, or none).
+                    self.set_timeout(self.read_timeout());
+                }
                 self.time_the_wait();
                 (&mut &*self.stream).read(buf)?
             }
@@ -668,7 +739,7 @@ fn open(client: &mut Joined, server: &Arc<Server>) -> Client {
     let limits = server.limits();
     let ping = limits.ping_interval;
     let now = Instant::now();
-    let mut half = ReadHalf {
+    let half = ReadHalf {
         stream: Arc::clone(&client.stream),
         peer: Arc::clone(&client.peer),
         server: Arc::clone(server),
@@ -682,8 +753,8 @@ fn open(client: &mut Joined, server: &Arc<Server>) -> Client {
         stall: limits.handshake_timeout,
         watching: false,
         park_now: false,
+        last_message: None,
     };
-    half.set_timeout(half.read_timeout());
     let share = client.visit.as_ref().map(|v| Arc::clone(v.share()));
     let mut incoming = Box::new(Incoming::new(
         limits.max_message_size,
@@ -924,7 +995,7 @@ mod tests {
             rest: Vec::new(),
             answer: Vec::new(),
         };
-        let joined = join(member, &server).expect("joined");
+        let joined = join(member, &server, On::Thread).expect("joined");
         assert_eq!(server.registry().counts(), (1, 1));
         let peer = Arc::clone(&joined.joined.peer);
         let died = std::thread::spawn(move || {

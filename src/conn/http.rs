@@ -24,13 +24,15 @@ use uuid::Uuid;
 
 use crate::config::address::client_address;
 use crate::conn::client::{self, Member};
-use crate::conn::server::{Reason, Server, Waiting};
+use crate::conn::server::{Handshake, Reason, Server, Waiting};
 use crate::hub::peer::Flushes;
 use crate::memory::budget::{BUDGET, FREE, Over, Share};
 use crate::os::logging::fingerprint;
 use crate::os::stream::Stream;
 use crate::proto::frame::{Frame, Kind};
-use crate::proto::http::{self, HeadError, Length, MAX_HEAD, Publish, Response, Route, respond};
+use crate::proto::http::{
+    self, HeadError, Length, MAX_HEAD, Publish, Request, Response, Route, respond,
+};
 use crate::proto::incoming::{MinRate, Pace};
 use crate::proto::wire::Wire;
 
@@ -41,6 +43,9 @@ pub(crate) const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Serve a connection whose request head has arrived (the event loop read
 /// it, `event_loop`) to its end, or until it waits for its next request.
+/// The loop routes a head it could parse itself ([`Routed::new`]) and
+/// starts [`serve_routed`] instead; this serves the heads it could not
+/// (too large, malformed) and those that came with a kept-alive body.
 ///
 /// The requests and the member's life are functions of their own, each
 /// called from this shallow frame: the deepest moment of a reader thread's
@@ -48,72 +53,59 @@ pub(crate) const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(3);
 /// connection is idle; in one frame they would keep a page more per
 /// connection (figures: BENCHMARKS.md, "Measurements behind the constants").
 pub(crate) fn serve(waiting: Waiting, server: Arc<Server>) {
-    if let Some(member) = requests(waiting, &server) {
+    if let Some(routed) = next(waiting, &server) {
+        serve_routed(routed, server);
+    }
+}
+
+/// Serve a connection from its routed request on (see [`serve`]).
+pub(crate) fn serve_routed(routed: Routed, server: Arc<Server>) {
+    if let Some(member) = requests(routed, &server) {
         client::converse(member, &server);
     }
 }
 
-/// Answer the requests of a connection, starting with the one whose head
-/// `waiting` holds, until one asks to be a channel member (a websocket
-/// upgrade or a streaming listener): that one is returned. Publishes
-/// (`POST`/`PUT`) may come one after another on a kept-alive connection;
-/// between them it waits in the event loop, without this thread.
-#[inline(never)]
-fn requests(waiting: Waiting, server: &Arc<Server>) -> Option<Member> {
-    let Waiting {
-        stream,
-        peer,
-        place,
-        head,
-        request: mut parsed_head,
-    } = waiting;
-    // The accept loop gave the socket its write timeout (handshake_timeout).
-    let mut carry = head;
-    let mut publisher = None;
-    loop {
-        // The event loop parsed the first head; a kept-alive connection's
-        // next one may have come with the last body.
-        let parsed = match parsed_head.take() {
-            Some(parsed) => Ok(Some(*parsed)),
-            None => http::parse_head(&carry),
-        };
-        let (request, rest) = match parsed {
-            Ok(Some((request, len))) => (request, carry[len..].to_vec()),
-            // The next request of a kept-alive connection is still to come.
-            Ok(None) if carry.len() < MAX_HEAD => {
-                server.park(Waiting {
-                    stream,
-                    peer,
-                    place,
-                    head: carry,
-                    request: None,
-                });
-                return None;
-            }
-            Ok(None) => return refuse_head(&stream, server, HeadError::TooLarge),
-            Err(e) => return refuse_head(&stream, server, e),
-        };
+/// A request whose head is complete, and what it gets.
+pub(crate) struct Routed {
+    stream: Stream,
+    peer: Option<IpAddr>,
+    place: Handshake,
+    /// The client address (`trusted_proxies` applied).
+    from: Option<IpAddr>,
+    route: Route,
+    /// The bytes that came after the head.
+    rest: Vec<u8>,
+}
+
+impl Routed {
+    /// Route `request`, whose head is the first `len` bytes of what
+    /// `waiting` holds. Never waits: the event loop calls it.
+    pub(crate) fn new(waiting: Waiting, request: &Request, len: usize, server: &Server) -> Routed {
+        let Waiting {
+            stream,
+            peer,
+            place,
+            mut head,
+            request: _,
+        } = waiting;
         let headers = |name: &str| request.header_values(name);
         let from = client_address(peer, &server.settings().trusted_proxies, &headers);
-        let routed = http::route(&request, server.settings(), server.twins());
-        let (path, access, wire, options, answer) = match routed {
-            Route::Respond(response) => {
-                if response.status >= 400 {
-                    server.refuse();
-                }
-                respond(&stream, &response);
-                return None;
-            }
-            Route::Stats { path, head_only } => {
-                let clients = server.registry().get(&path).map_or(0, |c| c.clients());
-                respond(&stream, &http::stats_response(clients, head_only));
-                return None;
-            }
-            Route::Publish(publish) => {
-                let publisher = publisher.get_or_insert_with(|| Publisher::new(server));
-                carry = self::publish(&stream, server, publisher, publish, rest, from)?;
-                continue;
-            }
+        let route = http::route(request, server.settings(), server.twins());
+        Routed {
+            stream,
+            peer,
+            place,
+            from,
+            route,
+            rest: head.split_off(len),
+        }
+    }
+
+    /// The channel member this request asks to be (a websocket upgrade or
+    /// a streaming listener), or the request back when it is anything
+    /// else (boxed: most requests are members, and the error is large).
+    pub(crate) fn member(self) -> Result<Member, Box<Routed>> {
+        let (path, access, wire, options, answer) = match self.route {
             Route::Upgrade {
                 path,
                 access,
@@ -132,18 +124,102 @@ fn requests(waiting: Waiting, server: &Arc<Server>) -> Option<Member> {
                 wire,
                 options,
             } => (path, access, wire, options, http::listening(wire)),
+            _ => return Err(Box::new(self)),
         };
-        drop(place);
-        return Some(Member {
-            stream,
+        // No longer waiting for a head: the place goes back.
+        drop(self.place);
+        Ok(Member {
+            stream: self.stream,
             path,
             access,
             wire,
             options,
-            from,
-            rest,
+            from: self.from,
+            rest: self.rest,
             answer,
-        });
+        })
+    }
+}
+
+/// The request whose head `waiting` holds (parsed already, when the event
+/// loop parsed it), routed; `None` when it was answered here (a head that
+/// cannot be used) or the connection went back to the loop for the rest of
+/// its head (a kept-alive connection's next request).
+fn next(waiting: Waiting, server: &Server) -> Option<Routed> {
+    let mut waiting = waiting;
+    let parsed = match waiting.request.take() {
+        Some(parsed) => Ok(Some(*parsed)),
+        None => http::parse_head(&waiting.head),
+    };
+    match parsed {
+        Ok(Some((request, len))) => Some(Routed::new(waiting, &request, len, server)),
+        Ok(None) if waiting.head.len() < MAX_HEAD => {
+            server.park(waiting);
+            None
+        }
+        Ok(None) => {
+            refuse_head(&waiting.stream, server, HeadError::TooLarge);
+            None
+        }
+        Err(e) => {
+            refuse_head(&waiting.stream, server, e);
+            None
+        }
+    }
+}
+
+/// Answer the requests of a connection, starting with `routed`, until one
+/// asks to be a channel member (a websocket upgrade or a streaming
+/// listener): that one is returned. Publishes (`POST`/`PUT`) may come one
+/// after another on a kept-alive connection; between them it waits in the
+/// event loop, without this thread.
+#[inline(never)]
+fn requests(routed: Routed, server: &Arc<Server>) -> Option<Member> {
+    // The accept loop gave the socket its write timeout (handshake_timeout).
+    let mut routed = routed;
+    let mut publisher = None;
+    loop {
+        let Routed {
+            stream,
+            peer,
+            place,
+            from,
+            route,
+            rest,
+        } = match routed.member() {
+            Ok(member) => return Some(member),
+            Err(routed) => *routed,
+        };
+        match route {
+            Route::Respond(response) => {
+                if response.status >= 400 {
+                    server.refuse();
+                }
+                respond(&stream, &response);
+                return None;
+            }
+            Route::Stats { path, head_only } => {
+                let clients = server.registry().get(&path).map_or(0, |c| c.clients());
+                respond(&stream, &http::stats_response(clients, head_only));
+                return None;
+            }
+            Route::Publish(publish) => {
+                let publisher = publisher.get_or_insert_with(|| Publisher::new(server));
+                let head = self::publish(&stream, server, publisher, publish, rest, from)?;
+                // The next request of a kept-alive connection; its head may
+                // have come with the last body.
+                let waiting = Waiting {
+                    stream,
+                    peer,
+                    place,
+                    head,
+                    request: None,
+                };
+                routed = next(waiting, server)?;
+            }
+            // Returned above, as members.
+            Route::Upgrade { .. } | Route::Listen { .. } => return None,
+        }
     }
 }
 
@@ -169,14 +245,13 @@ impl Publisher {
 }
 
 /// Answer a request head that cannot be used: 431 or 400.
-fn refuse_head(stream: &Stream, server: &Server, e: HeadError) -> Option<Member> {
+fn refuse_head(stream: &Stream, server: &Server, e: HeadError) {
     server.refuse();
     let response = match e {
         HeadError::TooLarge => Response::error(431, "request head too large"),
         HeadError::Malformed(why) => Response::error(400, &format!("malformed request: {why}")),
     };
     respond(stream, &response);
-    None
 }
 
 /// Read the body of `publish` (after `rest`, the bytes that came with its

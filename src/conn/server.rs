@@ -91,8 +91,9 @@ pub(crate) trait Lobby: Send + Sync {
     fn wake(&self);
 }
 
-/// A websocket client or stream listener whose reader gave its thread back
-/// (`client`), as the event loop keeps it: it is watched for bytes and
+/// A websocket client or stream listener that waits without a thread
+/// (`client`: from its answer until its client sends, and again once its
+/// reader finds it silent), as the event loop keeps it: it is watched for bytes and
 /// looked at when its next timer is due (a ping to send, a client that
 /// stopped answering). Messages still reach it without a thread: by direct
 /// writes, or a writer thread for a backlog.

@@ -146,13 +146,35 @@ impl Stream {
         while matches!((&mut &*self).read(&mut sink), Ok(n) if n > 0) {}
     }
 
+    /// Write all of `buf` without waiting, or fail: for a short answer
+    /// into a new connection, whose socket buffer is empty, from a thread
+    /// that must never wait. A part written leaves the connection unusable.
+    pub fn send_whole_now(&self, buf: &[u8]) -> io::Result<()> {
+        match self.send_now(&[IoSlice::new(buf)])? {
+            n if n == buf.len() => Ok(()),
+            _ => Err(io::ErrorKind::WriteZero.into()),
+        }
+    }
+
     /// Read what has already arrived without waiting for more: `WouldBlock`
     /// when nothing has.
     pub fn read_ready(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv(buf, libc::MSG_DONTWAIT)
+    }
+
+    /// Whether the client has closed its end, without waiting or taking
+    /// anything: `Ok(true)` at the end of the stream, `Ok(false)` when
+    /// bytes wait to be read, `WouldBlock` when nothing has arrived.
+    pub fn has_ended(&self) -> io::Result<bool> {
+        self.recv(&mut [0u8], libc::MSG_DONTWAIT | libc::MSG_PEEK)
+            .map(|n| n == 0)
+    }
+
+    fn recv(&self, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
         let fd = both!(self, s => s.as_raw_fd());
         // SAFETY: `buf` is valid for `buf.len()` bytes of writes and `fd` is
         // open for as long as `self` is.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) };
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {

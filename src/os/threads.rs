@@ -13,11 +13,11 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::thread;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use parking_lot::Mutex;
 
 /// How long a finished thread waits for new work before it exits.
 const LINGER: Duration = Duration::from_secs(10);
@@ -29,12 +29,24 @@ pub(crate) struct Pool {
     name: &'static str,
     stack: usize,
     max_idle: usize,
-    idle: AtomicUsize,
     spare: bool,
     /// A spare thread is on its way.
     starting: AtomicBool,
-    tx: Sender<Job>,
-    rx: Receiver<Job>,
+    /// The threads waiting for work, the last to finish on top: its stack
+    /// and caches are the warmest.
+    idle: Mutex<Vec<Arc<Waiter>>>,
+}
+
+/// A thread waiting for work, and the job handed to it.
+///
+/// Handing over is a store and an unpark (one futex wake when the thread
+/// sleeps). crossbeam's zero-capacity channel did the same, but its waiting
+/// threads spun and called sched_yield(2) a few times before sleeping: a
+/// system call, often a context switch, for every connection handed over
+/// (issue 25, churn).
+struct Waiter {
+    thread: Thread,
+    job: Mutex<Option<Job>>,
 }
 
 impl Pool {
@@ -44,27 +56,30 @@ impl Pool {
     /// left waiting, so that the next [`Pool::run`] need not create one on
     /// its caller's stack.
     pub(crate) fn new(name: &'static str, stack: usize, max_idle: usize, spare: bool) -> Arc<Pool> {
-        // Zero capacity: handing over succeeds only to a thread that waits.
-        let (tx, rx) = crossbeam_channel::bounded(0);
         Arc::new(Pool {
             name,
             stack,
             max_idle,
-            idle: AtomicUsize::new(0),
             spare,
             starting: AtomicBool::new(false),
-            tx,
-            rx,
+            idle: Mutex::new(Vec::new()),
         })
     }
 
     /// Run `job` on a waiting thread, or on a new one.
     pub(crate) fn run(self: &Arc<Self>, job: impl FnOnce() + Send + 'static) -> io::Result<()> {
-        let job: Job = match self.tx.try_send(Box::new(job)) {
-            Ok(()) => return Ok(()),
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => job,
+        let job: Job = Box::new(job);
+        let mut idle = self.idle.lock();
+        let Some(waiter) = idle.pop() else {
+            drop(idle);
+            return self.spawn(Some(job));
         };
-        self.spawn(Some(job))
+        // Under the pool's lock: a waiter that times out finds either
+        // itself still listed or its job here.
+        *waiter.job.lock() = Some(job);
+        drop(idle);
+        waiter.thread.unpark();
+        Ok(())
     }
 
     /// A new thread that runs `job`, if any, then waits for more.
@@ -86,9 +101,7 @@ impl Pool {
     /// For a thread about to run a job, while its stack is still shallow:
     /// start a spare thread if no other one waits for work.
     fn keep_one_waiting(self: &Arc<Self>) {
-        if !self.spare
-            || self.idle.load(Ordering::Acquire) > 0
-            || self.starting.swap(true, Ordering::AcqRel)
+        if !self.spare || !self.idle.lock().is_empty() || self.starting.swap(true, Ordering::AcqRel)
         {
             return;
         }
@@ -100,22 +113,48 @@ impl Pool {
 
     /// Wait for more work while there is room among the waiting threads.
     fn linger(self: &Arc<Self>) {
+        let me = Arc::new(Waiter {
+            thread: thread::current(),
+            job: Mutex::new(None),
+        });
         loop {
-            let full = self.idle.fetch_add(1, Ordering::AcqRel) >= self.max_idle;
-            self.starting.store(false, Ordering::Release);
-            if full {
-                self.idle.fetch_sub(1, Ordering::AcqRel);
-                return;
-            }
-            let job = self.rx.recv_timeout(LINGER);
-            self.idle.fetch_sub(1, Ordering::AcqRel);
-            match job {
-                Ok(job) => {
-                    self.keep_one_waiting();
-                    job();
+            {
+                let mut idle = self.idle.lock();
+                self.starting.store(false, Ordering::Release);
+                if idle.len() >= self.max_idle {
+                    return;
                 }
-                Err(_) => return,
+                idle.push(Arc::clone(&me));
             }
+            let Some(job) = self.wait(&me) else {
+                return;
+            };
+            self.keep_one_waiting();
+            job();
+        }
+    }
+
+    /// The job handed to `me`, or `None` after [`LINGER`] without one.
+    fn wait(&self, me: &Arc<Waiter>) -> Option<Job> {
+        let deadline = Instant::now() + LINGER;
+        loop {
+            if let Some(job) = me.job.lock().take() {
+                return Some(job);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let mut idle = self.idle.lock();
+                if let Some(at) = idle.iter().position(|w| Arc::ptr_eq(w, me)) {
+                    idle.swap_remove(at);
+                    return None;
+                }
+                // Taken off the list by `run`, which gave it a job under
+                // the lock it holds no more.
+                drop(idle);
+                return me.job.lock().take();
+            }
+            // Wakes spuriously too: the job is looked at again.
+            thread::park_timeout(left);
         }
     }
 }
@@ -133,7 +172,7 @@ mod tests {
             .unwrap();
         let first = rx.recv().unwrap();
         // Wait until the thread waits for work, then hand it some.
-        while pool.idle.load(Ordering::Acquire) == 0 {
+        while pool.idle.lock().is_empty() {
             thread::yield_now();
         }
         pool.run(move || tx.send(thread::current().id()).unwrap())
@@ -151,7 +190,7 @@ mod tests {
         .unwrap();
         // The job still runs, yet another thread now waits for the next one.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while pool.idle.load(Ordering::Acquire) == 0 {
+        while pool.idle.lock().is_empty() {
             assert!(std::time::Instant::now() < deadline, "no spare thread");
             thread::yield_now();
         }

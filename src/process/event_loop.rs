@@ -7,19 +7,22 @@
 //! The loop thread accepts on every public listener until the kernel has no
 //! more, reads what arrives into a buffer of the connection's own
 //! (allocated with the first byte, at most [`MAX_HEAD`], counted in the
-//! memory budget), keeps the first-byte and head deadlines, and hands a
-//! connection to a reader thread from the pool once its head is complete
-//! (or cannot be: too large, malformed), with the bytes read so far. What
-//! the conversation does from there is plain blocking code (`client`); a
-//! kept-alive connection comes back here through [`Lobby::park`].
+//! memory budget), and keeps the first-byte and head deadlines. Once a head
+//! is complete, a websocket upgrade or a stream listener joins its channel
+//! here and is answered without waiting (`client::welcome`): it then rests
+//! here like any silent member. Any other request (a publish, the usage
+//! page, a head that cannot be used) goes to a reader thread from the pool
+//! with the bytes read so far, and is served with plain blocking code
+//! (`conn::http`); a kept-alive connection comes back here through
+//! [`Lobby::park`].
 //!
-//! A websocket client silent for `client::PARK_AFTER`, and a stream
-//! listener from its `200` on, come here through [`Lobby::rest`] with their
-//! state ([`Resting`]). Messages reach them as before, by direct writes or
-//! a writer thread; the loop sends their pings, closes those that stopped
-//! answering, reads and drops what listeners and closing clients send, and
-//! gives a websocket client that sends again to a reader thread, which
-//! reads on as if it had never left.
+//! A member rests here ([`Resting`]) from its answer until its client
+//! sends, and again once its reader finds it silent (`client::PARK_AFTER`).
+//! Messages reach it as before, by direct writes or a writer thread; the
+//! loop sends its pings, closes those that stopped answering, reads and
+//! drops what listeners and closing clients send, sees off a client that
+//! closed its end, and gives a websocket client that sends to a reader
+//! thread, which reads on as if it had never left.
 //!
 //! epoll through the `polling` crate: a small, well-kept wrapper (the one
 //! smol and async-io stand on) whose one-shot interest suits sockets that
@@ -39,7 +42,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use polling::{Event, Events, Poller};
 
-use crate::conn::http::FIRST_BYTE_TIMEOUT;
+use crate::conn::client;
+use crate::conn::http::{self as http_conn, FIRST_BYTE_TIMEOUT, Routed};
 use crate::conn::server::{Crowded, Lobby, Next, Resting, Server, Waiting};
 use crate::memory::budget::BUDGET;
 use crate::os::logging::Throttle;
@@ -514,15 +518,34 @@ impl Loop {
         }
     }
 
-    /// Give a connection with a complete head to a reader thread; from
-    /// there on its head is the thread's, not counted.
-    fn hand_over(&self, conn: Conn) {
+    /// A connection whose head is complete: a websocket client or stream
+    /// listener joins its channel here and waits on for its client; any
+    /// other request (and a head that cannot be used) goes to a reader
+    /// thread. From there on its head is not counted.
+    fn hand_over(&mut self, conn: Conn) {
         let server = Arc::clone(&self.server);
-        let Conn { waiting, .. } = conn;
-        let started = self
-            .server
-            .readers()
-            .run(move || crate::conn::http::serve(waiting, server));
+        let Conn { mut waiting, .. } = conn;
+        let started = match waiting.request.take() {
+            Some(parsed) => {
+                let (request, len) = &*parsed;
+                match Routed::new(waiting, request, *len, &server).member() {
+                    Ok(member) => {
+                        if let Some(member) = client::welcome(member, &server) {
+                            self.rest(member, Instant::now());
+                        }
+                        return;
+                    }
+                    Err(routed) => self
+                        .server
+                        .readers()
+                        .run(move || http_conn::serve_routed(*routed, server)),
+                }
+            }
+            None => self
+                .server
+                .readers()
+                .run(move || http_conn::serve(waiting, server)),
+        };
         if let Err(e) = started {
             self.server.refuse();
             self.complain("cannot start a thread for a new connection", &e);
