@@ -34,6 +34,7 @@ use std::fs::File;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread;
@@ -527,18 +528,32 @@ impl Loop {
         let Conn { mut waiting, .. } = conn;
         let started = match waiting.request.take() {
             Some(parsed) => {
-                let (request, len) = &*parsed;
-                match Routed::new(waiting, request, *len, &server).member() {
-                    Ok(member) => {
-                        if let Some(member) = client::welcome(member, &server) {
-                            self.rest(member, Instant::now());
-                        }
-                        return;
-                    }
-                    Err(routed) => self
+                // Routing and joining run here, for every client: a bug in
+                // them (a panic) must cost its connection, not the loop
+                // that all others wait in.
+                let joined = panic::catch_unwind(AssertUnwindSafe(|| {
+                    let (request, len) = &*parsed;
+                    Routed::new(waiting, request, *len, &server)
+                        .member()
+                        .map(|member| client::welcome(member, &server))
+                }));
+                match joined {
+                    Ok(Ok(Some(member))) => return self.rest(member, Instant::now()),
+                    Ok(Ok(None)) => return,
+                    Ok(Err(routed)) => self
                         .server
                         .readers()
                         .run(move || http_conn::serve_routed(*routed, server)),
+                    Err(panic) => {
+                        let why = panic
+                            .downcast_ref::<&str>()
+                            .copied()
+                            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                            .unwrap_or("a panic");
+                        // Its membership, if any, went with the unwinding.
+                        self.complain("a bug dropped a new connection, please report it", &why);
+                        return;
+                    }
                 }
             }
             None => self
