@@ -20,9 +20,9 @@
 //! An HTTP streaming listener (`?sse`, `?raw`) is a member the same way: it
 //! gets the `200` head instead of the `101` and then only waits in the
 //! event loop for the connection to end; its messages come in its wire
-//! format (`wire.rs`) through the same queue and writer. A `POST` or `PUT` is not a
-//! member: the HTTP server (`conn::http`) publishes its body and waits for
-//! the connection's next request.
+//! format (`wire.rs`) through the same queue and writer. A `POST` or `PUT`
+//! is not a member: the HTTP server (`conn::http`) publishes its body and
+//! waits for the connection's next request.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown};

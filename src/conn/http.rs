@@ -145,8 +145,7 @@ impl Routed {
 /// loop parsed it), routed; `None` when it was answered here (a head that
 /// cannot be used) or the connection went back to the loop for the rest of
 /// its head (a kept-alive connection's next request).
-fn next(waiting: Waiting, server: &Server) -> Option<Routed> {
-    let mut waiting = waiting;
+fn next(mut waiting: Waiting, server: &Server) -> Option<Routed> {
     let parsed = match waiting.request.take() {
         Some(parsed) => Ok(Some(*parsed)),
         None => http::parse_head(&waiting.head),
@@ -174,9 +173,8 @@ fn next(waiting: Waiting, server: &Server) -> Option<Routed> {
 /// after another on a kept-alive connection; between them it waits in the
 /// event loop, without this thread.
 #[inline(never)]
-fn requests(routed: Routed, server: &Arc<Server>) -> Option<Member> {
+fn requests(mut routed: Routed, server: &Arc<Server>) -> Option<Member> {
     // The accept loop gave the socket its write timeout (handshake_timeout).
-    let mut routed = routed;
     let mut publisher = None;
     loop {
         let Routed {

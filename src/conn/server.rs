@@ -93,10 +93,10 @@ pub(crate) trait Lobby: Send + Sync {
 
 /// A websocket client or stream listener that waits without a thread
 /// (`client`: from its answer until its client sends, and again once its
-/// reader finds it silent), as the event loop keeps it: it is watched for bytes and
-/// looked at when its next timer is due (a ping to send, a client that
-/// stopped answering). Messages still reach it without a thread: by direct
-/// writes, or a writer thread for a backlog.
+/// reader finds it silent), as the event loop keeps it: it is watched for
+/// bytes and looked at when its next timer is due (a ping to send, a client
+/// that stopped answering). Messages still reach it without a thread: by
+/// direct writes, or a writer thread for a backlog.
 pub(crate) trait Resting: Send {
     /// Its socket.
     fn stream(&self) -> &Stream;
