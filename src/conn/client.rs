@@ -409,8 +409,15 @@ impl Conversation {
 
     /// Its close is out: leave the channel now, and from now on await only
     /// the client's end of the connection.
+    ///
+    /// In a shutdown it stays counted until then, or until the client's
+    /// answer ([`Resting::ready`]): the shutdown waits for the close
+    /// handshakes (SPEC §6), up to [`CLOSE_TIMEOUT`], and drops it with the
+    /// rest once that is over.
     fn wait_for_end(&mut self, now: Instant) -> Next {
-        self.joined.leave();
+        if !self.joined.server.is_stopping() {
+            self.joined.leave();
+        }
         let deadline = now + CLOSE_TIMEOUT + Duration::from_secs(1);
         self.closing = Some(deadline);
         // Its buffers and its part of a message go back now.
@@ -483,11 +490,17 @@ impl Resting for Conversation {
             };
         }
         // What a listener or a closing client sends is read and dropped
-        // here; a flood is taken a bounded bite at a time.
+        // here; a flood is taken a bounded bite at a time. In a shutdown,
+        // a client past its close frame answers it: the handshake is
+        // complete, and the server closes first (RFC 6455 7.1.1). A message
+        // it sent before it saw the close may come first and end it early;
+        // that costs the client a clean end, never the shutdown a wait.
+        let answered = closing && self.joined.server.is_stopping();
         let mut sink = [0u8; 1024];
         for _ in 0..64 {
             match self.joined.stream.read_ready(&mut sink) {
                 Ok(0) => return Next::Over,
+                Ok(_) if answered => return Next::Over,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
